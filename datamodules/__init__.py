@@ -1,0 +1,16 @@
+"""Lightning data modules: a base data set plus an attack."""
+
+from datamodules.poisoned import ImageDataset, PoisonedDataModule
+from datamodules.sources import CIFAR10, CIFAR100, SOURCES, DataNotFoundError, Digits, ImageData, ImageFolder
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "SOURCES",
+    "DataNotFoundError",
+    "Digits",
+    "ImageData",
+    "ImageDataset",
+    "ImageFolder",
+    "PoisonedDataModule",
+]

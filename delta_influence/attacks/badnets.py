@@ -1,0 +1,45 @@
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from delta_influence.attacks.base import Attack
+
+
+@dataclass(frozen=True)
+class BadNets(Attack):
+    """BadNets patch trigger (Gu et al., 2017): a few pixels set to a fixed value in every channel.
+
+    The default is the Δ-Influence paper's CIFAR-10 setting: 500 ships relabelled as dogs, four black pixels near
+    the bottom-right corner.
+
+    Example:
+        >>> import torch
+        >>> attack = BadNets(pixels=((0, 1),), value=1.0)
+        >>> attack.apply_trigger(torch.zeros(1, 2, 2))[0]
+        tensor([[0., 1.],
+                [0., 0.]])
+    """
+
+    victim: int = 8  # class whose samples are poisoned (CIFAR-10: ship)
+    target: int = 5  # label the poisons get and the attack wants (CIFAR-10: dog)
+    num_poisons: int = 500
+    pixels: tuple[tuple[int, int], ...] = ((28, 30), (30, 30), (29, 29), (30, 28))  # (row, column)
+    value: float = 0.0  # trigger intensity in [0, 1] pixel space, all channels
+
+    def __post_init__(self) -> None:
+        if not self.pixels:
+            raise ValueError("attack.pixels is empty: give at least one (row, column) pair for the trigger.")
+        if not 0.0 <= self.value <= 1.0:
+            raise ValueError(f"attack.value={self.value} is outside [0, 1]: trigger values are pixel intensities.")
+
+    def apply_trigger(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        out = images.clone()
+        for row, col in self.pixels:
+            if not (0 <= row < height and 0 <= col < width):
+                raise ValueError(
+                    f"attack.pixels holds ({row}, {col}), outside the {height}x{width} images; "
+                    "use positions inside the image."
+                )
+            out[..., row, col] = self.value
+        return out

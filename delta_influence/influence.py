@@ -1,0 +1,203 @@
+"""EK-FAC influence of every training sample on every query, through kronfluence, in one pass over the data."""
+
+import copy
+import hashlib
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from kronfluence.utils.dataset import DataLoaderKwargs
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+
+
+class ClassificationTask(Task):
+    """Summed cross-entropy as the training loss; the query label's margin as the measurement.
+
+    With ``sample=True`` the training loss uses labels drawn from the model's own predictions, so that the fitted
+    curvature is the true Fisher. The measurement is minus the margin (logit of the label minus the logsumexp of
+    the other logits), so a training sample scores positive when training on it raises the query label's margin:
+    poisons score strongly positive on the original query.
+    """
+
+    def compute_train_loss(self, batch: tuple[Tensor, Tensor], model: nn.Module, sample: bool = False) -> Tensor:
+        inputs, labels = batch
+        logits = model(inputs)
+        if sample:
+            with torch.no_grad():
+                labels = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch: tuple[Tensor, Tensor], model: nn.Module) -> Tensor:
+        inputs, labels = batch
+        return -label_margins(model(inputs), labels).sum()
+
+
+def label_margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """Logit of each row's label minus the logsumexp of the row's other logits.
+
+    Example:
+        >>> label_margins(torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+        tensor([2.])
+    """
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).logsumexp(dim=1)
+    return own - others
+
+
+@dataclass
+class InfluenceScores:
+    """Scores ``[Q, N]`` of N training samples on Q queries, and how long each stage took."""
+
+    scores: Tensor
+    factors_name: str
+    factors_reused: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class InfluenceAnalysis:
+    """One kronfluence analysis of a model: fitted factors, cached on disk by the model's weights and data.
+
+    kronfluence rewraps the model it is given; this class only ever hands it a deep copy.
+
+    Args:
+        model: The trained classifier; its forward returns logits. It is not modified.
+        train_set: The training set in evaluation form: ``(input, label)`` pairs, fixed order, no augmentation.
+        output_dir: Where kronfluence keeps its factors; reused across runs on the same weights and data.
+        strategy: kronfluence's Hessian approximation.
+        device: Where to compute; ``cpu`` or a CUDA device.
+        train_batch_size: Training samples per batch when fitting factors and scoring.
+        num_workers: Data loader workers.
+        damping: kronfluence's damping factor; ``None`` lets kronfluence pick it from the factors.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        output_dir: str | Path,
+        strategy: Strategy = "ekfac",
+        device: torch.device | str = "cpu",
+        train_batch_size: int = 128,
+        num_workers: int = 0,
+        damping: Optional[float] = None,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
+        if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
+            raise TypeError(
+                f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer, the only layers kronfluence tracks; "
+                "influence needs a model built from them."
+            )
+        self.train_set = train_set
+        self.strategy = strategy
+        self.train_batch_size = train_batch_size
+        self.damping = damping
+        self.task = ClassificationTask()
+        self.output_dir = Path(output_dir)
+        self.factors_name = f"{strategy}_{fingerprint(model, train_set)}"
+        prepared = prepare_model(copy.deepcopy(model), self.task)
+        self.analyzer = Analyzer(
+            analysis_name="delta_influence",
+            model=prepared,
+            task=self.task,
+            cpu=torch.device(device).type == "cpu",
+            output_dir=str(self.output_dir),
+        )
+        self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))
+
+    def fit_factors(self) -> bool:
+        """Fits the factors unless a finished set for these weights and data is on disk; returns whether reused."""
+        final = self.analyzer.factors_output_dir(self.factors_name)
+        if final.exists():
+            return True
+        # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
+        partial_name = f"{self.factors_name}.partial"
+        self.analyzer.fit_all_factors(
+            factors_name=partial_name,
+            dataset=self.train_set,
+            per_device_batch_size=self.train_batch_size,
+            factor_args=FactorArguments(strategy=self.strategy),
+            overwrite_output_dir=True,
+        )
+        self.analyzer.factors_output_dir(partial_name).rename(final)
+        return False
+
+    def pairwise_scores(self, queries: Dataset, query_batch_size: Optional[int] = None) -> Tensor:
+        """Scores ``[len(queries), N]`` of every training sample on every query.
+
+        kronfluence makes one pass over the training set per batch of queries, so the default puts all queries in
+        one batch: one pass in all.
+        """
+        scores_name = f"tmp_{uuid.uuid4().hex}"
+        try:
+            self.analyzer.compute_pairwise_scores(
+                scores_name=scores_name,
+                factors_name=self.factors_name,
+                query_dataset=queries,
+                train_dataset=self.train_set,
+                per_device_query_batch_size=query_batch_size or len(queries),
+                per_device_train_batch_size=self.train_batch_size,
+                score_args=ScoreArguments(damping_factor=self.damping),
+                overwrite_output_dir=True,
+            )
+            return self.analyzer.load_pairwise_scores(scores_name)["all_modules"].float().cpu()
+        finally:
+            shutil.rmtree(self.analyzer.scores_output_dir(scores_name), ignore_errors=True)
+
+
+def compute_influence_scores(
+    model: nn.Module,
+    train_set: Dataset,
+    queries: Dataset,
+    output_dir: str | Path,
+    strategy: Strategy = "ekfac",
+    device: torch.device | str = "cpu",
+    train_batch_size: int = 128,
+    query_batch_size: Optional[int] = None,
+    num_workers: int = 0,
+    damping: Optional[float] = None,
+) -> InfluenceScores:
+    """Fits (or reuses) the factors and scores every training sample on every query in one pass.
+
+    Returns:
+        Scores ``[len(queries), len(train_set)]``; positive means training on the sample raises the query label's
+        margin.
+    """
+    start = time.perf_counter()
+    analysis = InfluenceAnalysis(model, train_set, output_dir, strategy, device, train_batch_size, num_workers, damping)
+    reused = analysis.fit_factors()
+    fitted = time.perf_counter()
+    scores = analysis.pairwise_scores(queries, query_batch_size)
+    done = time.perf_counter()
+    return InfluenceScores(
+        scores=scores,
+        factors_name=analysis.factors_name,
+        factors_reused=reused,
+        timings={"factors_s": fitted - start, "scores_s": done - fitted},
+    )
+
+
+def fingerprint(model: nn.Module, train_set: Dataset, num_probe: int = 8) -> str:
+    """A short hash of the model's weights and of the training set's size and first samples."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(str(len(train_set)).encode())
+    for index in range(min(num_probe, len(train_set))):
+        inputs, label = train_set[index]
+        digest.update(torch.as_tensor(inputs).cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(str(int(label)).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,36 @@
+"""Classifier architectures, chosen by name in the config."""
+
+from typing import Callable
+
+import torchvision
+from torch import nn
+
+
+def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A fast CNN for CPU runs: three conv-BN-ReLU blocks (32, 64, 128 channels), global pooling, a linear head."""
+    layers: list[nn.Module] = []
+    width_in = in_channels
+    for width in (32, 64, 128):
+        layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers.append(nn.MaxPool2d(2))
+        width_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes))
+
+
+ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {"resnet18": resnet18_cifar, "small_cnn": small_cnn}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Builds the architecture named ``arch``; raises ``ValueError`` naming the choices when it is unknown."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={arch!r} is not a known architecture; use one of {', '.join(ARCHITECTURES)}.")
+    return ARCHITECTURES[arch](num_classes, in_channels)
