@@ -70,3 +70,14 @@ def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tenso
         metrics["recall"] = binary_recall(predicted, truth).item()
         metrics["f1"] = binary_f1_score(predicted, truth).item()
     return metrics
+
+
+def topk_recall(scores: Tensor, poisons: Tensor) -> float:
+    """Share of the poisons among the ``k = len(poisons)`` highest-scoring samples: the raw influence ranking.
+
+    Example:
+        >>> topk_recall(torch.tensor([0.1, 0.9, 0.5, 0.2]), torch.tensor([1, 3]))
+        0.5
+    """
+    top = scores.topk(len(poisons)).indices
+    return torch.isin(top, poisons).float().mean().item()

@@ -1,0 +1,371 @@
+"""InfluenceCollapseCallback: Δ-Influence after fit, then the corrective fit. Glue over ``delta_influence``."""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+import torchvision
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torchvision.io import ImageReadMode
+from typing_extensions import override
+
+from callbacks import media
+from delta_influence import detection_metrics, flag_collapsed, make_queries
+from delta_influence.collapse import topk_recall
+from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
+
+
+class AuditError(ValueError):
+    """The audit cannot run on what it was given."""
+
+
+@dataclass
+class AuditResult:
+    """What an audit found, and where it wrote it."""
+
+    flagged: Tensor  # sorted indices into the training set
+    counts: Tensor  # per-sample collapse counts
+    scores: Tensor  # [1 + n, N]
+    metrics: dict[str, float]
+    output_dir: Path
+
+
+class InfluenceCollapseCallback(Callback):
+    """Runs Δ-Influence once training has ended, flags the training samples whose influence on a misbehaving test
+    example collapses under transformations, and logs and saves what it found.
+
+    What it needs from the run (see the README, "Add the callback to your own project"):
+
+    - ``trainer.datamodule.eval_train_set``: the training set in evaluation form, ``(input, label)`` pairs, no
+      augmentation, fixed order (index i is training sample i);
+    - a query: ``query_image`` and ``query_label``, or ``trainer.datamodule.triggered_test_set`` (triggered test
+      samples labelled with the attack's target) from which it takes ``query_index`` or the first sample that the
+      model classifies as the target;
+    - optional: ``poison_indices`` (ground truth, for precision and recall), ``mean`` and ``std`` of the
+      normalisation (for ``query_image``, ``space="pixel"`` and pictures), ``classes``.
+
+    Args:
+        query_index: Index into the triggered test set; ``None`` takes the first one the model gets wrong.
+        query_image: Path of an image file to use as the query, instead of the triggered test set.
+        query_label: The attacker's label for ``query_image``.
+        require_misclassified: Stop with an error when the model does not predict the query's label; ``False``
+            proceeds anyway.
+        num_transforms: Number of transformed copies of the query.
+        threshold: A copy counts as a collapse when it changes the sample's score by less than this.
+        tolerance: How many copies may fail to collapse a flagged sample.
+        strategy: kronfluence's Hessian approximation.
+        space: Apply transformations to the ``normalized`` input (as the reference) or in ``pixel`` space.
+        seed: Seed of the transformations and their labels.
+        train_batch_size: Batch size of kronfluence's passes over the training set.
+        num_workers: Data loader workers for kronfluence.
+        output_dir: Where audits are written; default ``<run folder>/delta_influence``.
+        factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
+        top_k: Rows of the table of top flagged samples.
+    """
+
+    def __init__(
+        self,
+        query_index: Optional[int] = None,
+        query_image: Optional[str] = None,
+        query_label: Optional[int] = None,
+        require_misclassified: bool = True,
+        num_transforms: int = 50,
+        threshold: float = 0.0,
+        tolerance: int = 2,
+        strategy: Strategy = "ekfac",
+        space: Literal["normalized", "pixel"] = "normalized",
+        seed: int = 0,
+        train_batch_size: int = 128,
+        num_workers: int = 0,
+        output_dir: Optional[str] = None,
+        factors_dir: Optional[str] = None,
+        top_k: int = 32,
+    ) -> None:
+        if num_transforms < 1:
+            raise ValueError(f"num_transforms={num_transforms} must be at least 1.")
+        if not 0 <= tolerance < num_transforms:
+            raise ValueError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} (num_transforms - 1).")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+        if space not in ("normalized", "pixel"):
+            raise ValueError(f"space={space!r} is not known; use 'normalized' or 'pixel'.")
+        if (query_image is None) != (query_label is None):
+            raise ValueError("query_image and query_label go together: give both or neither.")
+        if query_image is not None and query_index is not None:
+            raise ValueError("give query_index or query_image, not both.")
+        if query_index is not None and query_index < 0:
+            raise ValueError(f"query_index={query_index} must be 0 or more.")
+        self.query_index = query_index
+        self.query_image = query_image
+        self.query_label = query_label
+        self.require_misclassified = require_misclassified
+        self.num_transforms = num_transforms
+        self.threshold = threshold
+        self.tolerance = tolerance
+        self.strategy = strategy
+        self.space = space
+        self.seed = seed
+        self.train_batch_size = train_batch_size
+        self.num_workers = num_workers
+        self.output_dir = output_dir
+        self.factors_dir = factors_dir
+        self.top_k = top_k
+        self.result: Optional[AuditResult] = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self.result = self.audit(trainer, pl_module)
+
+    def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AuditResult:
+        """Runs Δ-Influence on the trained ``pl_module`` and writes, logs and returns the result."""
+        start = time.perf_counter()
+        data = trainer.datamodule
+        train_set = _eval_train_set(data)
+        image, label, where = self._query(data, train_set, pl_module)
+        num_classes = self._check_query(pl_module, image, label, where)
+        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+        queries = make_queries(image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std)
+        rank_zero_info(f"Δ-Influence: query {where}, label {label}, {self.num_transforms} transformed copies.")
+
+        influence = compute_influence_scores(
+            pl_module,
+            train_set,
+            TensorDataset(queries.images, queries.labels),
+            output_dir=self.factors_dir or Path(trainer.default_root_dir) / "influence_cache",
+            strategy=self.strategy,
+            device=pl_module.device,
+            train_batch_size=self.train_batch_size,
+            num_workers=self.num_workers,
+        )
+        collapse = flag_collapsed(influence.scores, self.threshold, self.tolerance)
+        poisons = getattr(data, "poison_indices", None)
+        poisons = torch.as_tensor(poisons) if poisons is not None and len(poisons) else None
+        metrics = detection_metrics(collapse.flagged, len(train_set), poisons)
+        if poisons is not None:
+            metrics["raw_topk_recall"] = topk_recall(influence.scores[0], poisons)
+        metrics |= {f"{name}": value for name, value in influence.timings.items()}
+        metrics["total_s"] = time.perf_counter() - start
+        summary = {
+            "query": where,
+            "query_label": label,
+            "num_transforms": self.num_transforms,
+            "threshold": self.threshold,
+            "tolerance": self.tolerance,
+            "strategy": self.strategy,
+            "space": self.space,
+            "seed": self.seed,
+            "num_train": len(train_set),
+            "factors": influence.factors_name,
+            "factors_reused": influence.factors_reused,
+            "metrics": metrics,
+        }
+        out = _write_atomically(
+            Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "delta_influence",
+            lambda folder: self._write(folder, summary, queries, collapse, influence.scores, train_set, data, poisons),
+        )
+        self._log(trainer, metrics, out, queries, collapse, influence.scores, train_set, data, poisons)
+        rank_zero_info(_describe(metrics, out))
+        return AuditResult(collapse.flagged, collapse.counts, influence.scores, metrics, out)
+
+    def _query(self, data: Any, train_set: Dataset, pl_module: pl.LightningModule) -> tuple[Tensor, int, str]:
+        """The misbehaving example: a user's image file, or a triggered test sample."""
+        if self.query_image is not None:
+            return _read_query_image(self.query_image, train_set, data), int(self.query_label), self.query_image
+        triggered = getattr(data, "triggered_test_set", None)
+        if triggered is None:
+            raise AuditError(
+                "no query: the datamodule has no `triggered_test_set`; pass query_image and query_label to "
+                "InfluenceCollapseCallback, or give the datamodule a triggered_test_set."
+            )
+        if self.query_index is not None:
+            if self.query_index >= len(triggered):
+                raise AuditError(
+                    f"query_index={self.query_index} is out of range: the triggered test set has {len(triggered)} "
+                    f"samples, so use 0..{len(triggered) - 1}, or leave query_index empty to pick one."
+                )
+            image, label = triggered[self.query_index]
+            return image, int(label), f"triggered_test_set[{self.query_index}]"
+        index = _first_attacked(pl_module, triggered)
+        if index is None:
+            raise AuditError(
+                f"the model classifies none of the {len(triggered)} triggered test samples as the attack's label, so "
+                "there is no misbehaviour to trace. Train longer or check the attack; or pass query_index and "
+                "require_misclassified=false to audit anyway."
+            )
+        image, label = triggered[index]
+        return image, int(label), f"triggered_test_set[{index}]"
+
+    def _check_query(self, pl_module: pl.LightningModule, image: Tensor, label: int, where: str) -> int:
+        """Checks the label is a class and, unless told otherwise, that the model predicts it; returns #classes."""
+        with torch.no_grad(), _eval_mode(pl_module):
+            logits = pl_module(image[None].to(pl_module.device))
+        num_classes = logits.shape[-1]
+        if not 0 <= label < num_classes:
+            raise AuditError(f"query_label={label} is out of range for a model with {num_classes} classes.")
+        predicted = int(logits.argmax(-1))
+        if predicted != label and self.require_misclassified:
+            raise AuditError(
+                f"the model predicts class {predicted} for the query {where}, not the attack's label {label}: it does "
+                "not show the bad behaviour, so Δ-Influence has nothing to trace. Choose another query, or set "
+                "require_misclassified=false to proceed anyway."
+            )
+        return num_classes
+
+    def _write(self, folder: Path, summary, queries, collapse, scores, train_set, data, poisons) -> None:
+        """Writes every file of an audit into ``folder``."""
+        flagged = collapse.flagged.tolist()
+        (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
+        torch.save(collapse.flagged, folder / "flagged.pt")
+        torch.save(scores, folder / "scores.pt")
+        torch.save(collapse.counts, folder / "counts.pt")
+        torch.save({"images": queries.images, "labels": queries.labels, "transforms": queries.transforms}, folder / "queries.pt")
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        mean, std, classes = getattr(data, "mean", None), getattr(data, "std", None), getattr(data, "classes", None)
+        media.plot_queries(queries, folder / "queries.png", mean, std, classes)
+        media.plot_collapse_counts(collapse.counts, collapse.num_transforms, collapse.tolerance, folder / "collapse_counts.png", poisons)
+
+    def _log(self, trainer, metrics, out, queries, collapse, scores, train_set, data, poisons) -> None:
+        """Sends the metrics to every logger and the pictures to W&B."""
+        for logger in trainer.loggers:
+            logger.log_metrics({f"audit/{name}": value for name, value in metrics.items()}, step=trainer.global_step)
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers:
+            return
+        order = scores[0, collapse.flagged].argsort(descending=True)[: self.top_k]
+        top_indices = collapse.flagged[order].tolist()
+        poison_set = set(poisons.tolist()) if poisons is not None else set()
+        rows, images = [], []
+        for rank, index in enumerate(top_indices):
+            image, label = train_set[index]
+            images.append(image)
+            rows.append({
+                "rank": rank,
+                "index": index,
+                "label": int(label),
+                "score": float(scores[0, index]),
+                "count": int(collapse.counts[index]),
+                "poison": index in poison_set if poisons is not None else None,
+            })
+        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+        thumbnails = media.to_displayable(torch.stack(images), mean, std) if images else torch.zeros(0)
+        for logger in wandb_loggers:
+            media.log_to_wandb(logger, out, queries, rows, thumbnails, out / "flagged.json")
+
+
+def _eval_train_set(data: Any) -> Dataset:
+    """The training set in evaluation form, refused when it is shuffled or augmented."""
+    train_set = getattr(data, "eval_train_set", None)
+    if train_set is None:
+        raise AuditError(
+            "the datamodule has no `eval_train_set`: InfluenceCollapseCallback needs the training set without "
+            "augmentation, in a fixed order, as `datamodule.eval_train_set` (see the README's recipe)."
+        )
+    if isinstance(train_set, DataLoader):
+        if isinstance(train_set.sampler, RandomSampler):
+            raise AuditError(
+                "datamodule.eval_train_set is a shuffling DataLoader: index i must always mean the same sample, so "
+                "give the Dataset (or a DataLoader with shuffle=False)."
+            )
+        train_set = train_set.dataset
+    if len(train_set) == 0:
+        raise AuditError("datamodule.eval_train_set is empty.")
+    for index in {0, len(train_set) // 2, len(train_set) - 1}:
+        first, second = train_set[index][0], train_set[index][0]
+        if not torch.equal(torch.as_tensor(first), torch.as_tensor(second)):
+            raise AuditError(
+                f"datamodule.eval_train_set returns a different input each time for sample {index}: it is augmented. "
+                "Give the training set without augmentation (evaluation transforms only)."
+            )
+    return train_set
+
+
+def _first_attacked(pl_module: pl.LightningModule, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
+    """Index of the first triggered sample the model classifies as its (the attack's) label."""
+    seen = 0
+    with torch.no_grad(), _eval_mode(pl_module):
+        for images, labels in DataLoader(triggered, batch_size=batch_size):
+            hits = torch.nonzero(pl_module(images.to(pl_module.device)).argmax(-1).cpu() == labels).flatten()
+            if len(hits):
+                return seen + int(hits[0])
+            seen += len(labels)
+    return None
+
+
+class _eval_mode:
+    """Puts a module in eval mode for a block and restores its mode after."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+def _read_query_image(path: str, train_set: Dataset, data: Any) -> Tensor:
+    """Reads an image file as a model input: the training images' size and channels, normalised."""
+    if not Path(path).is_file():
+        raise AuditError(f"query_image={path!r} is not a file.")
+    mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+    if mean is None or std is None:
+        raise AuditError("query_image needs the normalisation: give the datamodule `mean` and `std` attributes.")
+    channels, height, width = train_set[0][0].shape
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    image = torchvision.io.decode_image(path, mode=mode).float() / 255
+    image = torchvision.transforms.v2.functional.resize(image, [height, width], antialias=True)
+    return (image - torch.as_tensor(mean).view(-1, 1, 1)) / torch.as_tensor(std).view(-1, 1, 1)
+
+
+def _run_dir(trainer: pl.Trainer) -> Path:
+    """The run's folder: where its checkpoints go, else the trainer's root folder."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        return Path(checkpoint.dirpath).parent
+    return Path(trainer.default_root_dir)
+
+
+def _write_atomically(target: Path, write) -> Path:
+    """Writes into a temporary folder, then renames it to ``target`` (or ``target-2``, ... when taken): a finished
+    audit is never overwritten and an interrupted one leaves no folder behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        final, version = target, 1
+        while True:
+            try:
+                os.rename(staging, final)  # fails when final exists and is not empty
+                return final
+            except OSError:
+                if not final.exists():
+                    raise
+                version += 1
+                final = target.with_name(f"{target.name}-{version}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _describe(metrics: dict[str, float], out: Path) -> str:
+    """One paragraph for the console."""
+    text = f"Δ-Influence flagged {int(metrics['flagged'])} samples ({100 * metrics['removed_fraction']:.1f} % of the training set)"
+    if "precision" in metrics:
+        text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
+        text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
+    return f"{text}. Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s. Written to {out}"

@@ -1,0 +1,107 @@
+"""Pictures of an audit: the queries, the collapse counts, the top flagged samples. Written as PNG files and, when
+the run logs to W&B, as W&B media."""
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from delta_influence import QuerySet  # noqa: E402
+
+
+def to_displayable(images: Tensor, mean: Optional[Tensor], std: Optional[Tensor]) -> Tensor:
+    """Normalised images ``[B, C, H, W]`` back to [0, 1] (min-max per image when the normalisation is unknown)."""
+    if mean is not None and std is not None:
+        return (images * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1)
+    flat = images.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (images - low) / (high - low).clamp_min(1e-8)
+
+
+def _label(classes: Optional[Sequence[str]], label: int) -> str:
+    return classes[label] if classes and label < len(classes) else str(label)
+
+
+def _show(axis, image: Tensor, title: str) -> None:
+    """Draws one [C, H, W] image in [0, 1] on an axis."""
+    if image.shape[0] == 1:
+        axis.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        axis.imshow(image.permute(1, 2, 0).numpy())
+    axis.set_title(title, fontsize=7)
+    axis.axis("off")
+
+
+def plot_queries(
+    queries: QuerySet, path: Path, mean: Optional[Tensor] = None, std: Optional[Tensor] = None, classes=None
+) -> None:
+    """A grid of the original query and its transformed copies, each titled with transformation and label."""
+    images = to_displayable(queries.images, mean, std)
+    columns = 10
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, name, label in zip(axes.flat, images, queries.transforms, queries.labels.tolist()):
+        _show(axis, image, f"{name}\n{_label(classes, label)}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_collapse_counts(
+    counts: Tensor, num_transforms: int, tolerance: int, path: Path, poisons: Optional[Tensor] = None
+) -> None:
+    """Histogram of per-sample collapse counts, poisons and clean samples apart when the poisons are known."""
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bins = torch.arange(num_transforms + 2).numpy() - 0.5
+    if poisons is not None and len(poisons):
+        is_poison = torch.zeros(len(counts), dtype=torch.bool)
+        is_poison[poisons] = True
+        axis.hist(counts[~is_poison].numpy(), bins=bins, alpha=0.6, label="clean", log=True)
+        axis.hist(counts[is_poison].numpy(), bins=bins, alpha=0.8, label="poison", log=True)
+        axis.legend()
+    else:
+        axis.hist(counts.numpy(), bins=bins, log=True, label="all samples")
+    axis.axvline(num_transforms - tolerance - 0.5, color="black", linestyle="--", linewidth=1)
+    axis.set_xlabel("transformed queries that lowered the sample's influence")
+    axis.set_ylabel("training samples")
+    axis.set_title(f"Influence collapse (flagged right of the line: >= {num_transforms - tolerance})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def log_to_wandb(
+    logger,
+    run_dir: Path,
+    queries: QuerySet,
+    top: list[dict],
+    top_images: Tensor,
+    flagged_file: Path,
+) -> None:
+    """Logs the audit's pictures, a table of the top flagged samples and the flagged indices as an artifact."""
+    import wandb
+
+    logger.log_image("audit/queries", [str(run_dir / "queries.png")])
+    logger.log_image("audit/collapse_counts", [str(run_dir / "collapse_counts.png")])
+    columns = ["rank", "index", "image", "label", "score", "collapse_count", "poison"]
+    rows = [
+        [row["rank"], row["index"], wandb.Image(_hwc(image)), row["label"], row["score"], row["count"], row["poison"]]
+        for row, image in zip(top, top_images)
+    ]
+    logger.log_table("audit/top_flagged", columns=columns, data=rows)
+    artifact = wandb.Artifact(f"flagged-{logger.experiment.id}", type="delta-influence-audit")
+    artifact.add_file(str(flagged_file))
+    logger.experiment.log_artifact(artifact)
+
+
+def _hwc(image: Tensor):
+    """[C, H, W] in [0, 1] to a uint8 H x W (x C) array for W&B."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    return array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
