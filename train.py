@@ -7,6 +7,7 @@ trained model with Δ-Influence and runs the corrective fit. Any option can be o
 
 import netrc
 import os
+from typing import Optional
 
 from pytorch_lightning.cli import LightningCLI
 
@@ -38,11 +39,14 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
-def main() -> None:
+def main(args: Optional[list[str]] = None, run: bool = True) -> DeltaInfluenceCLI:
+    """Runs the CLI on ``args`` (default: the command line)."""
     use_wandb_offline_without_account()
-    DeltaInfluenceCLI(
+    return DeltaInfluenceCLI(
         PoisonClassifier,
         PoisonedDataModule,
+        args=args,
+        run=run,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
     )

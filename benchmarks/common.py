@@ -1,0 +1,119 @@
+"""Shared set-up of the CPU CIFAR-10 benchmarks: extract the JPEG tree, poison it, train the small CNN."""
+
+import argparse
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from datamodules import PoisonedDataModule
+from delta_influence.attacks import BadNets
+from lightning_modules import PoisonClassifier
+
+ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CACHE = Path(__file__).resolve().parent / "results" / "cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--archive", type=Path, default=ARCHIVE, help="cifar10-jpeg.tar.gz (image-folder tree)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the tree is extracted once")
+    parser.add_argument("--per-class", type=int, default=1000, help="training images per class")
+    parser.add_argument("--poisons", type=int, default=250, help="BadNets poisons, ship -> dog")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--crop-padding", type=int, default=0, help="random-crop padding; 0: no cropping")
+    parser.add_argument("--flip", action="store_true", help="random horizontal flips")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def extract(archive: Path, cache: Path) -> Path:
+    """Extracts the archive once; returns the tree's root (holding train/ and test/)."""
+    root = cache / "cifar10"
+    if not (root / "train").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(cache, filter="data")
+    return root
+
+
+def cifar_datamodule(args: argparse.Namespace) -> PoisonedDataModule:
+    data = PoisonedDataModule(
+        dataset="folder",
+        root=str(extract(args.archive, args.cache)),
+        attack=BadNets(victim=8, target=5, num_poisons=args.poisons),
+        per_class=args.per_class,
+        batch_size=128,
+        crop_padding=args.crop_padding,
+        flip=args.flip,
+        seed=args.seed,
+    )
+    data.setup()
+    return data
+
+
+def small_cnn(data: PoisonedDataModule, epochs: int) -> PoisonClassifier:
+    """The small CNN with a step schedule scaled to ``epochs``."""
+    return PoisonClassifier(
+        arch="small_cnn",
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        lr=0.05,
+        milestones=[int(epochs * 0.6), int(epochs * 0.85)],
+    )
+
+
+def trainer(epochs: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def evaluate(model: pl.LightningModule, data: PoisonedDataModule) -> dict[str, float]:
+    """Clean accuracy and ASR of ``model`` on the data module's test sets."""
+    results = trainer(1).validate(model, dataloaders=data.val_dataloader(), verbose=False)
+    merged = {key: value for result in results for key, value in result.items()}
+    return {"clean_acc": merged["val/acc"], "asr": merged["val/asr"]}
+
+
+def train_victim(args: argparse.Namespace, data: PoisonedDataModule, callbacks=()) -> tuple[PoisonClassifier, dict]:
+    """Trains the small CNN on the poisoned set; returns it with clean accuracy, ASR and wall time."""
+    pl.seed_everything(args.seed, verbose=False)
+    model = small_cnn(data, args.epochs)
+    start = time.perf_counter()
+    run = trainer(args.epochs, callbacks=list(callbacks), num_sanity_val_steps=0, check_val_every_n_epoch=args.epochs)
+    run.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    return model, {**evaluate(model, data), "epochs": args.epochs, "train_s": seconds}
+
+
+def report(name: str, rows: list[dict], columns: list[str]) -> None:
+    """Prints ``rows`` as a table and writes them to ``results/<name>.json``."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
+    print(f"\nwritten to {path}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,155 @@
+"""InfluenceCollapseCallback on the project's own data module and classifier."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import callbacks.influence_collapse as influence_collapse
+from callbacks import AuditError, InfluenceCollapseCallback
+from datamodules import ImageDataset
+from conftest import tiny_trainer
+
+
+def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
+    """One more epoch of the shared victim (a copy) with ``callback`` attached; returns the trainer."""
+    data, model = trained_digits
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback], **trainer_kwargs)
+    trainer.fit(copy.deepcopy(model), datamodule=data)
+    return trainer
+
+
+def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained_digits):
+    callback = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
+    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    first = callback.result
+    files = {p.name for p in first.output_dir.iterdir()}
+    assert files >= {"flagged.json", "flagged.pt", "scores.pt", "counts.pt", "queries.pt", "summary.json"}
+    assert files >= {"queries.png", "collapse_counts.png"}
+    summary = json.loads((first.output_dir / "summary.json").read_text())
+    assert summary["factors_reused"] is False and summary["num_transforms"] == 12
+    assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
+    assert torch.load(first.output_dir / "scores.pt").shape == (13, 400)
+    poisons = trained_digits[0].poison_indices
+    assert first.metrics["recall"] == torch.isin(poisons, first.flagged).float().mean().item()
+
+    # the same weights audited again: factors reused, the first audit left as it was
+    rerun = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
+    data, _ = trained_digits
+    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(copy.deepcopy(trained_digits[1]), datamodule=data)
+    rerun.audit(trainer, trainer.lightning_module)
+    third = callback.audit(trainer, trainer.lightning_module)
+    assert json.loads((third.output_dir / "summary.json").read_text())["factors_reused"] is True
+    assert third.output_dir.name == "audit-3" and first.output_dir.name == "audit"
+    assert json.loads((first.output_dir / "summary.json").read_text()) == summary
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]  # no staging folder left
+
+
+def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_digits, monkeypatch):
+    real = influence_collapse.compute_influence_scores
+
+    def nan_scores(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.scores[0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(influence_collapse, "compute_influence_scores", nan_scores)
+    callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, output_dir=str(tmp_path / "audit"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    assert not (tmp_path / "audit").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]
+
+
+def test_query_the_model_does_not_misclassify(tmp_path, trained_digits):
+    data, model = trained_digits
+    with torch.no_grad():
+        predictions = copy.deepcopy(model).eval()(torch.stack([data.triggered_test_set[i][0] for i in range(len(data.triggered_test_set))]))
+    clean = int(torch.nonzero(predictions.argmax(-1) != 5)[0])
+    callback = InfluenceCollapseCallback(query_index=clean, num_transforms=4, tolerance=1)
+    with pytest.raises(AuditError, match=r"does not show the bad behaviour.*require_misclassified=false"):
+        _fit_with(tmp_path, trained_digits, callback)
+    anyway = InfluenceCollapseCallback(
+        query_index=clean, require_misclassified=False, num_transforms=4, tolerance=1, output_dir=str(tmp_path / "a")
+    )
+    _fit_with(tmp_path, trained_digits, anyway)
+    assert anyway.result.scores.shape == (5, 400)
+
+
+def test_out_of_range_query_index(tmp_path, trained_digits):
+    callback = InfluenceCollapseCallback(query_index=44)
+    with pytest.raises(AuditError, match=r"query_index=44 is out of range.*44 samples, so use 0..43"):
+        _fit_with(tmp_path, trained_digits, callback)
+
+
+def test_query_image_file(tmp_path, trained_digits):
+    data, _ = trained_digits
+    image, _ = data.triggered_test_set[0]
+    pixels = (image * data.std.view(-1, 1, 1) + data.mean.view(-1, 1, 1)).clamp(0, 1)
+    path = tmp_path / "query.png"
+    import torchvision
+
+    torchvision.io.write_png((pixels * 255).round().to(torch.uint8), str(path))
+    callback = InfluenceCollapseCallback(
+        query_image=str(path), query_label=5, require_misclassified=False, num_transforms=4, tolerance=1,
+        output_dir=str(tmp_path / "a"),
+    )  # fmt: skip
+    _fit_with(tmp_path, trained_digits, callback)
+    queries = torch.load(callback.result.output_dir / "queries.pt")
+    assert torch.allclose(queries["images"][0], image, atol=1e-5) and queries["labels"][0] == 5
+
+
+def test_augmented_or_shuffled_training_set_is_refused(tmp_path, trained_digits):
+    data, _ = trained_digits
+    augmented = copy.copy(data)
+    train = data.eval_train_set
+    augmented.eval_train_set = ImageDataset(train.images, train.labels, data.mean, data.std, augment=True)
+    with pytest.raises(AuditError, match="it is augmented"):
+        influence_collapse._eval_train_set(augmented)
+    shuffled = copy.copy(data)
+    shuffled.eval_train_set = DataLoader(data.eval_train_set, shuffle=True)
+    with pytest.raises(AuditError, match="shuffling DataLoader"):
+        influence_collapse._eval_train_set(shuffled)
+    assert influence_collapse._eval_train_set(data) is data.eval_train_set
+
+
+def test_model_kronfluence_cannot_track(tmp_path, trained_digits):
+    class Untrackable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1024, 10))
+            self.device = torch.device("cpu")
+
+        def forward(self, images):
+            return images.flatten(1) @ self.weight
+
+    data, _ = trained_digits
+    trainer = tiny_trainer(tmp_path)
+    trainer.datamodule = data
+    callback = InfluenceCollapseCallback(query_index=0, require_misclassified=False, num_transforms=4, tolerance=1)
+    with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d"):
+        callback.audit(trainer, Untrackable())
+
+
+def test_skipped_in_fast_dev_run(tmp_path, trained_digits):
+    callback = InfluenceCollapseCallback()
+    _fit_with(tmp_path, trained_digits, callback, fast_dev_run=True)
+    assert callback.result is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tolerance": 50}, r"tolerance=50 must lie in 0..49"),
+        ({"strategy": "hessian"}, r"strategy='hessian' is not known"),
+        ({"query_image": "x.png"}, r"query_image and query_label go together"),
+        ({"query_index": -1}, r"query_index=-1 must be 0 or more"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InfluenceCollapseCallback(**kwargs)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from delta_influence import detection_metrics, flag_collapsed
+from delta_influence.collapse import topk_recall
+
+
+def test_flags_samples_whose_score_drops_under_enough_copies():
+    # sample 0 drops under all 4 copies, sample 1 under 3, sample 2 under 2, sample 3 never
+    scores = torch.tensor(
+        [
+            [10.0, 10.0, 10.0, 1.0],
+            [1.0, 1.0, 1.0, 2.0],
+            [2.0, 2.0, 2.0, 2.0],
+            [3.0, 3.0, 11.0, 2.0],
+            [4.0, 12.0, 12.0, 2.0],
+        ]
+    )
+    strict = flag_collapsed(scores, threshold=0.0, tolerance=0)
+    assert strict.flagged.tolist() == [0]
+    assert strict.counts.tolist() == [4, 3, 2, 0]
+    assert torch.equal(strict.deltas, scores[1:] - scores[0])
+    assert flag_collapsed(scores, tolerance=1).flagged.tolist() == [0, 1]
+    assert flag_collapsed(scores, tolerance=2).flagged.tolist() == [0, 1, 2]
+
+
+def test_threshold_moves_the_collapse_line():
+    scores = torch.tensor([[5.0], [4.0], [4.5]])  # deltas -1.0 and -0.5
+    assert flag_collapsed(scores, threshold=-0.4, tolerance=0).flagged.tolist() == [0]
+    assert flag_collapsed(scores, threshold=-0.8, tolerance=0).flagged.tolist() == []
+    assert flag_collapsed(scores, threshold=-0.8, tolerance=1).flagged.tolist() == [0]
+    assert flag_collapsed(scores, threshold=-1.5, tolerance=1).flagged.tolist() == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused(bad):
+    scores = torch.ones(3, 4)
+    scores[1, 2] = bad
+    with pytest.raises(ValueError, match="1 NaN or infinite values"):
+        flag_collapsed(scores)
+
+
+def test_tolerance_must_leave_a_rule():
+    with pytest.raises(ValueError, match="tolerance=3 must lie in 0..2"):
+        flag_collapsed(torch.ones(4, 2), tolerance=3)
+
+
+def test_detection_metrics_against_known_poisons():
+    metrics = detection_metrics(torch.tensor([0, 1, 2, 3]), 10, poisons=torch.tensor([1, 2, 9]))
+    assert metrics["flagged"] == 4 and metrics["removed_fraction"] == 0.4
+    assert metrics["precision"] == pytest.approx(0.5) and metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert "precision" not in detection_metrics(torch.tensor([0]), 10)
+
+
+def test_topk_recall_counts_poisons_among_the_highest_scores():
+    assert topk_recall(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([0, 3])) == 0.5

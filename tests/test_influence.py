@@ -1,0 +1,81 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from delta_influence.influence import compute_influence_scores, label_margins
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def _data():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(24, 1, 8, 8, generator=generator)
+    labels = torch.randint(3, (24,), generator=generator)
+    return TensorDataset(images, labels)
+
+
+def test_margin_is_own_logit_minus_logsumexp_of_the_others():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = 2.0 - torch.logsumexp(torch.tensor([1.0, 3.0]), 0)
+    assert torch.allclose(label_margins(logits, torch.tensor([1])), expected[None])
+
+
+def test_sign_training_on_the_query_itself_scores_positive(tmp_path):
+    train = _data()
+    image, label = train[5]
+    queries = TensorDataset(torch.stack([image, image]), torch.tensor([int(label), (int(label) + 1) % 3]))
+    scores = compute_influence_scores(_model(), train, queries, tmp_path, train_batch_size=8).scores
+    assert scores.shape == (2, 24)
+    assert scores[0, 5] > 0  # same image, same label: training on it raises the label's margin
+    assert scores[1, 5] < 0  # same image, another label: it lowers that label's margin
+    assert scores[0, 5] == scores[0].max()
+
+
+def test_one_pass_equals_one_pass_per_query_and_leaves_the_model_alone(tmp_path):
+    model, train = _model(), _data()
+    before = copy.deepcopy(model.state_dict())
+    queries = TensorDataset(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
+    together = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    for k in range(4):
+        alone = compute_influence_scores(model, train, Subset(queries, [k]), tmp_path, train_batch_size=8)
+        assert torch.allclose(alone.scores[0], together.scores[k], rtol=1e-4, atol=1e-4)
+        assert alone.factors_reused
+    assert not together.factors_reused
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert isinstance(model[0], nn.Conv2d)  # not rewrapped by kronfluence
+
+
+def test_factors_are_keyed_by_the_weights(tmp_path):
+    model, train = _model(), _data()
+    queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
+    first = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    with torch.no_grad():
+        model[-1].bias.add_(1.0)
+    second = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    assert first.factors_name != second.factors_name and not second.factors_reused
+    assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
+
+
+def test_model_without_trackable_layers_is_refused(tmp_path):
+    class Untrackable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 3))
+
+        def forward(self, x):
+            return x.flatten(1) @ self.weight
+
+    with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d layer"):
+        compute_influence_scores(Untrackable(), _data(), _data(), tmp_path)
+
+
+def test_unknown_strategy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="strategy='fancy' is not known"):
+        compute_influence_scores(_model(), _data(), _data(), tmp_path, strategy="fancy")

@@ -1,0 +1,64 @@
+"""Reads an offline W&B run back from its ``run-*.wandb`` transaction log (LevelDB-style log of protobuf records)."""
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+HEADER = 7  # checksum (4), length (2), type (1)
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_run(run_dir: Path) -> dict:
+    """History rows, summary and logged artifact names of the offline run in ``run_dir``."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    data = log.read_bytes()
+    history, summary, artifacts = [], {}, []
+    for raw in _records(data):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(_items(record.history.item))
+        elif kind == "summary":
+            summary.update(_items(record.summary.update))
+        elif kind == "artifact":
+            artifacts.append(record.artifact.name)
+    return {"history": history, "summary": summary, "artifacts": artifacts}
+
+
+def logged_keys(run: dict) -> set[str]:
+    return {key for row in run["history"] for key in row}
+
+
+def _items(items) -> dict:
+    """Items to a dict; nested keys (media, tables) become nested dicts under their top-level key."""
+    out: dict = {}
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(item.value_json)
+    return out
+
+
+def _records(data: bytes):
+    """Yields the payload of each record, joining records split across blocks."""
+    position, pending = HEADER, b""  # the file starts with a 7-byte W&B header
+    while position + HEADER <= len(data):
+        left = BLOCK - position % BLOCK
+        if left < HEADER:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
+        position += HEADER
+        if kind == 0 and length == 0:
+            break
+        pending += data[position : position + length]
+        position += length
+        if kind in (FULL, LAST):
+            yield pending
+            pending = b""
