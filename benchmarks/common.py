@@ -88,14 +88,34 @@ def evaluate(model: pl.LightningModule, data: PoisonedDataModule) -> dict[str, f
 
 
 def train_victim(args: argparse.Namespace, data: PoisonedDataModule, callbacks=()) -> tuple[PoisonClassifier, dict]:
-    """Trains the small CNN on the poisoned set; returns it with clean accuracy, ASR and wall time."""
+    """Trains the small CNN on the poisoned set; returns it with clean accuracy, ASR and wall time. The victim is
+    saved under results/ so that the other benchmarks audit the same model."""
     pl.seed_everything(args.seed, verbose=False)
     model = small_cnn(data, args.epochs)
     start = time.perf_counter()
     run = trainer(args.epochs, callbacks=list(callbacks), num_sanity_val_steps=0, check_val_every_n_epoch=args.epochs)
     run.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    return model, {**evaluate(model, data), "epochs": args.epochs, "train_s": seconds}
+    metrics = {**evaluate(model, data), "epochs": args.epochs, "train_s": seconds}
+    torch.save({"state_dict": model.state_dict(), "metrics": metrics}, victim_path(args))
+    return model, metrics
+
+
+def load_victim(args: argparse.Namespace, data: PoisonedDataModule) -> tuple[PoisonClassifier, dict]:
+    """The victim saved by an earlier benchmark with the same settings, else a newly trained one."""
+    path = victim_path(args)
+    if not path.exists():
+        return train_victim(args, data)
+    saved = torch.load(path)
+    model = small_cnn(data, args.epochs)
+    model.load_state_dict(saved["state_dict"])
+    return model, saved["metrics"]
+
+
+def victim_path(args: argparse.Namespace) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    flags = f"{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}_s{args.seed}"
+    return RESULTS / f"victim_{flags}.pt"
 
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:

@@ -24,6 +24,7 @@ from callbacks import media
 from delta_influence import detection_metrics, flag_collapsed, make_queries
 from delta_influence.collapse import topk_recall
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
+from lightning_modules.unlearning import Unlearning, run_corrective_fit
 
 
 class AuditError(ValueError):
@@ -72,6 +73,8 @@ class InfluenceCollapseCallback(Callback):
         output_dir: Where audits are written; default ``<run folder>/delta_influence``.
         factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
         top_k: Rows of the table of top flagged samples.
+        unlearning: The corrective fit launched once the victim's fit has ended (e.g.
+            ``lightning_modules.unlearning.Retrain``); ``None`` stops after the audit.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class InfluenceCollapseCallback(Callback):
         output_dir: Optional[str] = None,
         factors_dir: Optional[str] = None,
         top_k: int = 32,
+        unlearning: Optional[Unlearning] = None,
     ) -> None:
         if num_transforms < 1:
             raise ValueError(f"num_transforms={num_transforms} must be at least 1.")
@@ -121,13 +125,53 @@ class InfluenceCollapseCallback(Callback):
         self.output_dir = output_dir
         self.factors_dir = factors_dir
         self.top_k = top_k
+        self.unlearning = unlearning
         self.result: Optional[AuditResult] = None
+        self.corrective: Optional[dict] = None
+        self._accelerator = "cpu"
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        self._accelerator = "gpu" if pl_module.device.type == "cuda" else pl_module.device.type
         self.result = self.audit(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # by now the victim's strategy has torn down: the corrective fit gets its own fresh Trainer
+        if self.result is None or self.unlearning is None or not trainer.is_global_zero:
+            return
+        self.corrective = self.correct(trainer, pl_module)
+
+    def correct(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict]:
+        """Runs the configured corrective fit on the audit's flagged samples; logs and returns its report."""
+        data = trainer.datamodule
+        loader = data.train_dataloader()
+        report = run_corrective_fit(
+            pl_module,
+            self.unlearning,
+            self.result.flagged,
+            train_set=loader.dataset,
+            eval_train_set=_eval_train_set(data),
+            test_set=getattr(data, "test_set", None),
+            triggered_test_set=getattr(data, "triggered_test_set", None),
+            batch_size=loader.batch_size,
+            max_epochs=trainer.max_epochs,
+            out_dir=_run_dir(trainer) / "unlearn",
+            accelerator=self._accelerator,
+            seed=self.seed,
+        )
+        if report is None:
+            return None
+        metrics = {f"unlearn/{key}": value for key, value in report.items() if isinstance(value, (int, float))}
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=trainer.global_step)
+            logger.log_hyperparams({"unlearn/method": report["method"]})
+            if isinstance(logger, WandbLogger):
+                media.log_comparison_to_wandb(logger, report)
+        rank_zero_info(_compare(report))
+        return report
 
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AuditResult:
         """Runs Δ-Influence on the trained ``pl_module`` and writes, logs and returns the result."""
@@ -369,3 +413,18 @@ def _describe(metrics: dict[str, float], out: Path) -> str:
         text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
         text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
     return f"{text}. Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s. Written to {out}"
+
+
+def _compare(report: dict) -> str:
+    """A before/after table for the console."""
+
+    def pct(value: Optional[float]) -> str:
+        return "   n/a" if value is None else f"{100 * value:5.1f}%"
+
+    return (
+        f"Corrective fit '{report['method']}' ({report['time_s']:.1f} s, {report['forgotten']} samples forgotten):\n"
+        f"            clean acc   ASR\n"
+        f"  before      {pct(report['before_acc'])}  {pct(report['before_asr'])}\n"
+        f"  after       {pct(report['acc'])}  {pct(report['asr'])}\n"
+        f"  corrected model: {report['checkpoint']}"
+    )

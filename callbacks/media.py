@@ -105,3 +105,21 @@ def _hwc(image: Tensor):
     """[C, H, W] in [0, 1] to a uint8 H x W (x C) array for W&B."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
+
+
+def log_comparison_to_wandb(logger, report: dict) -> None:
+    """Puts the before/after comparison of a corrective fit in the run's summary and as a table."""
+    logger.experiment.summary.update(
+        {
+            "unlearn/method": report["method"],
+            "comparison/before_acc": report["before_acc"],
+            "comparison/before_asr": report["before_asr"],
+            "comparison/after_acc": report["acc"],
+            "comparison/after_asr": report["asr"],
+        }
+    )
+    logger.log_table(
+        "unlearn/comparison",
+        columns=["model", "clean_acc", "asr"],
+        data=[["victim", report["before_acc"], report["before_asr"]], [report["method"], report["acc"], report["asr"]]],
+    )

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.sources import SOURCES, ImageData, ImageSource
 from delta_influence.attacks import Attack, BadNets
+from delta_influence.unlearning import retained_indices
 
 
 class ImageDataset(Dataset):
@@ -152,13 +153,7 @@ class PoisonedDataModule(pl.LightningDataModule):
 
     def train_dataset_without(self, indices: Sequence[int] | Tensor) -> Dataset:
         """The augmented training set without ``indices`` (e.g. flagged samples), for retraining."""
-        drop = torch.as_tensor(indices, dtype=torch.long)
-        n = len(self.train_set)
-        if len(drop) and (drop.min() < 0 or drop.max() >= n):
-            raise IndexError(f"indices hold values outside 0..{n - 1}, the training set's index range.")
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[drop] = False
-        return Subset(self.train_set, torch.nonzero(keep).flatten().tolist())
+        return Subset(self.train_set, retained_indices(len(self.train_set), indices))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -1,0 +1,399 @@
+"""Corrective fits after an audit: retrain from scratch, fine-tune, SSD, SCRUB and Bad Teacher.
+
+Each method is a small configuration object (YAML: ``class_path: lightning_modules.unlearning.SCRUB``) whose
+``run`` returns a corrected copy of the victim; the victim itself is never modified. Every training run uses its
+own fresh ``Trainer``.
+"""
+
+import copy
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from delta_influence.unlearning import (
+    bad_teacher_loss,
+    dampen,
+    diagonal_fisher,
+    retained_indices,
+    scrub_forget_loss,
+    scrub_retain_loss,
+)
+
+
+@dataclass
+class UnlearningData:
+    """What a corrective fit works on: the retained set (augmented, for training), the forget set and the full
+    training set (evaluation form), the victim's training batch size and epochs, and where to compute."""
+
+    retain: Dataset
+    forget: Dataset
+    full: Dataset
+    batch_size: int
+    max_epochs: int
+    accelerator: str = "cpu"
+    seed: int = 0
+
+
+class Unlearning(ABC):
+    """A corrective-fit method."""
+
+    name: str
+
+    @abstractmethod
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        """Returns a corrected copy of ``victim``."""
+
+
+class Retrain(Unlearning):
+    """Exact unlearning: a freshly initialised copy of the victim trained on the retained set with the victim's own
+    recipe (its ``configure_optimizers``, batch size and epochs).
+
+    Args:
+        max_epochs: Epochs; ``None`` uses the victim's.
+    """
+
+    name = "retrain"
+
+    def __init__(self, max_epochs: Optional[int] = None) -> None:
+        self.max_epochs = max_epochs
+
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        model = _copy(victim)
+        torch.manual_seed(data.seed)
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return _fit(model, data, self.max_epochs or data.max_epochs)
+
+
+class FineTune(Unlearning):
+    """Catastrophic forgetting: the victim, trained further on the retained set with its own recipe.
+
+    Args:
+        max_epochs: Epochs; ``None`` uses the victim's.
+    """
+
+    name = "finetune"
+
+    def __init__(self, max_epochs: Optional[int] = None) -> None:
+        self.max_epochs = max_epochs
+
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        return _fit(_copy(victim), data, self.max_epochs or data.max_epochs)
+
+
+class SSD(Unlearning):
+    """Selective synaptic dampening: no training; parameters whose forget-set importance exceeds ``alpha`` times
+    their full-training-set importance are scaled by ``min(1, lam * I_D / I_F)``.
+
+    Args:
+        alpha: Selection ratio.
+        lam: Dampening strength.
+        batch_size: Batch size of the importance passes.
+    """
+
+    name = "ssd"
+
+    def __init__(self, alpha: float = 10.0, lam: float = 1.0, batch_size: int = 512) -> None:
+        if alpha <= 0 or lam <= 0:
+            raise ValueError(f"SSD needs alpha > 0 and lam > 0; got alpha={alpha}, lam={lam}.")
+        self.alpha = alpha
+        self.lam = lam
+        self.batch_size = batch_size
+
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        device = _device(data.accelerator)
+        model = _copy(victim).to(device)
+        forget = diagonal_fisher(model, DataLoader(data.forget, batch_size=self.batch_size), device)
+        full = diagonal_fisher(model, DataLoader(data.full, batch_size=self.batch_size), device)
+        self.dampened_fraction = dampen(model, forget, full, self.alpha, self.lam)
+        return model.cpu()
+
+
+class _Distillation(Unlearning):
+    """Shared settings of the distillation methods: SGD, ``steps`` steps of ``batch_size`` retained and
+    ``batch_size`` forget samples."""
+
+    def __init__(
+        self, lr: float = 0.025, momentum: float = 0.9, batch_size: int = 512, steps: int = 40, temperature: float = 4.0
+    ) -> None:
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"{type(self).__name__} needs steps >= 1 and batch_size >= 1; got {steps}, {batch_size}.")
+        self.lr = lr
+        self.momentum = momentum
+        self.batch_size = batch_size
+        self.steps = steps
+        self.temperature = temperature
+
+    def _train(self, module: pl.LightningModule, data: UnlearningData) -> None:
+        loaders = {
+            "retain": DataLoader(data.retain, batch_size=self.batch_size, shuffle=True),
+            "forget": DataLoader(data.forget, batch_size=self.batch_size, shuffle=True),
+        }
+        _trainer(data.accelerator, max_steps=self.steps).fit(module, CombinedLoader(loaders, mode="max_size_cycle"))
+
+
+class SCRUB(_Distillation):
+    """SCRUB: each step first maximises KL(student || original) on a forget batch, then minimises cross-entropy
+    plus ``alpha`` times that KL on a retained batch.
+
+    Args:
+        alpha: Weight of the KL term on the retained set.
+        temperature: Distillation temperature.
+        lr, momentum, batch_size, steps: SGD settings (the reference: 0.025, 0.9, 512, 40).
+    """
+
+    name = "scrub"
+
+    def __init__(self, alpha: float = 0.001, temperature: float = 4.0, lr: float = 0.025, momentum: float = 0.9,
+                 batch_size: int = 512, steps: int = 40) -> None:  # fmt: skip
+        super().__init__(lr, momentum, batch_size, steps, temperature)
+        self.alpha = alpha
+
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        module = _ScrubModule(_copy(victim), _copy(victim), self)
+        self._train(module, data)
+        return module.student
+
+
+class BadTeacher(_Distillation):
+    """Bad Teacher: distil from the original model on retained samples and from a randomly initialised copy on
+    forget samples.
+
+    Args:
+        temperature: Distillation temperature.
+        lr, momentum, batch_size, steps: SGD settings (the reference: 0.025, 0.9, 512, 40).
+    """
+
+    name = "bad_teacher"
+
+    def __init__(self, temperature: float = 1.0, lr: float = 0.025, momentum: float = 0.9, batch_size: int = 512,
+                 steps: int = 40) -> None:  # fmt: skip
+        super().__init__(lr, momentum, batch_size, steps, temperature)
+
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+        bad = _copy(victim)
+        torch.manual_seed(data.seed)
+        for module in bad.modules():
+            if module is not bad and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        module = _BadTeacherModule(_copy(victim), _copy(victim), bad, self)
+        self._train(module, data)
+        return module.student
+
+
+class _ScrubModule(pl.LightningModule):
+    """Student and frozen teacher; one max-step and one min-step per training step (manual optimisation)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, method: SCRUB) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.student, self.teacher, self.method = student, _frozen(teacher), method
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        method = self.method
+        forget, _ = batch["forget"]
+        with torch.no_grad():
+            teacher_forget = self.teacher(forget)
+        loss = scrub_forget_loss(self.student(forget), teacher_forget, method.temperature)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        retain, labels = batch["retain"]
+        with torch.no_grad():
+            teacher_retain = self.teacher(retain)
+        loss = scrub_retain_loss(self.student(retain), labels, teacher_retain, method.alpha, method.temperature)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
+
+
+class _BadTeacherModule(pl.LightningModule):
+    """Student distilled from the competent teacher on retained and the random teacher on forget samples."""
+
+    def __init__(self, student: nn.Module, good: nn.Module, bad: nn.Module, method: BadTeacher) -> None:
+        super().__init__()
+        self.student, self.good, self.bad, self.method = student, _frozen(good), _frozen(bad), method
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        (retain, _), (forget, _) = batch["retain"], batch["forget"]
+        inputs = torch.cat([retain, forget])
+        is_forget = torch.cat([torch.zeros(len(retain)), torch.ones(len(forget))]).bool().to(inputs.device)
+        with torch.no_grad():
+            good, bad = self.good(inputs), self.bad(inputs)
+        return bad_teacher_loss(self.student(inputs), good, bad, is_forget, self.method.temperature)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
+
+
+METHODS: dict[str, type[Unlearning]] = {m.name: m for m in (Retrain, FineTune, SSD, SCRUB, BadTeacher)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Optional[Dataset], accelerator: str = "cpu", batch_size: int = 512) -> Optional[float]:
+    """Accuracy of ``model`` on ``dataset`` (on a triggered set labelled with the target: the attack success rate)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    device = _device(accelerator)
+    was_training = model.training
+    model.eval().to(device)
+    metric = None
+    for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model(inputs.to(device))
+        metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
+        metric.update(logits, labels.to(device))
+    model.train(was_training)
+    return metric.compute().item()
+
+
+def _fit(model: pl.LightningModule, data: UnlearningData, max_epochs: int) -> pl.LightningModule:
+    """Trains ``model`` on the retained set with its own ``configure_optimizers``, in a fresh Trainer."""
+    model.train()  # Lightning keeps a module's eval mode; the victim may come back from evaluation
+    loader = DataLoader(data.retain, batch_size=data.batch_size, shuffle=True)
+    _trainer(data.accelerator, max_epochs=max_epochs).fit(model, train_dataloaders=loader)
+    return model
+
+
+def _trainer(accelerator: str, **kwargs) -> pl.Trainer:
+    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no validation."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    """A deep copy that can train in a new Trainer."""
+    clone = copy.deepcopy(module)
+    # Lightning caches logged metrics by object id; the copy's metrics are new objects
+    if isinstance(clone, pl.LightningModule):
+        clone._metric_attributes = None
+    return clone
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def _device(accelerator: str) -> torch.device:
+    return torch.device("cuda" if accelerator in ("gpu", "cuda") else accelerator)
+
+
+class UnlearningError(ValueError):
+    """The corrective fit cannot run on what it was given."""
+
+
+def run_corrective_fit(
+    victim: pl.LightningModule,
+    method: Unlearning,
+    flagged: Tensor,
+    train_set: Dataset,
+    eval_train_set: Dataset,
+    test_set: Optional[Dataset],
+    triggered_test_set: Optional[Dataset],
+    batch_size: int,
+    max_epochs: int,
+    out_dir: Path,
+    accelerator: str = "cpu",
+    seed: int = 0,
+) -> Optional[dict]:
+    """Forgets the ``flagged`` training samples with ``method`` and measures clean accuracy and ASR before and after.
+
+    The corrected model is saved as ``out_dir/<method>.ckpt`` (``<method>-2.ckpt``, ... when taken), in Lightning's
+    checkpoint layout (``state_dict`` and ``hyper_parameters``); the victim is neither modified nor overwritten.
+
+    Returns:
+        The report, or ``None`` (with a message) when nothing is flagged.
+    """
+    flagged = torch.as_tensor(flagged, dtype=torch.long)
+    if len(flagged) == 0:
+        rank_zero_info("Corrective fit skipped: no training sample was flagged, so there is nothing to forget.")
+        return None
+    if len(train_set) != len(eval_train_set):
+        raise UnlearningError(
+            f"the training set has {len(train_set)} samples but its evaluation form {len(eval_train_set)}; index i must "
+            "mean the same sample in both."
+        )
+    retained = retained_indices(len(train_set), flagged)
+    if not retained:
+        raise UnlearningError(
+            f"all {len(train_set)} training samples are flagged, so nothing would be left to train on. Lower the "
+            "audit's tolerance or threshold, or check the query."
+        )
+    data = UnlearningData(
+        retain=Subset(train_set, retained),
+        forget=Subset(eval_train_set, flagged.tolist()),
+        full=eval_train_set,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        seed=seed,
+    )
+    before = {"acc": evaluate(victim, test_set, accelerator), "asr": evaluate(victim, triggered_test_set, accelerator)}
+    rank_zero_info(f"Corrective fit: {method.name}, forgetting {len(flagged)} and keeping {len(retained)} samples.")
+    start = time.perf_counter()
+    corrected = method.run(victim, data)
+    seconds = time.perf_counter() - start
+    report = {
+        "method": method.name,
+        "forgotten": len(flagged),
+        "retained": len(retained),
+        "before_acc": before["acc"],
+        "before_asr": before["asr"],
+        "acc": evaluate(corrected, test_set, accelerator),
+        "asr": evaluate(corrected, triggered_test_set, accelerator),
+        "time_s": seconds,
+    }
+    checkpoint = {
+        "state_dict": corrected.state_dict(),
+        "hyper_parameters": dict(getattr(victim, "hparams", {})),
+        "pytorch-lightning_version": pl.__version__,
+        "unlearning": report,
+    }
+    report["checkpoint"] = str(_save_new(checkpoint, Path(out_dir), method.name))
+    return report
+
+
+def _save_new(obj: dict, folder: Path, stem: str) -> Path:
+    """Saves ``obj`` as ``folder/stem.ckpt`` or the first free ``stem-N.ckpt``, atomically, never overwriting."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{stem}.{os.getpid()}.tmp"
+    torch.save(obj, staging)
+    version = 1
+    while True:
+        target = folder / (f"{stem}.ckpt" if version == 1 else f"{stem}-{version}.ckpt")
+        try:
+            os.link(staging, target)  # fails when target exists: a finished checkpoint is never replaced
+            staging.unlink()
+            return target
+        except FileExistsError:
+            version += 1

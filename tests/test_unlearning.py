@@ -1,0 +1,161 @@
+"""Corrective fits: the method cores, the five methods, the launch after fit, and unlearn.py."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+
+import unlearn
+import wandb
+from callbacks import InfluenceCollapseCallback
+from conftest import tiny_trainer
+from delta_influence.unlearning import bad_teacher_loss, diagonal_fisher, distillation_kl, scrub_forget_loss
+from lightning_modules import PoisonClassifier
+from lightning_modules.unlearning import (
+    SCRUB,
+    SSD,
+    BadTeacher,
+    FineTune,
+    Retrain,
+    UnlearningError,
+    evaluate,
+    run_corrective_fit,
+)
+from wandb_records import logged_keys, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scrub_forget_loss_pushes_away_from_the_teacher():
+    teacher = torch.tensor([[2.0, 0.0, 0.0]])
+    near, far = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    assert scrub_forget_loss(far, teacher) < scrub_forget_loss(near, teacher) == 0
+    assert distillation_kl(far, teacher) > 0
+
+
+def test_bad_teacher_follows_each_samples_teacher():
+    good, bad = torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.tensor([[0.0, 5.0], [0.0, 5.0]])
+    student = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    assert bad_teacher_loss(student, good, bad, torch.tensor([False, True])).item() == pytest.approx(0.0, abs=1e-6)
+    assert bad_teacher_loss(student, good, bad, torch.tensor([True, False])) > 1
+
+
+def test_diagonal_fisher_is_the_mean_squared_gradient():
+    layer = nn.Linear(2, 2)
+    batches = [(torch.randn(3, 2), torch.tensor([0, 1, 0])), (torch.randn(3, 2), torch.tensor([1, 1, 0]))]
+    expected = torch.zeros_like(layer.weight)
+    for inputs, labels in batches:
+        layer.zero_grad()
+        nn.functional.cross_entropy(layer(inputs), labels).backward()
+        expected += layer.weight.grad**2 / 2
+    assert torch.allclose(diagonal_fisher(layer, batches, "cpu")["weight"], expected)
+
+
+def _run(method, trained_digits, tmp_path, flagged=None):
+    data, victim = trained_digits
+    return run_corrective_fit(
+        victim, method, data.poison_indices if flagged is None else flagged, data.train_set, data.eval_train_set,
+        data.test_set, data.triggered_test_set, batch_size=32, max_epochs=1, out_dir=tmp_path / "unlearn",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Retrain(), FineTune(), SSD(), SCRUB(batch_size=64, steps=3), BadTeacher(batch_size=64, steps=3)],
+    ids=lambda m: m.name,
+)
+def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_path):
+    data, victim = trained_digits
+    before = copy.deepcopy(victim.state_dict())
+    report = _run(method, trained_digits, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())  # victim untouched
+    assert report["method"] == method.name and report["forgotten"] == 20 and report["retained"] == 380
+    assert report["before_asr"] == evaluate(victim, data.triggered_test_set)
+    assert 0 <= report["acc"] <= 1 and 0 <= report["asr"] <= 1
+    corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
+    assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
+    assert evaluate(corrected, data.test_set) == pytest.approx(report["acc"])
+
+
+def test_checkpoints_are_never_overwritten(trained_digits, tmp_path):
+    first = _run(SSD(), trained_digits, tmp_path)
+    second = _run(SSD(alpha=5), trained_digits, tmp_path)
+    assert Path(first["checkpoint"]).name == "ssd.ckpt" and Path(second["checkpoint"]).name == "ssd-2.ckpt"
+    assert torch.load(first["checkpoint"], weights_only=False)["unlearning"]["acc"] == first["acc"]
+
+
+def test_empty_flagged_set_is_skipped(trained_digits, tmp_path, caplog):
+    assert _run(Retrain(), trained_digits, tmp_path, flagged=torch.tensor([], dtype=torch.long)) is None
+    assert "nothing to forget" in caplog.text
+    assert not (tmp_path / "unlearn").exists()
+
+
+def test_whole_training_set_flagged(trained_digits, tmp_path):
+    with pytest.raises(UnlearningError, match="all 400 training samples are flagged"):
+        _run(Retrain(), trained_digits, tmp_path, flagged=torch.arange(400))
+
+
+def test_flagged_indices_out_of_range(trained_digits, tmp_path):
+    with pytest.raises(IndexError, match=r"\[400, 1000\] lie outside 0..399"):
+        _run(Retrain(), trained_digits, tmp_path, flagged=torch.tensor([3, 400, 1000]))
+
+
+def test_corrective_fit_after_fit_leaves_the_outer_run_intact(trained_digits, tmp_path):
+    data, victim = trained_digits
+    logger = WandbLogger(project="test", save_dir=str(tmp_path))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")
+    callback = InfluenceCollapseCallback(num_transforms=8, tolerance=1, unlearning=Retrain(max_epochs=1))
+    trainer = tiny_trainer(tmp_path, max_epochs=1, logger=logger, callbacks=[checkpoint, callback], num_sanity_val_steps=0)
+    model = copy.deepcopy(victim)
+    trainer.fit(model, datamodule=data)
+
+    assert trainer.state.finished and trainer.lightning_module is model
+    assert "val/asr" in trainer.callback_metrics and trainer.global_step == 13
+    saved = torch.load(checkpoint.best_model_path, weights_only=False)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in model.state_dict().items())
+    report = callback.corrective
+    assert Path(report["checkpoint"]).parent == tmp_path / "run" / "unlearn"
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+    run = read_run(run_dir)
+    assert {"val/acc", "audit/recall", "unlearn/acc", "unlearn/asr", "unlearn/time_s"} <= logged_keys(run)
+    assert run["summary"]["comparison/after_asr"] == pytest.approx(report["asr"])
+    assert run["summary"]["unlearn/method"] == "retrain"
+
+
+def _unlearn_args(tmp_path, victim_path, indices_path, *extra):
+    return [
+        "--config", str(ROOT / "configs" / "digits_badnets.yaml"),
+        "--data.per_class", "40", "--data.attack.init_args.num_poisons", "20",
+        "--data.crop_padding", "0", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+        "--victim", str(victim_path), "--indices", str(indices_path), "--out_dir", str(tmp_path / "out"), *extra,
+    ]  # fmt: skip
+
+
+def test_unlearn_script_from_a_checkpoint_and_an_index_file(trained_digits, tmp_path):
+    data, victim = trained_digits
+    victim_path = tmp_path / "victim.ckpt"
+    torch.save({"state_dict": victim.state_dict()}, victim_path)
+    indices = tmp_path / "flagged.json"
+    indices.write_text(json.dumps({"flagged": data.poison_indices.tolist()}))
+    report = unlearn.main(_unlearn_args(tmp_path, victim_path, indices, "--unlearning", "lightning_modules.unlearning.SSD"))
+    assert report["method"] == "ssd" and report["forgotten"] == 20
+    assert report["before_asr"] == pytest.approx(evaluate(victim, data.triggered_test_set))
+    assert Path(report["checkpoint"]) == tmp_path / "out" / "ssd.ckpt"
+
+
+def test_unlearn_script_refuses_a_missing_or_mismatched_victim(trained_digits, tmp_path):
+    indices = tmp_path / "flagged.txt"
+    indices.write_text("1\n2\n")
+    with pytest.raises(UnlearningError, match="--victim=.*is not a file"):
+        unlearn.main(_unlearn_args(tmp_path, tmp_path / "nope.ckpt", indices))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": PoisonClassifier(arch="resnet18", in_channels=1).state_dict()}, other)
+    with pytest.raises(UnlearningError, match="does not match the configured model"):
+        unlearn.main(_unlearn_args(tmp_path, other, indices))
