@@ -18,8 +18,9 @@ CACHE = Path(__file__).resolve().parent / "results" / "cache"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
+    """The shared options, plus ``extra`` (flag, type, default, help) ones."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="cifar10-jpeg.tar.gz (image-folder tree)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the tree is extracted once")
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class")
@@ -28,6 +29,8 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--crop-padding", type=int, default=0, help="random-crop padding; 0: no cropping")
     parser.add_argument("--flip", action="store_true", help="random horizontal flips")
     parser.add_argument("--seed", type=int, default=0)
+    for flag, kind, default, text in extra:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     return parser.parse_args()
 
 

@@ -200,7 +200,7 @@ class InfluenceCollapseCallback(Callback):
         metrics = detection_metrics(collapse.flagged, len(train_set), poisons)
         if poisons is not None:
             metrics["raw_topk_recall"] = topk_recall(influence.scores[0], poisons)
-        metrics |= {f"{name}": value for name, value in influence.timings.items()}
+        metrics |= influence.timings
         metrics["total_s"] = time.perf_counter() - start
         summary = {
             "query": where,

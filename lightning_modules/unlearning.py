@@ -69,15 +69,10 @@ class Retrain(Unlearning):
         self.max_epochs = max_epochs
 
     def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
-        model = _copy(victim)
-        torch.manual_seed(data.seed)
-        for module in model.modules():
-            if module is not model and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        return _fit(model, data, self.max_epochs or data.max_epochs)
+        return _fit(_reinitialised(victim, data.seed), data, self.max_epochs or data.max_epochs)
 
 
-class FineTune(Unlearning):
+class FineTune(Retrain):
     """Catastrophic forgetting: the victim, trained further on the retained set with its own recipe.
 
     Args:
@@ -85,9 +80,6 @@ class FineTune(Unlearning):
     """
 
     name = "finetune"
-
-    def __init__(self, max_epochs: Optional[int] = None) -> None:
-        self.max_epochs = max_epochs
 
     def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
         return _fit(_copy(victim), data, self.max_epochs or data.max_epochs)
@@ -117,7 +109,8 @@ class SSD(Unlearning):
         model = _copy(victim).to(device)
         forget = diagonal_fisher(model, DataLoader(data.forget, batch_size=self.batch_size), device)
         full = diagonal_fisher(model, DataLoader(data.full, batch_size=self.batch_size), device)
-        self.dampened_fraction = dampen(model, forget, full, self.alpha, self.lam)
+        fraction = dampen(model, forget, full, self.alpha, self.lam)
+        rank_zero_info(f"SSD dampened {100 * fraction:.3f} % of the parameters (alpha={self.alpha}, lam={self.lam}).")
         return model.cpu()
 
 
@@ -183,12 +176,7 @@ class BadTeacher(_Distillation):
         super().__init__(lr, momentum, batch_size, steps, temperature)
 
     def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
-        bad = _copy(victim)
-        torch.manual_seed(data.seed)
-        for module in bad.modules():
-            if module is not bad and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        module = _BadTeacherModule(_copy(victim), _copy(victim), bad, self)
+        module = _BadTeacherModule(_copy(victim), _copy(victim), _reinitialised(victim, data.seed), self)
         self._train(module, data)
         return module.student
 
@@ -294,6 +282,16 @@ def _copy(module: nn.Module) -> nn.Module:
     # Lightning caches logged metrics by object id; the copy's metrics are new objects
     if isinstance(clone, pl.LightningModule):
         clone._metric_attributes = None
+    return clone
+
+
+def _reinitialised(module: nn.Module, seed: int) -> nn.Module:
+    """A copy with every layer's parameters drawn afresh (seeded): the same architecture, untrained."""
+    clone = _copy(module)
+    torch.manual_seed(seed)
+    for layer in clone.modules():
+        if layer is not clone and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
     return clone
 
 
