@@ -34,7 +34,9 @@ def use_wandb_offline_without_account() -> None:
 def _netrc_has_wandb() -> bool:
     """Whether ``wandb login`` stored a key in ~/.netrc."""
     try:
-        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
+        return (
+            netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
+        )
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 

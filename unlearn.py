@@ -29,7 +29,10 @@ class UnlearnCLI(DeltaInfluenceCLI):
         parser.add_argument("--victim", type=str, required=True, help="checkpoint of the trained victim")
         parser.add_argument("--indices", type=str, required=True, help="training indices to forget")
         parser.add_argument(
-            "--unlearning", type=Unlearning, default={"class_path": "lightning_modules.unlearning.Retrain"}, help="the method"
+            "--unlearning",
+            type=Unlearning,
+            default={"class_path": "lightning_modules.unlearning.Retrain"},
+            help="the method",
         )
         parser.add_argument("--out_dir", type=Optional[str], default=None, help="default: <victim run>/unlearn")
 
@@ -69,7 +72,9 @@ def load_victim(model: torch.nn.Module, path: str) -> None:
 
 def main(args: Optional[list[str]] = None) -> Optional[dict]:
     use_wandb_offline_without_account()
-    cli = UnlearnCLI(PoisonClassifier, PoisonedDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"})
+    cli = UnlearnCLI(
+        PoisonClassifier, PoisonedDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"}
+    )
     config = cli.config_init
     load_victim(cli.model, config.victim)
     data = cli.datamodule

@@ -117,7 +117,9 @@ def load_victim(args: argparse.Namespace, data: PoisonedDataModule) -> tuple[Poi
 
 def victim_path(args: argparse.Namespace) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    flags = f"{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}_s{args.seed}"
+    flags = (
+        f"{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}_s{args.seed}"
+    )
     return RESULTS / f"victim_{flags}.pt"
 
 

@@ -1,6 +1,6 @@
 """Trains the small CNN on a BadNets-poisoned CIFAR-10 subset (CPU-sized) and prints clean accuracy and ASR.
 
-    python benchmarks/train_poisoned.py            # 1,000 images per class, 250 poisons ship -> dog, 15 epochs
+python benchmarks/train_poisoned.py            # 1,000 images per class, 250 poisons ship -> dog, 15 epochs
 """
 
 from common import cifar_datamodule, parse_args, report, train_victim

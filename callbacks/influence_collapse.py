@@ -218,9 +218,9 @@ class InfluenceCollapseCallback(Callback):
         }
         out = _write_atomically(
             Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "delta_influence",
-            lambda folder: self._write(folder, summary, queries, collapse, influence.scores, train_set, data, poisons),
+            lambda folder: self._write(folder, summary, queries, collapse, influence.scores, data, poisons),
         )
-        self._log(trainer, metrics, out, queries, collapse, influence.scores, train_set, data, poisons)
+        self._log(trainer, metrics, out, collapse, influence.scores, train_set, data, poisons)
         rank_zero_info(_describe(metrics, out))
         return AuditResult(collapse.flagged, collapse.counts, influence.scores, metrics, out)
 
@@ -268,20 +268,25 @@ class InfluenceCollapseCallback(Callback):
             )
         return num_classes
 
-    def _write(self, folder: Path, summary, queries, collapse, scores, train_set, data, poisons) -> None:
+    def _write(self, folder: Path, summary, queries, collapse, scores, data, poisons) -> None:
         """Writes every file of an audit into ``folder``."""
         flagged = collapse.flagged.tolist()
         (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
         torch.save(collapse.flagged, folder / "flagged.pt")
         torch.save(scores, folder / "scores.pt")
         torch.save(collapse.counts, folder / "counts.pt")
-        torch.save({"images": queries.images, "labels": queries.labels, "transforms": queries.transforms}, folder / "queries.pt")
+        torch.save(
+            {"images": queries.images, "labels": queries.labels, "transforms": queries.transforms},
+            folder / "queries.pt",
+        )
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         mean, std, classes = getattr(data, "mean", None), getattr(data, "std", None), getattr(data, "classes", None)
         media.plot_queries(queries, folder / "queries.png", mean, std, classes)
-        media.plot_collapse_counts(collapse.counts, collapse.num_transforms, collapse.tolerance, folder / "collapse_counts.png", poisons)
+        media.plot_collapse_counts(
+            collapse.counts, collapse.num_transforms, collapse.tolerance, folder / "collapse_counts.png", poisons
+        )
 
-    def _log(self, trainer, metrics, out, queries, collapse, scores, train_set, data, poisons) -> None:
+    def _log(self, trainer, metrics, out, collapse, scores, train_set, data, poisons) -> None:
         """Sends the metrics to every logger and the pictures to W&B."""
         for logger in trainer.loggers:
             logger.log_metrics({f"audit/{name}": value for name, value in metrics.items()}, step=trainer.global_step)
@@ -295,18 +300,20 @@ class InfluenceCollapseCallback(Callback):
         for rank, index in enumerate(top_indices):
             image, label = train_set[index]
             images.append(image)
-            rows.append({
-                "rank": rank,
-                "index": index,
-                "label": int(label),
-                "score": float(scores[0, index]),
-                "count": int(collapse.counts[index]),
-                "poison": index in poison_set if poisons is not None else None,
-            })
+            rows.append(
+                {
+                    "rank": rank,
+                    "index": index,
+                    "label": int(label),
+                    "score": float(scores[0, index]),
+                    "count": int(collapse.counts[index]),
+                    "poison": index in poison_set if poisons is not None else None,
+                }
+            )
         mean, std = getattr(data, "mean", None), getattr(data, "std", None)
         thumbnails = media.to_displayable(torch.stack(images), mean, std) if images else torch.zeros(0)
         for logger in wandb_loggers:
-            media.log_to_wandb(logger, out, queries, rows, thumbnails, out / "flagged.json")
+            media.log_to_wandb(logger, out, rows, thumbnails, out / "flagged.json")
 
 
 def _eval_train_set(data: Any) -> Dataset:
@@ -408,7 +415,8 @@ def _write_atomically(target: Path, write) -> Path:
 
 def _describe(metrics: dict[str, float], out: Path) -> str:
     """One paragraph for the console."""
-    text = f"Δ-Influence flagged {int(metrics['flagged'])} samples ({100 * metrics['removed_fraction']:.1f} % of the training set)"
+    share = 100 * metrics["removed_fraction"]
+    text = f"Δ-Influence flagged {int(metrics['flagged'])} samples ({share:.1f} % of the training set)"
     if "precision" in metrics:
         text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
         text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"

@@ -4,14 +4,11 @@ the run logs to W&B, as W&B media."""
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot, no global backend change for the user
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from delta_influence import QuerySet  # noqa: E402
+from delta_influence import QuerySet
 
 
 def to_displayable(images: Tensor, mean: Optional[Tensor], std: Optional[Tensor]) -> Tensor:
@@ -44,21 +41,22 @@ def plot_queries(
     images = to_displayable(queries.images, mean, std)
     columns = 10
     rows = -(-len(images) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), squeeze=False)
+    figure = Figure(figsize=(columns * 1.2, rows * 1.35))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, name, label in zip(axes.flat, images, queries.transforms, queries.labels.tolist()):
         _show(axis, image, f"{name}\n{_label(classes, label)}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_collapse_counts(
     counts: Tensor, num_transforms: int, tolerance: int, path: Path, poisons: Optional[Tensor] = None
 ) -> None:
     """Histogram of per-sample collapse counts, poisons and clean samples apart when the poisons are known."""
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     bins = torch.arange(num_transforms + 2).numpy() - 0.5
     if poisons is not None and len(poisons):
         is_poison = torch.zeros(len(counts), dtype=torch.bool)
@@ -74,17 +72,9 @@ def plot_collapse_counts(
     axis.set_title(f"Influence collapse (flagged right of the line: >= {num_transforms - tolerance})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
-def log_to_wandb(
-    logger,
-    run_dir: Path,
-    queries: QuerySet,
-    top: list[dict],
-    top_images: Tensor,
-    flagged_file: Path,
-) -> None:
+def log_to_wandb(logger, run_dir: Path, top: list[dict], top_images: Tensor, flagged_file: Path) -> None:
     """Logs the audit's pictures, a table of the top flagged samples and the flagged indices as an artifact."""
     import wandb
 

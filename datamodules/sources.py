@@ -189,7 +189,12 @@ class Digits(ImageSource):
         return ImageData(images[~test], labels[~test], images[test], labels[test], tuple(map(str, range(10))))
 
 
-SOURCES: dict[str, type[ImageSource]] = {"cifar10": CIFAR10, "cifar100": CIFAR100, "folder": ImageFolder, "digits": Digits}
+SOURCES: dict[str, type[ImageSource]] = {
+    "cifar10": CIFAR10,
+    "cifar100": CIFAR100,
+    "folder": ImageFolder,
+    "digits": Digits,
+}
 
 
 def _resize(images: Tensor, size: int) -> Tensor:

@@ -78,7 +78,12 @@ class PoisonClassifier(pl.LightningModule):
         self._evaluate(batch, dataloader_idx, "test", self.test_acc, self.test_asr)
 
     def _evaluate(
-        self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str, acc: MulticlassAccuracy, asr: MulticlassAccuracy
+        self,
+        batch: tuple[Tensor, Tensor],
+        dataloader_idx: int,
+        stage: str,
+        acc: MulticlassAccuracy,
+        asr: MulticlassAccuracy,
     ) -> None:
         """Accuracy on clean samples, or share of triggered samples predicted as the target."""
         images, labels = batch

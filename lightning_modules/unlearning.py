@@ -238,7 +238,9 @@ METHODS: dict[str, type[Unlearning]] = {m.name: m for m in (Retrain, FineTune, S
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Optional[Dataset], accelerator: str = "cpu", batch_size: int = 512) -> Optional[float]:
+def evaluate(
+    model: nn.Module, dataset: Optional[Dataset], accelerator: str = "cpu", batch_size: int = 512
+) -> Optional[float]:
     """Accuracy of ``model`` on ``dataset`` (on a triggered set labelled with the target: the attack success rate)."""
     if dataset is None or len(dataset) == 0:
         return None
@@ -338,8 +340,8 @@ def run_corrective_fit(
         return None
     if len(train_set) != len(eval_train_set):
         raise UnlearningError(
-            f"the training set has {len(train_set)} samples but its evaluation form {len(eval_train_set)}; index i must "
-            "mean the same sample in both."
+            f"the training set has {len(train_set)} samples but its evaluation form {len(eval_train_set)}; index i "
+            "must mean the same sample in both."
         )
     retained = retained_indices(len(train_set), flagged)
     if not retained:

@@ -88,7 +88,9 @@ def image_folder(tmp_path) -> Path:
 def digits_data(per_class: int = 40, num_poisons: int = 20, **kwargs) -> PoisonedDataModule:
     """The digits data module, small, BadNets with white pixels (8 -> 5)."""
     attack = BadNets(victim=8, target=5, num_poisons=num_poisons, value=1.0)
-    data = PoisonedDataModule("digits", attack=attack, per_class=per_class, batch_size=32, crop_padding=0, flip=False, **kwargs)
+    data = PoisonedDataModule(
+        "digits", attack=attack, per_class=per_class, batch_size=32, crop_padding=0, flip=False, **kwargs
+    )
     data.setup()
     return data
 

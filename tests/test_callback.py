@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
 import callbacks.influence_collapse as influence_collapse
 from callbacks import AuditError, InfluenceCollapseCallback
 from datamodules import ImageDataset
-from conftest import tiny_trainer
 
 
 def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
@@ -68,7 +68,9 @@ def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_di
 def test_query_the_model_does_not_misclassify(tmp_path, trained_digits):
     data, model = trained_digits
     with torch.no_grad():
-        predictions = copy.deepcopy(model).eval()(torch.stack([data.triggered_test_set[i][0] for i in range(len(data.triggered_test_set))]))
+        predictions = copy.deepcopy(model).eval()(
+            torch.stack([data.triggered_test_set[i][0] for i in range(len(data.triggered_test_set))])
+        )
     clean = int(torch.nonzero(predictions.argmax(-1) != 5)[0])
     callback = InfluenceCollapseCallback(query_index=clean, num_transforms=4, tolerance=1)
     with pytest.raises(AuditError, match=r"does not show the bad behaviour.*require_misclassified=false"):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import wandb
+from wandb_records import logged_keys, read_run
 
 import train
-from wandb_records import logged_keys, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits_badnets.yaml")
@@ -59,7 +59,8 @@ def test_override_and_class_path_reach_the_objects(tmp_path):
     cli = train.main(
         [
             *_small(tmp_path, "--model.lr", "0.01", "--data.attack.init_args.victim", "3"),
-            "--trainer.logger", "false",
+            "--trainer.logger",
+            "false",
         ],
         run=False,
     )

@@ -3,10 +3,10 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from conftest import digits_data
 
 from datamodules import DataNotFoundError, PoisonedDataModule
 from delta_influence.attacks import BadNets
-from conftest import digits_data
 
 
 def test_digits_poisoned_sets():

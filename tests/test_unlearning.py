@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
+from conftest import tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
+from wandb_records import logged_keys, read_run
 
 import unlearn
-import wandb
 from callbacks import InfluenceCollapseCallback
-from conftest import tiny_trainer
 from delta_influence.unlearning import bad_teacher_loss, diagonal_fisher, distillation_kl, scrub_forget_loss
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import (
@@ -26,7 +27,6 @@ from lightning_modules.unlearning import (
     evaluate,
     run_corrective_fit,
 )
-from wandb_records import logged_keys, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,9 @@ def test_corrective_fit_after_fit_leaves_the_outer_run_intact(trained_digits, tm
     logger = WandbLogger(project="test", save_dir=str(tmp_path))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")
     callback = InfluenceCollapseCallback(num_transforms=8, tolerance=1, unlearning=Retrain(max_epochs=1))
-    trainer = tiny_trainer(tmp_path, max_epochs=1, logger=logger, callbacks=[checkpoint, callback], num_sanity_val_steps=0)
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=1, logger=logger, callbacks=[checkpoint, callback], num_sanity_val_steps=0
+    )
     model = copy.deepcopy(victim)
     trainer.fit(model, datamodule=data)
 
@@ -144,7 +146,9 @@ def test_unlearn_script_from_a_checkpoint_and_an_index_file(trained_digits, tmp_
     torch.save({"state_dict": victim.state_dict()}, victim_path)
     indices = tmp_path / "flagged.json"
     indices.write_text(json.dumps({"flagged": data.poison_indices.tolist()}))
-    report = unlearn.main(_unlearn_args(tmp_path, victim_path, indices, "--unlearning", "lightning_modules.unlearning.SSD"))
+    report = unlearn.main(
+        _unlearn_args(tmp_path, victim_path, indices, "--unlearning", "lightning_modules.unlearning.SSD")
+    )
     assert report["method"] == "ssd" and report["forgotten"] == 20
     assert report["before_asr"] == pytest.approx(evaluate(victim, data.triggered_test_set))
     assert Path(report["checkpoint"]) == tmp_path / "out" / "ssd.ckpt"
@@ -159,3 +163,13 @@ def test_unlearn_script_refuses_a_missing_or_mismatched_victim(trained_digits, t
     torch.save({"state_dict": PoisonClassifier(arch="resnet18", in_channels=1).state_dict()}, other)
     with pytest.raises(UnlearningError, match="does not match the configured model"):
         unlearn.main(_unlearn_args(tmp_path, other, indices))
+
+
+def test_only_global_rank_zero_audits_and_corrects(trained_digits, tmp_path, monkeypatch):
+    data, victim = trained_digits
+    callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, unlearning=Retrain(max_epochs=1))
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback])
+    monkeypatch.setattr(type(trainer.strategy), "is_global_zero", property(lambda self: False))
+    trainer.fit(copy.deepcopy(victim), datamodule=data)
+    assert callback.result is None and callback.corrective is None
+    assert not list(tmp_path.rglob("delta_influence")) and not list(tmp_path.rglob("unlearn"))

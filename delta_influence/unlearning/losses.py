@@ -27,7 +27,9 @@ def scrub_retain_loss(
     student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, alpha: float = 0.001, temperature: float = 4.0
 ) -> Tensor:
     """SCRUB's min-step on the retained set: cross-entropy plus ``alpha`` times the divergence from the teacher."""
-    return F.cross_entropy(student_logits, labels) + alpha * distillation_kl(student_logits, teacher_logits, temperature)
+    return F.cross_entropy(student_logits, labels) + alpha * distillation_kl(
+        student_logits, teacher_logits, temperature
+    )
 
 
 def bad_teacher_loss(
