@@ -24,7 +24,7 @@ from callbacks import media
 from delta_influence import detection_metrics, flag_collapsed, make_queries
 from delta_influence.collapse import topk_recall
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
-from lightning_modules.unlearning import Unlearning, run_corrective_fit
+from lightning_modules.unlearning import Unlearning, evaluating, run_corrective_fit
 
 
 class AuditError(ValueError):
@@ -254,7 +254,7 @@ class InfluenceCollapseCallback(Callback):
 
     def _check_query(self, pl_module: pl.LightningModule, image: Tensor, label: int, where: str) -> int:
         """Checks the label is a class and, unless told otherwise, that the model predicts it; returns #classes."""
-        with torch.no_grad(), _eval_mode(pl_module):
+        with torch.no_grad(), evaluating(pl_module):
             logits = pl_module(image[None].to(pl_module.device))
         num_classes = logits.shape[-1]
         if not 0 <= label < num_classes:
@@ -346,27 +346,13 @@ def _eval_train_set(data: Any) -> Dataset:
 def _first_attacked(pl_module: pl.LightningModule, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
     """Index of the first triggered sample the model classifies as its (the attack's) label."""
     seen = 0
-    with torch.no_grad(), _eval_mode(pl_module):
+    with torch.no_grad(), evaluating(pl_module):
         for images, labels in DataLoader(triggered, batch_size=batch_size):
             hits = torch.nonzero(pl_module(images.to(pl_module.device)).argmax(-1).cpu() == labels).flatten()
             if len(hits):
                 return seen + int(hits[0])
             seen += len(labels)
     return None
-
-
-class _eval_mode:
-    """Puts a module in eval mode for a block and restores its mode after."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.was_training = self.module.training
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was_training)
 
 
 def _read_query_image(path: str, train_set: Dataset, data: Any) -> Tensor:

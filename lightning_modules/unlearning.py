@@ -9,9 +9,10 @@ import copy
 import os
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -237,6 +238,21 @@ class _BadTeacherModule(pl.LightningModule):
 METHODS: dict[str, type[Unlearning]] = {m.name: m for m in (Retrain, FineTune, SSD, SCRUB, BadTeacher)}
 
 
+@contextmanager
+def evaluating(module: nn.Module, device: Optional[torch.device] = None) -> Iterator[nn.Module]:
+    """The module in eval mode (and on ``device``) for a block; its mode and device are restored after."""
+    was_training = module.training
+    home = next(module.parameters()).device
+    module.eval()
+    if device is not None:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+        module.to(home)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Optional[Dataset], accelerator: str = "cpu", batch_size: int = 512
@@ -245,14 +261,12 @@ def evaluate(
     if dataset is None or len(dataset) == 0:
         return None
     device = _device(accelerator)
-    was_training = model.training
-    model.eval().to(device)
     metric = None
-    for inputs, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(inputs.to(device))
-        metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
-        metric.update(logits, labels.to(device))
-    model.train(was_training)
+    with evaluating(model, device):
+        for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+            logits = model(inputs.to(device))
+            metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
+            metric.update(logits, labels.to(device))
     return metric.compute().item()
 
 
