@@ -30,7 +30,8 @@ def read_run(run_dir: Path) -> dict:
 
 
 def logged_keys(run: dict) -> set[str]:
-    return {key for row in run["history"] for key in row}
+    """Keys of the run's history rows and of its summary (every logged metric lands in the summary too)."""
+    return {key for row in run["history"] for key in row} | set(run["summary"])
 
 
 def _items(items) -> dict:
