@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -11,11 +12,25 @@ HEADER = 7  # checksum (4), length (2), type (1)
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_run(run_dir: Path) -> dict:
-    """History rows, summary and logged artifact names of the offline run in ``run_dir``."""
-    (log,) = Path(run_dir).glob("run-*.wandb")
-    data = log.read_bytes()
-    history, summary, artifacts = [], {}, []
+def read_run(run_dir: Path, timeout: float = 60.0) -> dict:
+    """History rows, summary and logged artifact names of the offline run in ``run_dir``.
+
+    W&B's service writes the log in the background, so this waits (up to ``timeout`` seconds) for the run's exit
+    record before it reads.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        run = _parse(Path(run_dir))
+        if run["finished"] or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _parse(run_dir: Path) -> dict:
+    """Everything the log holds so far."""
+    logs = list(run_dir.glob("run-*.wandb"))
+    data = logs[0].read_bytes() if logs else b""
+    history, summary, artifacts, finished = [], {}, [], False
     for raw in _records(data):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -26,7 +41,9 @@ def read_run(run_dir: Path) -> dict:
             summary.update(_items(record.summary.update))
         elif kind == "artifact":
             artifacts.append(record.artifact.name)
-    return {"history": history, "summary": summary, "artifacts": artifacts}
+        elif kind == "exit":
+            finished = True
+    return {"history": history, "summary": summary, "artifacts": artifacts, "finished": finished}
 
 
 def logged_keys(run: dict) -> set[str]:
