@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_modules.models import build_model
 
-CLEAN, TRIGGERED = 0, 1  # evaluation dataloader order of PoisonedDataModule
+CLEAN = 0  # PoisonedDataModule's evaluation loaders: 0 clean test set, 1 triggered test set
 
 
 class PoisonClassifier(pl.LightningModule):

@@ -235,9 +235,6 @@ class _BadTeacherModule(pl.LightningModule):
         return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
 
 
-METHODS: dict[str, type[Unlearning]] = {m.name: m for m in (Retrain, FineTune, SSD, SCRUB, BadTeacher)}
-
-
 @contextmanager
 def evaluating(module: nn.Module, device: Optional[torch.device] = None) -> Iterator[nn.Module]:
     """The module in eval mode (and on ``device``) for a block; its mode and device are restored after."""

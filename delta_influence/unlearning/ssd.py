@@ -1,7 +1,7 @@
 """Selective Synaptic Dampening (Foster et al., 2024): dampen parameters far more important to the forget set
 than to the whole training set. Importance is the diagonal of the empirical Fisher information."""
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +56,3 @@ def dampen(
         dampened += int(selected.sum())
         total += parameter.numel()
     return dampened / max(total, 1)
-
-
-def retained_indices(num_samples: int, drop: Sequence[int] | Tensor) -> list[int]:
-    """The indices ``0..num_samples-1`` without ``drop``, refusing indices outside that range.
-
-    Example:
-        >>> retained_indices(5, [1, 3])
-        [0, 2, 4]
-    """
-    drop = torch.as_tensor(drop, dtype=torch.long)
-    if len(drop) and (drop.min() < 0 or drop.max() >= num_samples):
-        bad = drop[(drop < 0) | (drop >= num_samples)][:5].tolist()
-        raise IndexError(
-            f"indices {bad} lie outside 0..{num_samples - 1}, the training set's index range: were they made for "
-            "another data set or subset?"
-        )
-    keep = torch.ones(num_samples, dtype=torch.bool)
-    keep[drop] = False
-    return torch.nonzero(keep).flatten().tolist()
