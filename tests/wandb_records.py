@@ -5,6 +5,7 @@ import struct
 import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768
@@ -33,7 +34,10 @@ def _parse(run_dir: Path) -> dict:
     history, summary, artifacts, finished = [], {}, [], False
     for raw in _records(data):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except DecodeError:  # a record caught mid-write: read again later
+            break
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append(_items(record.history.item))
@@ -75,6 +79,8 @@ def _records(data: bytes):
         position += HEADER
         if kind == 0 and length == 0:
             break
+        if position + length > len(data):
+            return  # the writer has not finished this record yet
         pending += data[position : position + length]
         position += length
         if kind in (FULL, LAST):
