@@ -1,7 +1,6 @@
 """InfluenceCollapseCallback: Δ-Influence after fit, then the corrective fit. Glue over ``delta_influence``."""
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing_extensions import override
 from callbacks import media
 from delta_influence import detection_metrics, flag_collapsed, make_queries
 from delta_influence.collapse import topk_recall
+from delta_influence.files import publish
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
 from lightning_modules.unlearning import Unlearning, evaluating, run_corrective_fit
 
@@ -166,7 +166,7 @@ class InfluenceCollapseCallback(Callback):
             return None
         metrics = {f"unlearn/{key}": value for key, value in report.items() if isinstance(value, (int, float))}
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
             logger.log_hyperparams({"unlearn/method": report["method"]})
             if isinstance(logger, WandbLogger):
                 media.log_comparison_to_wandb(logger, report)
@@ -242,7 +242,7 @@ class InfluenceCollapseCallback(Callback):
                 )
             image, label = triggered[self.query_index]
             return image, int(label), f"triggered_test_set[{self.query_index}]"
-        index = _first_attacked(pl_module, triggered)
+        index = first_attacked(pl_module, triggered)
         if index is None:
             raise AuditError(
                 f"the model classifies none of the {len(triggered)} triggered test samples as the attack's label, so "
@@ -343,7 +343,7 @@ def _eval_train_set(data: Any) -> Dataset:
     return train_set
 
 
-def _first_attacked(pl_module: pl.LightningModule, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
+def first_attacked(pl_module: pl.LightningModule, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
     """Index of the first triggered sample the model classifies as its (the attack's) label."""
     seen = 0
     with torch.no_grad(), evaluating(pl_module):
@@ -378,22 +378,13 @@ def _run_dir(trainer: pl.Trainer) -> Path:
 
 
 def _write_atomically(target: Path, write) -> Path:
-    """Writes into a temporary folder, then renames it to ``target`` (or ``target-2``, ... when taken): a finished
+    """Writes into a temporary folder, then publishes it as ``target`` (or ``target-2``, ... when taken): a finished
     audit is never overwritten and an interrupted one leaves no folder behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write(staging)
-        final, version = target, 1
-        while True:
-            try:
-                os.rename(staging, final)  # fails when final exists and is not empty
-                return final
-            except OSError:
-                if not final.exists():
-                    raise
-                version += 1
-                final = target.with_name(f"{target.name}-{version}")
+        return publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

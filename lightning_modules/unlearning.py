@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from delta_influence.files import publish
 from delta_influence.unlearning import (
     bad_teacher_loss,
     dampen,
@@ -398,13 +399,9 @@ def _save_new(obj: dict, folder: Path, stem: str) -> Path:
     """Saves ``obj`` as ``folder/stem.ckpt`` or the first free ``stem-N.ckpt``, atomically, never overwriting."""
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{stem}.{os.getpid()}.tmp"
-    torch.save(obj, staging)
-    version = 1
-    while True:
-        target = folder / (f"{stem}.ckpt" if version == 1 else f"{stem}-{version}.ckpt")
-        try:
-            os.link(staging, target)  # fails when target exists: a finished checkpoint is never replaced
-            staging.unlink()
-            return target
-        except FileExistsError:
-            version += 1
+    try:
+        torch.save(obj, staging)
+        return publish(staging, folder / f"{stem}.ckpt")
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
