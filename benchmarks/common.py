@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules import PoisonedDataModule
-from delta_influence.attacks import BadNets
+from delta_influence.attacks import Attack, BadNets, SmoothTrigger
 from lightning_modules import PoisonClassifier
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -24,7 +24,9 @@ def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="cifar10-jpeg.tar.gz (image-folder tree)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the tree is extracted once")
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class")
-    parser.add_argument("--poisons", type=int, default=250, help="BadNets poisons, ship -> dog")
+    parser.add_argument("--attack", choices=["badnets", "smooth"], default="badnets", help="the attack, ship -> dog")
+    parser.add_argument("--poisons", type=int, default=250, help="poisons (ships relabelled as dogs)")
+    parser.add_argument("--magnitude", type=float, default=0.2, help="smooth trigger's range in [0, 1] pixel units")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--crop-padding", type=int, default=0, help="random-crop padding; 0: no cropping")
     parser.add_argument("--flip", action="store_true", help="random horizontal flips")
@@ -44,17 +46,30 @@ def extract(archive: Path, cache: Path) -> Path:
     return root
 
 
+def attack(args: argparse.Namespace) -> Attack:
+    """The benchmark's attack: ships (8) relabelled as dogs (5)."""
+    if args.attack == "smooth":
+        return SmoothTrigger(victim=8, target=5, num_poisons=args.poisons, magnitude=args.magnitude)
+    return BadNets(victim=8, target=5, num_poisons=args.poisons)
+
+
 def cifar_datamodule(args: argparse.Namespace) -> PoisonedDataModule:
+    """The poisoned CIFAR-10 subset; ``data.prepare_seconds`` is how long the attack's preparation took (a smooth
+    trigger's surrogate and perturbation, when not cached yet under results/attack_cache)."""
     data = PoisonedDataModule(
         dataset="folder",
         root=str(extract(args.archive, args.cache)),
-        attack=BadNets(victim=8, target=5, num_poisons=args.poisons),
+        attack=attack(args),
         per_class=args.per_class,
         batch_size=128,
         crop_padding=args.crop_padding,
         flip=args.flip,
         seed=args.seed,
+        cache_dir=str(RESULTS / "attack_cache"),
     )
+    start = time.perf_counter()
+    data.prepare_data()
+    data.prepare_seconds = time.perf_counter() - start
     data.setup()
     return data
 
@@ -117,8 +132,10 @@ def load_victim(args: argparse.Namespace, data: PoisonedDataModule) -> tuple[Poi
 
 def victim_path(args: argparse.Namespace) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    attack = "" if args.attack == "badnets" else f"{args.attack}{args.magnitude:g}_"
     flags = (
-        f"{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}_s{args.seed}"
+        f"{attack}{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}"
+        f"_s{args.seed}"
     )
     return RESULTS / f"victim_{flags}.pt"
 

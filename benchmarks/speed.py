@@ -13,8 +13,8 @@ import time
 from common import cifar_datamodule, load_victim, parse_args, report
 from torch.utils.data import Subset, TensorDataset
 
-from callbacks.influence_collapse import first_attacked
 from delta_influence import make_queries
+from delta_influence.examples import first_attacked
 from delta_influence.influence import InfluenceAnalysis
 
 
@@ -23,8 +23,8 @@ def main() -> None:
     data = cifar_datamodule(args)
     model, victim = load_victim(args, data)
     model.eval()
-    index = first_attacked(model, data.triggered_test_set)
-    image, label = data.triggered_test_set[index]
+    index = first_attacked(model, data.attack_test_set)
+    image, label = data.attack_test_set[index]
     queries = make_queries(image, int(label), data.num_classes, num_transforms=50, seed=0)
     query_set = TensorDataset(queries.images, queries.labels)
 

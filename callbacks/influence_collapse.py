@@ -3,8 +3,7 @@
 import json
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -15,16 +14,18 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.io import ImageReadMode
 from typing_extensions import override
 
 from callbacks import media
-from delta_influence import detection_metrics, flag_collapsed, make_queries
+from delta_influence import detection_metrics
+from delta_influence.audit import DeltaInfluence, DeltaInfluenceAudit
 from delta_influence.collapse import topk_recall
+from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.files import publish
-from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
-from lightning_modules.unlearning import Unlearning, evaluating, run_corrective_fit
+from delta_influence.influence import Strategy, check_trackable
+from lightning_modules.unlearning import Unlearning, run_corrective_fit
 
 
 class AuditError(ValueError):
@@ -37,9 +38,10 @@ class AuditResult:
 
     flagged: Tensor  # sorted indices into the training set
     counts: Tensor  # per-sample collapse counts
-    scores: Tensor  # [1 + n, N]
+    scores: Tensor  # [1 + n + k, N]: the original query, n transformed copies, k clean contrast queries
     metrics: dict[str, float]
     output_dir: Path
+    audit: DeltaInfluenceAudit  # everything the audit computed, the decision's evidence included
 
 
 class InfluenceCollapseCallback(Callback):
@@ -50,21 +52,29 @@ class InfluenceCollapseCallback(Callback):
 
     - ``trainer.datamodule.eval_train_set``: the training set in evaluation form, ``(input, label)`` pairs, no
       augmentation, fixed order (index i is training sample i);
-    - a query: ``query_image`` and ``query_label``, or ``trainer.datamodule.triggered_test_set`` (triggered test
-      samples labelled with the attack's target) from which it takes ``query_index`` or the first sample that the
-      model classifies as the target;
+    - a query: ``query_image`` and ``query_label``, or ``trainer.datamodule.attack_test_set`` (the inputs the
+      attack targets, labelled with what the attacker wants) from which it takes ``query_index`` or the first sample
+      that the model classifies as the attacker wants;
+    - for the clean-class contrast (on by default): ``trainer.datamodule.test_set``, clean test samples from which
+      it takes the first ``num_contrast`` of the query's label that the model classifies correctly, or
+      ``contrast_images``;
     - optional: ``poison_indices`` (ground truth, for precision and recall), ``mean`` and ``std`` of the
-      normalisation (for ``query_image``, ``space="pixel"`` and pictures), ``classes``.
+      normalisation (for ``query_image``, ``contrast_images``, ``space="pixel"`` and pictures), ``classes``.
 
     Args:
-        query_index: Index into the triggered test set; ``None`` takes the first one the model gets wrong.
-        query_image: Path of an image file to use as the query, instead of the triggered test set.
+        query_index: Index into the attack's test set; ``None`` takes the first one the model gets wrong.
+        query_image: Path of an image file to use as the query, instead of the attack's test set.
         query_label: The attacker's label for ``query_image``.
         require_misclassified: Stop with an error when the model does not predict the query's label; ``False``
             proceeds anyway.
         num_transforms: Number of transformed copies of the query.
         threshold: A copy counts as a collapse when it changes the sample's score by less than this.
         tolerance: How many copies may fail to collapse a flagged sample.
+        num_contrast: Clean test samples of the query's label scored as contrast; a collapsed sample stays flagged
+            only when it supports the query ``contrast_ratio`` times more than them. 0: the reference rule.
+        contrast_ratio: How many times more a flagged sample must support the query than the clean class.
+        contrast_images: Image files of clean samples of the query's label to use as the contrast, instead of
+            the test set; they must have the training images' size and channels.
         strategy: kronfluence's Hessian approximation.
         space: Apply transformations to the ``normalized`` input (as the reference) or in ``pixel`` space.
         seed: Seed of the transformations and their labels.
@@ -86,6 +96,9 @@ class InfluenceCollapseCallback(Callback):
         num_transforms: int = 50,
         threshold: float = 0.0,
         tolerance: int = 2,
+        num_contrast: int = 5,
+        contrast_ratio: float = 2.0,
+        contrast_images: Optional[list[str]] = None,
         strategy: Strategy = "ekfac",
         space: Literal["normalized", "pixel"] = "normalized",
         seed: int = 0,
@@ -96,14 +109,23 @@ class InfluenceCollapseCallback(Callback):
         top_k: int = 32,
         unlearning: Optional[Unlearning] = None,
     ) -> None:
-        if num_transforms < 1:
-            raise ValueError(f"num_transforms={num_transforms} must be at least 1.")
-        if not 0 <= tolerance < num_transforms:
-            raise ValueError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} (num_transforms - 1).")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
-        if space not in ("normalized", "pixel"):
-            raise ValueError(f"space={space!r} is not known; use 'normalized' or 'pixel'.")
+        self.delta_influence = DeltaInfluence(
+            num_transforms=num_transforms,
+            threshold=threshold,
+            tolerance=tolerance,
+            num_contrast=len(contrast_images) if contrast_images else num_contrast,
+            contrast_ratio=contrast_ratio,
+            strategy=strategy,
+            space=space,
+            seed=seed,
+            train_batch_size=train_batch_size,
+            num_workers=num_workers,
+        )
+        if contrast_images is not None and not (contrast_images and num_contrast):
+            raise ValueError(
+                f"contrast_images={contrast_images!r} with num_contrast={num_contrast}: give at least one file and "
+                "leave num_contrast above 0 (the number of files sets it), or drop contrast_images."
+            )
         if (query_image is None) != (query_label is None):
             raise ValueError("query_image and query_label go together: give both or neither.")
         if query_image is not None and query_index is not None:
@@ -114,14 +136,7 @@ class InfluenceCollapseCallback(Callback):
         self.query_image = query_image
         self.query_label = query_label
         self.require_misclassified = require_misclassified
-        self.num_transforms = num_transforms
-        self.threshold = threshold
-        self.tolerance = tolerance
-        self.strategy = strategy
-        self.space = space
-        self.seed = seed
-        self.train_batch_size = train_batch_size
-        self.num_workers = num_workers
+        self.contrast_images = contrast_images
         self.output_dir = output_dir
         self.factors_dir = factors_dir
         self.top_k = top_k
@@ -155,12 +170,12 @@ class InfluenceCollapseCallback(Callback):
             train_set=loader.dataset,
             eval_train_set=_eval_train_set(data),
             test_set=getattr(data, "test_set", None),
-            triggered_test_set=getattr(data, "triggered_test_set", None),
+            attack_test_set=getattr(data, "attack_test_set", None),
             batch_size=loader.batch_size,
             max_epochs=trainer.max_epochs,
             out_dir=_run_dir(trainer) / "unlearn",
             accelerator=self._accelerator,
-            seed=self.seed,
+            seed=self.delta_influence.seed,
         )
         if report is None:
             return None
@@ -175,82 +190,105 @@ class InfluenceCollapseCallback(Callback):
 
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AuditResult:
         """Runs Δ-Influence on the trained ``pl_module`` and writes, logs and returns the result."""
-        start = time.perf_counter()
+        check_trackable(pl_module)
         data = trainer.datamodule
         train_set = _eval_train_set(data)
         image, label, where = self._query(data, train_set, pl_module)
         num_classes = self._check_query(pl_module, image, label, where)
+        contrast, sources = self._contrast(data, train_set, pl_module, label)
+        settings = self.delta_influence
         mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-        queries = make_queries(image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std)
-        rank_zero_info(f"Δ-Influence: query {where}, label {label}, {self.num_transforms} transformed copies.")
-
-        influence = compute_influence_scores(
-            pl_module,
-            train_set,
-            TensorDataset(queries.images, queries.labels),
-            output_dir=self.factors_dir or Path(trainer.default_root_dir) / "influence_cache",
-            strategy=self.strategy,
-            device=pl_module.device,
-            train_batch_size=self.train_batch_size,
-            num_workers=self.num_workers,
+        rank_zero_info(
+            f"Δ-Influence: query {where}, label {label}, {settings.num_transforms} transformed copies, "
+            f"{len(sources)} clean contrast images."
         )
-        collapse = flag_collapsed(influence.scores, self.threshold, self.tolerance)
+        audit = settings.run(
+            pl_module, train_set, image, label, num_classes,
+            factors_dir=self.factors_dir or Path(trainer.default_root_dir) / "influence_cache",
+            contrast=contrast, device=pl_module.device, mean=mean, std=std,
+        )  # fmt: skip
+        decision = audit.decision
         poisons = getattr(data, "poison_indices", None)
         poisons = torch.as_tensor(poisons) if poisons is not None and len(poisons) else None
-        metrics = detection_metrics(collapse.flagged, len(train_set), poisons)
+        metrics = detection_metrics(decision.flagged, len(train_set), poisons)
+        metrics["collapsed"] = float(len(decision.collapsed))
         if poisons is not None:
-            metrics["raw_topk_recall"] = topk_recall(influence.scores[0], poisons)
-        metrics |= influence.timings
-        metrics["total_s"] = time.perf_counter() - start
+            metrics["raw_topk_recall"] = topk_recall(audit.scores[0], poisons)
+        metrics |= audit.timings
         summary = {
             "query": where,
             "query_label": label,
-            "num_transforms": self.num_transforms,
-            "threshold": self.threshold,
-            "tolerance": self.tolerance,
-            "strategy": self.strategy,
-            "space": self.space,
-            "seed": self.seed,
+            "contrast": sources,
+            **asdict(settings),
+            "num_contrast": len(sources),
             "num_train": len(train_set),
-            "factors": influence.factors_name,
-            "factors_reused": influence.factors_reused,
+            "factors": audit.factors_name,
+            "factors_reused": audit.factors_reused,
+            "score_rows": {
+                "original": 0,
+                "transformed": [1, settings.num_transforms],
+                "contrast": _contrast_rows(audit),
+            },
             "metrics": metrics,
         }
         out = _write_atomically(
             Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "delta_influence",
-            lambda folder: self._write(folder, summary, queries, collapse, influence.scores, data, poisons),
+            lambda folder: self._write(folder, summary, audit, data, poisons),
         )
-        self._log(trainer, metrics, out, collapse, influence.scores, train_set, data, poisons)
+        self._log(trainer, metrics, out, audit, train_set, data, poisons)
         rank_zero_info(_describe(metrics, out))
-        return AuditResult(collapse.flagged, collapse.counts, influence.scores, metrics, out)
+        return AuditResult(decision.flagged, decision.counts, audit.scores, metrics, out, audit)
+
+    def _contrast(
+        self, data: Any, train_set: Dataset, pl_module: pl.LightningModule, label: int
+    ) -> tuple[Optional[Tensor], list[str]]:
+        """The clean contrast images of the query's label (``None`` when the contrast is off), and where they came
+        from (files or test indices)."""
+        if self.delta_influence.num_contrast == 0:
+            return None, []
+        if self.contrast_images:
+            images = [
+                _read_image(path, train_set, data, "contrast_images", resize=False) for path in self.contrast_images
+            ]
+            return torch.stack(images), list(self.contrast_images)
+        test_set = getattr(data, "test_set", None)
+        if test_set is None:
+            raise AuditError(
+                "the clean-class contrast needs clean test samples of the query's label, and the datamodule has no "
+                "`test_set`. Give one, pass contrast_images (image files of that class), or set num_contrast=0 for "
+                "the reference rule."
+            )
+        indices = select_contrast(pl_module, test_set, label, self.delta_influence.num_contrast)
+        return torch.stack([torch.as_tensor(test_set[i][0]) for i in indices]), [f"test_set[{i}]" for i in indices]
 
     def _query(self, data: Any, train_set: Dataset, pl_module: pl.LightningModule) -> tuple[Tensor, int, str]:
-        """The misbehaving example: a user's image file, or a triggered test sample."""
+        """The misbehaving example: a user's image file, or a sample of the attack's test set."""
         if self.query_image is not None:
-            return _read_query_image(self.query_image, train_set, data), int(self.query_label), self.query_image
-        triggered = getattr(data, "triggered_test_set", None)
-        if triggered is None:
+            image = _read_image(self.query_image, train_set, data, "query_image", resize=True)
+            return image, int(self.query_label), self.query_image
+        attacked = getattr(data, "attack_test_set", None)
+        if attacked is None:
             raise AuditError(
-                "no query: the datamodule has no `triggered_test_set`; pass query_image and query_label to "
-                "InfluenceCollapseCallback, or give the datamodule a triggered_test_set."
+                "no query: the datamodule has no `attack_test_set`; pass query_image and query_label to "
+                "InfluenceCollapseCallback, or give the datamodule an attack_test_set."
             )
         if self.query_index is not None:
-            if self.query_index >= len(triggered):
+            if self.query_index >= len(attacked):
                 raise AuditError(
-                    f"query_index={self.query_index} is out of range: the triggered test set has {len(triggered)} "
-                    f"samples, so use 0..{len(triggered) - 1}, or leave query_index empty to pick one."
+                    f"query_index={self.query_index} is out of range: the attack's test set has {len(attacked)} "
+                    f"samples, so use 0..{len(attacked) - 1}, or leave query_index empty to pick one."
                 )
-            image, label = triggered[self.query_index]
-            return image, int(label), f"triggered_test_set[{self.query_index}]"
-        index = first_attacked(pl_module, triggered)
+            image, label = attacked[self.query_index]
+            return image, int(label), f"attack_test_set[{self.query_index}]"
+        index = first_attacked(pl_module, attacked)
         if index is None:
             raise AuditError(
-                f"the model classifies none of the {len(triggered)} triggered test samples as the attack's label, so "
-                "there is no misbehaviour to trace. Train longer or check the attack; or pass query_index and "
-                "require_misclassified=false to audit anyway."
+                f"the model classifies none of the {len(attacked)} samples of the attack's test set as the attack's "
+                "label, so there is no misbehaviour to trace. Train longer or check the attack; or pass query_index "
+                "and require_misclassified=false to audit anyway."
             )
-        image, label = triggered[index]
-        return image, int(label), f"triggered_test_set[{index}]"
+        image, label = attacked[index]
+        return image, int(label), f"attack_test_set[{index}]"
 
     def _check_query(self, pl_module: pl.LightningModule, image: Tensor, label: int, where: str) -> int:
         """Checks the label is a class and, unless told otherwise, that the model predicts it; returns #classes."""
@@ -268,33 +306,47 @@ class InfluenceCollapseCallback(Callback):
             )
         return num_classes
 
-    def _write(self, folder: Path, summary, queries, collapse, scores, data, poisons) -> None:
+    def _write(self, folder: Path, summary: dict, audit: DeltaInfluenceAudit, data: Any, poisons) -> None:
         """Writes every file of an audit into ``folder``."""
-        flagged = collapse.flagged.tolist()
+        decision, queries = audit.decision, audit.queries
+        flagged = decision.flagged.tolist()
         (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
-        torch.save(collapse.flagged, folder / "flagged.pt")
-        torch.save(scores, folder / "scores.pt")
-        torch.save(collapse.counts, folder / "counts.pt")
+        torch.save(decision.flagged, folder / "flagged.pt")
+        torch.save(audit.scores, folder / "scores.pt")
+        torch.save(decision.counts, folder / "counts.pt")
         torch.save(
-            {"images": queries.images, "labels": queries.labels, "transforms": queries.transforms},
+            {
+                "images": queries.images,
+                "labels": queries.labels,
+                "transforms": queries.transforms,
+                "contrast_images": audit.contrast,
+            },
             folder / "queries.pt",
         )
+        if decision.contrast is not None:
+            torch.save(
+                {"collapsed": decision.collapsed, "contrast": decision.contrast, "ratio": decision.contrast_ratio},
+                folder / "contrast.pt",
+            )
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         mean, std, classes = getattr(data, "mean", None), getattr(data, "std", None), getattr(data, "classes", None)
         media.plot_queries(queries, folder / "queries.png", mean, std, classes)
         media.plot_collapse_counts(
-            collapse.counts, collapse.num_transforms, collapse.tolerance, folder / "collapse_counts.png", poisons
+            decision.counts, decision.num_transforms, decision.tolerance, folder / "collapse_counts.png", poisons
         )
+        if decision.contrast is not None:
+            media.plot_contrast(audit.scores[0], decision, folder / "contrast.png", poisons)
 
-    def _log(self, trainer, metrics, out, collapse, scores, train_set, data, poisons) -> None:
+    def _log(self, trainer, metrics, out, audit: DeltaInfluenceAudit, train_set, data, poisons) -> None:
         """Sends the metrics to every logger and the pictures to W&B."""
         for logger in trainer.loggers:
             logger.log_metrics({f"audit/{name}": value for name, value in metrics.items()}, step=trainer.global_step)
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if not wandb_loggers:
             return
-        order = scores[0, collapse.flagged].argsort(descending=True)[: self.top_k]
-        top_indices = collapse.flagged[order].tolist()
+        decision, scores = audit.decision, audit.scores
+        order = scores[0, decision.flagged].argsort(descending=True)[: self.top_k]
+        top_indices = decision.flagged[order].tolist()
         poison_set = set(poisons.tolist()) if poisons is not None else set()
         rows, images = [], []
         for rank, index in enumerate(top_indices):
@@ -306,7 +358,8 @@ class InfluenceCollapseCallback(Callback):
                     "index": index,
                     "label": int(label),
                     "score": float(scores[0, index]),
-                    "count": int(collapse.counts[index]),
+                    "contrast": float(decision.contrast[index]) if decision.contrast is not None else None,
+                    "count": int(decision.counts[index]),
                     "poison": index in poison_set if poisons is not None else None,
                 }
             )
@@ -343,30 +396,33 @@ def _eval_train_set(data: Any) -> Dataset:
     return train_set
 
 
-def first_attacked(pl_module: pl.LightningModule, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
-    """Index of the first triggered sample the model classifies as its (the attack's) label."""
-    seen = 0
-    with torch.no_grad(), evaluating(pl_module):
-        for images, labels in DataLoader(triggered, batch_size=batch_size):
-            hits = torch.nonzero(pl_module(images.to(pl_module.device)).argmax(-1).cpu() == labels).flatten()
-            if len(hits):
-                return seen + int(hits[0])
-            seen += len(labels)
-    return None
-
-
-def _read_query_image(path: str, train_set: Dataset, data: Any) -> Tensor:
-    """Reads an image file as a model input: the training images' size and channels, normalised."""
+def _read_image(path: str, train_set: Dataset, data: Any, argument: str, resize: bool) -> Tensor:
+    """Reads an image file as a model input, normalised; resized to the training images' size, or refused when
+    ``resize`` is off and its size or channels differ from theirs."""
     if not Path(path).is_file():
-        raise AuditError(f"query_image={path!r} is not a file.")
+        raise AuditError(f"{argument}={path!r} is not a file.")
     mean, std = getattr(data, "mean", None), getattr(data, "std", None)
     if mean is None or std is None:
-        raise AuditError("query_image needs the normalisation: give the datamodule `mean` and `std` attributes.")
+        raise AuditError(f"{argument} needs the normalisation: give the datamodule `mean` and `std` attributes.")
     channels, height, width = train_set[0][0].shape
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    image = torchvision.io.decode_image(path, mode=mode).float() / 255
-    image = torchvision.transforms.v2.functional.resize(image, [height, width], antialias=True)
+    if resize:
+        image = torchvision.io.decode_image(path, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        image = torchvision.transforms.v2.functional.resize(image, [height, width], antialias=True)
+    else:
+        image = torchvision.io.decode_image(path)
+        if tuple(image.shape) != (channels, height, width):
+            raise AuditError(
+                f"{argument} holds {path!r} of shape {tuple(image.shape)} (channels, height, width); the training "
+                f"images are {(channels, height, width)}. Give clean images of the training images' size and channels."
+            )
+    image = image.float() / 255
     return (image - torch.as_tensor(mean).view(-1, 1, 1)) / torch.as_tensor(std).view(-1, 1, 1)
+
+
+def _contrast_rows(audit: DeltaInfluenceAudit) -> list[int]:
+    """First and last row of the contrast queries in the score matrix (empty without contrast)."""
+    first = 1 + audit.decision.num_transforms
+    return [first, first + len(audit.contrast) - 1] if len(audit.contrast) else []
 
 
 def _run_dir(trainer: pl.Trainer) -> Path:

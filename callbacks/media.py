@@ -9,6 +9,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 from torch import Tensor
 
 from delta_influence import QuerySet
+from delta_influence.collapse import CollapseResult
 
 
 def to_displayable(images: Tensor, mean: Optional[Tensor], std: Optional[Tensor]) -> Tensor:
@@ -74,24 +75,61 @@ def plot_collapse_counts(
     figure.savefig(path, dpi=110)
 
 
+def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poisons: Optional[Tensor] = None) -> None:
+    """Why samples were flagged: each collapsed sample's score on the misbehaving query against its mean score on the
+    clean contrast queries, poisons marked when known, and the contrast boundary drawn (flagged above it)."""
+    figure = Figure(figsize=(6, 4.5))
+    axis = figure.subplots()
+    collapsed = decision.collapsed
+    x, y = decision.contrast[collapsed].numpy(), original[collapsed].numpy()
+    if poisons is not None and len(poisons):
+        is_poison = torch.isin(collapsed, poisons).numpy()
+        axis.scatter(x[~is_poison], y[~is_poison], s=6, alpha=0.5, label="clean")
+        axis.scatter(x[is_poison], y[is_poison], s=10, marker="x", color="tab:red", label="poison")
+    else:
+        axis.scatter(x, y, s=6, alpha=0.5, label="collapsed samples")
+    axis.set_xscale("symlog", linthresh=_linear_range(x))
+    axis.set_yscale("symlog", linthresh=_linear_range(y))
+    # flagged: above y = ratio * |x|
+    reach = max(float(abs(x).max(initial=0)), 1.0)
+    edge = torch.cat([torch.linspace(-reach, 0, 200), torch.linspace(0, reach, 200)]).numpy()
+    axis.plot(edge, decision.contrast_ratio * abs(edge), color="black", linestyle="--", linewidth=1,
+              label=f"boundary: query = {decision.contrast_ratio:g} x |class|")  # fmt: skip
+    axis.set_xlabel("mean score on clean queries of the label")
+    axis.set_ylabel("score on the misbehaving query")
+    axis.set_title(f"Clean-class contrast: {len(decision.flagged)} of {len(collapsed)} collapsed samples kept")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _linear_range(values) -> float:
+    """The symlog axis's linear range: a small share of the values' spread, never zero."""
+    spread = float(abs(values).max(initial=0))
+    return max(spread * 1e-3, 1e-12)
+
+
 def log_to_wandb(logger, run_dir: Path, top: list[dict], top_images: Tensor, flagged_file: Path) -> None:
     """Logs the audit's pictures, a table of the top flagged samples and the flagged indices as an artifact."""
     import wandb
 
     logger.log_image("audit/queries", [str(run_dir / "queries.png")])
     logger.log_image("audit/collapse_counts", [str(run_dir / "collapse_counts.png")])
-    columns = ["rank", "index", "image", "label", "score", "collapse_count", "poison"]
+    if (run_dir / "contrast.png").exists():
+        logger.log_image("audit/contrast", [str(run_dir / "contrast.png")])
+    columns = ["rank", "index", "image", "label", "score", "contrast_score", "collapse_count", "poison"]
     rows = [
-        [row["rank"], row["index"], wandb.Image(_hwc(image)), row["label"], row["score"], row["count"], row["poison"]]
+        [row["rank"], row["index"], wandb.Image(to_hwc(image)), row["label"], row["score"], row["contrast"],
+         row["count"], row["poison"]]
         for row, image in zip(top, top_images)
-    ]
+    ]  # fmt: skip
     logger.log_table("audit/top_flagged", columns=columns, data=rows)
     artifact = wandb.Artifact(f"flagged-{logger.experiment.id}", type="delta-influence-audit")
     artifact.add_file(str(flagged_file))
     logger.experiment.log_artifact(artifact)
 
 
-def _hwc(image: Tensor):
+def to_hwc(image: Tensor):
     """[C, H, W] in [0, 1] to a uint8 H x W (x C) array for W&B."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()

@@ -1,5 +1,6 @@
-"""A base data set plus an attack: poisoned train, eval-form train, clean test and triggered test sets."""
+"""A base data set plus an attack: poisoned train, eval-form train, clean test and attack test sets."""
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
@@ -7,8 +8,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.sources import SOURCES, ImageData, ImageSource
+from datamodules.sources import SOURCES, ImageSource
 from delta_influence.attacks import Attack, BadNets
+from delta_influence.attacks.base import AttackContext, LabeledImages, PoisonedData
 from delta_influence.unlearning import retained_indices
 
 
@@ -66,8 +68,13 @@ class PoisonedDataModule(pl.LightningDataModule):
     - ``train_set``: the poisoned training set, augmented (for training);
     - ``eval_train_set``: the same samples without augmentation, fixed order, so index i is always sample i;
     - ``poison_indices``: the ground-truth poison indices into both;
-    - ``test_set``: the clean test set; ``triggered_test_set``: test samples of the victim class with the
-      trigger, labelled with the target class (accuracy on it is the attack success rate);
+    - ``test_set``: the clean test set (without the samples a targeted attack aims at);
+    - ``attack_test_set``: the inputs on which the attack is measured, labelled with what the attacker wants
+      (accuracy on it is the attack success rate);
+    - ``eval_sets``: the evaluation sets by name, ``{"clean": test_set, "attack": attack_test_set}``, which the
+      validation and test loaders follow;
+    - ``attack_media``: pictures of the attack (e.g. its trigger) by name, and ``attack_info``, numbers about how
+      the poisons were made (e.g. generation times);
     - ``mean`` and ``std`` of the normalisation, and ``classes``.
 
     Args:
@@ -85,6 +92,7 @@ class PoisonedDataModule(pl.LightningDataModule):
         crop_padding: Padding (pixels) of the random-crop augmentation; 0 turns cropping off.
         flip: Random horizontal flips in training.
         seed: Seed of the subset and of the choice of poisons.
+        cache_dir: Where attacks cache what they generate (triggers, brewed poisons); default ``<root>/attack_cache``.
     """
 
     def __init__(
@@ -101,6 +109,7 @@ class PoisonedDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         flip: bool = True,
         seed: int = 0,
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if dataset not in SOURCES:
@@ -118,6 +127,8 @@ class PoisonedDataModule(pl.LightningDataModule):
         self.crop_padding = crop_padding
         self.flip = flip
         self.seed = seed
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(root) / "attack_cache"
+        self._clean: Optional[tuple] = None
         self._ready = False
 
     @property
@@ -129,27 +140,42 @@ class PoisonedDataModule(pl.LightningDataModule):
         return self.source.in_channels
 
     def prepare_data(self) -> None:
+        """Downloads the data and lets the attack make what it caches; runs once per node."""
         self.source.prepare_data()
+        if self.attack is not None:
+            train, test, _, _ = self._clean_data()
+            self.attack.prepare(train, test, self._context())
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
             return
-        data = self.source.load()
-        generator = torch.Generator().manual_seed(self.seed)
-        images, labels = _take_per_class(data.train_images, data.train_labels, self.per_class, generator)
-        self.classes = data.classes
-        self.mean, self.std = _channel_stats(images)
-        images, labels = images.clone(), labels.clone()
-        self.poison_indices = torch.zeros(0, dtype=torch.long)
-        if self.attack is not None:
-            self.poison_indices = self.attack.select_poisons(labels, generator)
-            images[self.poison_indices] = self._triggered(images[self.poison_indices])
-            labels[self.poison_indices] = self.attack.target
-        self.train_set = self._dataset(images, labels, augment=True)
-        self.eval_train_set = self._dataset(images, labels)
-        self.test_set = self._dataset(data.test_images, data.test_labels)
-        self.triggered_test_set = self._triggered_test_set(data)
+        train, test, self.classes, state = self._clean_data()
+        self.mean, self.std = _channel_stats(train.images)
+        if self.attack is None:
+            nothing, everything = torch.zeros(0, dtype=torch.long), torch.ones(len(test.labels), dtype=torch.bool)
+            poisoned = PoisonedData(train, nothing, None, everything)
+        else:
+            generator = torch.Generator()
+            generator.set_state(state)  # the seeded stream goes on from the subset's draws to the attack's
+            poisoned = self.attack.poison(train, test, generator, self._context())
+        self.poison_indices = poisoned.poison_indices
+        self.attack_media = poisoned.media
+        self.attack_info = poisoned.info
+        self.train_set = self._dataset(poisoned.train, augment=True)
+        self.eval_train_set = self._dataset(poisoned.train)
+        keep = poisoned.clean_test
+        self.test_set = self._dataset(LabeledImages(test.images[keep], test.labels[keep]))
+        self.attack_test_set = self._dataset(poisoned.attack_test) if poisoned.attack_test is not None else None
+        self._clean = None  # the datasets hold what they need
         self._ready = True
+
+    @property
+    def eval_sets(self) -> dict[str, Dataset]:
+        """The evaluation sets by name: ``clean`` (clean accuracy) and, with an attack, ``attack`` (its success)."""
+        sets = {"clean": self.test_set}
+        if self.attack_test_set is not None:
+            sets["attack"] = self.attack_test_set
+        return sets
 
     def train_dataset_without(self, indices: Sequence[int] | Tensor) -> Dataset:
         """The augmented training set without ``indices`` (e.g. flagged samples), for retraining."""
@@ -158,16 +184,11 @@ class PoisonedDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return {name: self._loader(dataset, self.eval_batch_size) for name, dataset in self.eval_sets.items()}
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        """Clean test set first, then the triggered test set when there is an attack."""
-        sets = [self.test_set] + ([self.triggered_test_set] if self.triggered_test_set is not None else [])
-        return [self._loader(dataset, self.eval_batch_size) for dataset in sets]
+    def test_dataloader(self) -> dict[str, DataLoader]:
+        return self.val_dataloader()
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
         return DataLoader(
@@ -178,21 +199,22 @@ class PoisonedDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _dataset(self, images: Tensor, labels: Tensor, augment: bool = False) -> ImageDataset:
-        return ImageDataset(images, labels, self.mean, self.std, augment, self.crop_padding, self.flip)
+    def _dataset(self, data: LabeledImages, augment: bool = False) -> ImageDataset:
+        return ImageDataset(data.images, data.labels, self.mean, self.std, augment, self.crop_padding, self.flip)
 
-    def _triggered(self, images: Tensor) -> Tensor:
-        """Applies the trigger in [0, 1] pixel space and stores the result as 8-bit images again."""
-        return (self.attack.apply_trigger(images.float() / 255) * 255).round().clamp(0, 255).to(torch.uint8)
+    def _clean_data(self) -> tuple[LabeledImages, LabeledImages, tuple[str, ...], Tensor]:
+        """The clean training subset, the test set, the class names and the seeded generator's state after the
+        subset's draws; loaded once per process."""
+        if self._clean is None:
+            data = self.source.load()
+            generator = torch.Generator().manual_seed(self.seed)
+            images, labels = _take_per_class(data.train_images, data.train_labels, self.per_class, generator)
+            train, test = LabeledImages(images, labels), LabeledImages(data.test_images, data.test_labels)
+            self._clean = (train, test, data.classes, generator.get_state())
+        return self._clean
 
-    def _triggered_test_set(self, data: ImageData) -> Optional[ImageDataset]:
-        if self.attack is None:
-            return None
-        victims = data.test_labels == self.attack.victim
-        if not victims.any():
-            raise ValueError(f"the test set holds no sample of attack.victim={self.attack.victim}; ASR is undefined.")
-        images = self._triggered(data.test_images[victims])
-        return self._dataset(images, torch.full((len(images),), self.attack.target, dtype=torch.long))
+    def _context(self) -> AttackContext:
+        return AttackContext(self.num_classes, self.cache_dir, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _take_per_class(

@@ -18,39 +18,88 @@ class CollapseResult:
     num_transforms: int
     threshold: float
     tolerance: int
+    collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer)
+    contrast: Optional[Tensor] = None  # [N] mean score on the clean contrast queries; None without contrast
+    contrast_ratio: Optional[float] = None
 
 
-def flag_collapsed(scores: Tensor, threshold: float = 0.0, tolerance: int = 2) -> CollapseResult:
-    """Flags sample i iff at least ``n - tolerance`` of the ``n`` transformed queries give Δ[k, i] < ``threshold``.
+def flag_collapsed(
+    scores: Tensor, threshold: float = 0.0, tolerance: int = 2, num_contrast: int = 0, contrast_ratio: float = 2.0
+) -> CollapseResult:
+    """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
+
+    Collapse (the reference rule): sample i collapses iff at least ``n - tolerance`` of the ``n`` transformed
+    queries give Δ[k, i] = S[k, i] - S[0, i] < ``threshold``.
+
+    Contrast: every sample that supports the attacker's label in general collapses too, because the transformed
+    queries carry other labels. The last ``num_contrast`` rows score the same samples on clean test images of the
+    attacker's label that the model classifies correctly. A collapsed sample stays flagged only when its influence is
+    specific to the misbehaving query: ``S[0, i] > contrast_ratio * |C[i]|``, with C[i] its mean score on the clean
+    images. A clean member of the label supports ordinary members about as much as the query (C comparable to S);
+    a sample that resembles the query without being a poison moves the label on clean images too (|C| large, of
+    either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the reference rule,
+    bit for bit.
 
     Args:
-        scores: Influence scores ``[1 + n, N]``; row 0 is the original query, rows 1..n its transformed copies.
+        scores: Influence scores ``[1 + n + num_contrast, N]``: row 0 the original query, rows 1..n its transformed
+            copies, then the contrast queries.
         threshold: A transformed query counts as a collapse when it changes the score by less than this.
         tolerance: How many transformed queries may fail to collapse a sample that is still flagged.
+        num_contrast: How many of the last rows are clean contrast queries; 0 turns the contrast off.
+        contrast_ratio: How many times more a flagged sample must support the query than the clean class.
 
     Returns:
-        The flagged indices, the per-sample collapse counts and the score differences.
+        The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
+        and the contrast evidence.
 
     Example:
-        >>> scores = torch.tensor([[5.0, 1.0], [1.0, 2.0], [2.0, 0.0], [6.0, 3.0]])
-        >>> flag_collapsed(scores, tolerance=1).flagged
-        tensor([0])
+        >>> # sample 0 supports the query alone (a poison), sample 1 the whole class (a clean target-class sample)
+        >>> scores = torch.tensor([[5.0, 5.0], [1.0, 1.0], [2.0, 2.0], [1.0, 6.0], [0.0, 4.0]])
+        >>> flag_collapsed(scores[:3], tolerance=0).flagged  # the reference rule on the original and two copies
+        tensor([0, 1])
+        >>> result = flag_collapsed(scores, tolerance=0, num_contrast=2)
+        >>> result.flagged, result.collapsed, result.contrast
+        (tensor([0]), tensor([0, 1]), tensor([0.5000, 5.0000]))
     """
-    if scores.dim() != 2 or scores.shape[0] < 2:
-        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [1 + n, N] with n >= 1.")
+    if scores.dim() != 2:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
+    if num_contrast < 0:
+        raise ValueError(f"num_contrast={num_contrast} must be 0 (no contrast) or more.")
+    if contrast_ratio <= 0:
+        raise ValueError(f"contrast_ratio={contrast_ratio} must be positive; 2 means 'twice as much as the class'.")
+    num_transforms = scores.shape[0] - 1 - num_contrast
+    if num_transforms < 1:
+        raise ValueError(
+            f"scores has {scores.shape[0]} rows, which leaves {num_transforms} transformed queries after the original "
+            f"and {num_contrast} contrast rows; expected [1 + n + num_contrast, N] with n >= 1."
+        )
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).sum().item()
         raise ValueError(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
-    num_transforms = scores.shape[0] - 1
     if not 0 <= tolerance < num_transforms:
         raise ValueError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} for {num_transforms} copies.")
-    deltas = scores[1:] - scores[:1]
+    deltas = scores[1 : 1 + num_transforms] - scores[:1]
     counts = (deltas < threshold).sum(dim=0)
-    flagged = torch.nonzero(counts >= num_transforms - tolerance).flatten()
-    return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance)
+    collapsed = counts >= num_transforms - tolerance
+    if num_contrast == 0:
+        flagged = torch.nonzero(collapsed).flatten()
+        return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged)
+    contrast = scores[1 + num_transforms :].mean(dim=0)
+    specific = scores[0] > contrast_ratio * contrast.abs()
+    return CollapseResult(
+        flagged=torch.nonzero(collapsed & specific).flatten(),
+        counts=counts,
+        deltas=deltas,
+        num_transforms=num_transforms,
+        threshold=threshold,
+        tolerance=tolerance,
+        collapsed=torch.nonzero(collapsed).flatten(),
+        contrast=contrast,
+        contrast_ratio=contrast_ratio,
+    )
 
 
 def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tensor] = None) -> dict[str, float]:

@@ -95,11 +95,7 @@ class InfluenceAnalysis:
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
-        if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
-            raise TypeError(
-                f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer, the only layers kronfluence tracks; "
-                "influence needs a model built from them."
-            )
+        check_trackable(model)
         self.train_set = train_set
         self.strategy = strategy
         self.train_batch_size = train_batch_size
@@ -155,6 +151,15 @@ class InfluenceAnalysis:
             return self.analyzer.load_pairwise_scores(scores_name)["all_modules"].float().cpu()
         finally:
             shutil.rmtree(self.analyzer.scores_output_dir(scores_name), ignore_errors=True)
+
+
+def check_trackable(model: nn.Module) -> None:
+    """Raises ``TypeError`` when the model has no layer that kronfluence tracks."""
+    if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
+        raise TypeError(
+            f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer, the only layers kronfluence tracks; "
+            "influence needs a model built from them."
+        )
 
 
 def compute_influence_scores(

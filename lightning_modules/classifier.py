@@ -5,18 +5,20 @@ from typing import Literal, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_modules.models import build_model
+from delta_influence.models import build_model
 
-CLEAN = 0  # PoisonedDataModule's evaluation loaders: 0 clean test set, 1 triggered test set
+METRIC_NAMES = {"clean": "acc", "attack": "asr"}  # evaluation set name -> logged name; others log as <name>_acc
 
 
 class PoisonClassifier(pl.LightningModule):
-    """An image classifier. Evaluation loader 0 is the clean test set (``acc``), loader 1, when present, the
-    triggered test set labelled with the attack's target (``asr``, the attack success rate).
+    """An image classifier. Evaluation sets are told apart by name (the keys of the data module's dict of
+    evaluation loaders): ``clean`` logs ``val/acc`` (clean accuracy), ``attack`` logs ``val/asr`` (accuracy on the
+    attack's evaluation set, labelled with what the attacker wants: the attack success rate), any other set
+    ``val/<name>_acc``. A single loader is ``clean``; in a list, the first is ``clean`` and the others ``set<i>``.
 
     Args:
         arch: ``resnet18`` (CIFAR stem) or ``small_cnn``.
@@ -50,10 +52,7 @@ class PoisonClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_asr = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_asr = MulticlassAccuracy(num_classes, average="micro")
+        self.eval_metrics = nn.ModuleDict()  # "<stage>_<set name>" -> accuracy, made when the sets are known
 
     @override
     def forward(self, images: Tensor) -> Tensor:
@@ -70,26 +69,40 @@ class PoisonClassifier(pl.LightningModule):
         return loss
 
     @override
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = CLEAN) -> None:
-        self._evaluate(batch, dataloader_idx, "val", self.val_acc, self.val_asr)
+    def on_validation_epoch_start(self) -> None:
+        self._make_metrics("val", self.trainer.val_dataloaders)
 
     @override
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = CLEAN) -> None:
-        self._evaluate(batch, dataloader_idx, "test", self.test_acc, self.test_asr)
+    def on_test_epoch_start(self) -> None:
+        self._make_metrics("test", self.trainer.test_dataloaders)
 
-    def _evaluate(
-        self,
-        batch: tuple[Tensor, Tensor],
-        dataloader_idx: int,
-        stage: str,
-        acc: MulticlassAccuracy,
-        asr: MulticlassAccuracy,
-    ) -> None:
-        """Accuracy on clean samples, or share of triggered samples predicted as the target."""
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val")
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test")
+
+    def _make_metrics(self, stage: str, loaders) -> None:
+        """Names the stage's evaluation sets and gives each an accuracy metric."""
+        names = eval_set_names(loaders)
+        setattr(self, f"_{stage}_names", names)
+        for name in names:
+            if f"{stage}_{name}" not in self.eval_metrics:
+                metric = MulticlassAccuracy(self.hparams.num_classes, average="micro").to(self.device)
+                self.eval_metrics[f"{stage}_{name}"] = metric
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
+        """Accuracy on the named evaluation set; on the attack's set it is the attack success rate."""
         images, labels = batch
-        metric, name = (acc, "acc") if dataloader_idx == CLEAN else (asr, "asr")
-        metric(self(images), labels)
-        self.log(f"{stage}/{name}", metric, prog_bar=True, add_dataloader_idx=False)
+        name = getattr(self, f"_{stage}_names")[dataloader_idx]
+        key = f"{stage}_{name}"
+        self.eval_metrics[key](self(images), labels)
+        self.log(
+            f"{stage}/{METRIC_NAMES.get(name, f'{name}_acc')}", self.eval_metrics[key], prog_bar=True,
+            add_dataloader_idx=False, metric_attribute=f"eval_metrics.{key}",
+        )  # fmt: skip
 
     @override
     def configure_optimizers(self) -> dict:
@@ -102,3 +115,17 @@ class PoisonClassifier(pl.LightningModule):
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def eval_set_names(loaders) -> list[str]:
+    """The names of evaluation loaders, in the order Lightning numbers them.
+
+    Example:
+        >>> eval_set_names({"clean": None, "attack": None}), eval_set_names([None, None]), eval_set_names(None)
+        (['clean', 'attack'], ['clean', 'set1'], ['clean'])
+    """
+    if isinstance(loaders, dict):
+        return list(loaders)
+    if isinstance(loaders, (list, tuple)):
+        return ["clean"] + [f"set{i}" for i in range(1, len(loaders))]
+    return ["clean"]

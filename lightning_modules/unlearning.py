@@ -9,10 +9,9 @@ import copy
 import os
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from delta_influence.examples import evaluating
 from delta_influence.files import publish
 from delta_influence.unlearning import (
     bad_teacher_loss,
@@ -236,26 +236,12 @@ class _BadTeacherModule(pl.LightningModule):
         return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
 
 
-@contextmanager
-def evaluating(module: nn.Module, device: Optional[torch.device] = None) -> Iterator[nn.Module]:
-    """The module in eval mode (and on ``device``) for a block; its mode and device are restored after."""
-    was_training = module.training
-    home = next(module.parameters()).device
-    module.eval()
-    if device is not None:
-        module.to(device)
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-        module.to(home)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Optional[Dataset], accelerator: str = "cpu", batch_size: int = 512
 ) -> Optional[float]:
-    """Accuracy of ``model`` on ``dataset`` (on a triggered set labelled with the target: the attack success rate)."""
+    """Accuracy of ``model`` on ``dataset``; on the attack's test set, labelled with what the attacker wants, it is
+    the attack success rate."""
     if dataset is None or len(dataset) == 0:
         return None
     device = _device(accelerator)
@@ -331,7 +317,7 @@ def run_corrective_fit(
     train_set: Dataset,
     eval_train_set: Dataset,
     test_set: Optional[Dataset],
-    triggered_test_set: Optional[Dataset],
+    attack_test_set: Optional[Dataset],
     batch_size: int,
     max_epochs: int,
     out_dir: Path,
@@ -370,7 +356,7 @@ def run_corrective_fit(
         accelerator=accelerator,
         seed=seed,
     )
-    before = {"acc": evaluate(victim, test_set, accelerator), "asr": evaluate(victim, triggered_test_set, accelerator)}
+    before = {"acc": evaluate(victim, test_set, accelerator), "asr": evaluate(victim, attack_test_set, accelerator)}
     rank_zero_info(f"Corrective fit: {method.name}, forgetting {len(flagged)} and keeping {len(retained)} samples.")
     start = time.perf_counter()
     corrected = method.run(victim, data)
@@ -382,7 +368,7 @@ def run_corrective_fit(
         "before_acc": before["acc"],
         "before_asr": before["asr"],
         "acc": evaluate(corrected, test_set, accelerator),
-        "asr": evaluate(corrected, triggered_test_set, accelerator),
+        "asr": evaluate(corrected, attack_test_set, accelerator),
         "time_s": seconds,
     }
     checkpoint = {

@@ -72,6 +72,37 @@ def cifar10_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def cifar100_root(tmp_path, monkeypatch) -> Path:
+    """A tiny CIFAR-100 in torchvision's python pickle format (3 train and 1 test image per fine class), with its
+    checksums registered as torchvision's own."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "cifar100" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    names = [f"class{c}" for c in range(100)]
+    names[68], names[86] = "road", "telephone"
+    files = {}
+    for split, count in (("train", 3), ("test", 1)):
+        labels = np.repeat(np.arange(100), count)
+        images = np.concatenate([_class_images(rng, c, count) for c in range(100)])
+        files[split] = {
+            "data": images.transpose(0, 3, 1, 2).reshape(-1, 3072),
+            "fine_labels": labels.tolist(),
+            "coarse_labels": (labels // 5).tolist(),
+        }
+    files["meta"] = {"fine_label_names": names, "coarse_label_names": [f"super{c}" for c in range(20)]}
+    checksums = {}
+    for name, content in files.items():
+        raw = pickle.dumps(content)
+        (folder / name).write_bytes(raw)
+        checksums[name] = hashlib.md5(raw).hexdigest()
+    cls = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [["train", checksums["train"]]])
+    monkeypatch.setattr(cls, "test_list", [["test", checksums["test"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": checksums["meta"]})
+    return tmp_path / "cifar100"
+
+
+@pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A tiny image-folder tree root/{train,test}/<class>/NNNN.png with 3 classes."""
     rng = np.random.default_rng(1)

@@ -5,13 +5,17 @@ import json
 
 import pytest
 import torch
+import torchvision
 from conftest import tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
 import callbacks.influence_collapse as influence_collapse
+import delta_influence.audit as delta_audit
 from callbacks import AuditError, InfluenceCollapseCallback
 from datamodules import ImageDataset
+from delta_influence import flag_collapsed
+from delta_influence.examples import ContrastError
 
 
 def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
@@ -32,7 +36,11 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     summary = json.loads((first.output_dir / "summary.json").read_text())
     assert summary["factors_reused"] is False and summary["num_transforms"] == 12
     assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
-    assert torch.load(first.output_dir / "scores.pt").shape == (13, 400)
+    scores = torch.load(first.output_dir / "scores.pt")
+    assert scores.shape == (1 + 12 + 5, 400)  # original, 12 copies, 5 clean contrast queries
+    assert summary["score_rows"] == {"original": 0, "transformed": [1, 12], "contrast": [13, 17]}
+    assert len(summary["contrast"]) == 5 and summary["metrics"]["collapsed"] >= len(first.flagged)
+    assert {"contrast.pt", "contrast.png"} <= files
     poisons = trained_digits[0].poison_indices
     assert first.metrics["recall"] == torch.isin(poisons, first.flagged).float().mean().item()
 
@@ -50,14 +58,14 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
 
 
 def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_digits, monkeypatch):
-    real = influence_collapse.compute_influence_scores
+    real = delta_audit.compute_influence_scores
 
     def nan_scores(*args, **kwargs):
         result = real(*args, **kwargs)
         result.scores[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(influence_collapse, "compute_influence_scores", nan_scores)
+    monkeypatch.setattr(delta_audit, "compute_influence_scores", nan_scores)
     callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, output_dir=str(tmp_path / "audit"))
     with pytest.raises(ValueError, match="NaN or infinite"):
         _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
@@ -69,7 +77,7 @@ def test_query_the_model_does_not_misclassify(tmp_path, trained_digits):
     data, model = trained_digits
     with torch.no_grad():
         predictions = copy.deepcopy(model).eval()(
-            torch.stack([data.triggered_test_set[i][0] for i in range(len(data.triggered_test_set))])
+            torch.stack([data.attack_test_set[i][0] for i in range(len(data.attack_test_set))])
         )
     clean = int(torch.nonzero(predictions.argmax(-1) != 5)[0])
     callback = InfluenceCollapseCallback(query_index=clean, num_transforms=4, tolerance=1)
@@ -79,7 +87,7 @@ def test_query_the_model_does_not_misclassify(tmp_path, trained_digits):
         query_index=clean, require_misclassified=False, num_transforms=4, tolerance=1, output_dir=str(tmp_path / "a")
     )
     _fit_with(tmp_path, trained_digits, anyway)
-    assert anyway.result.scores.shape == (5, 400)
+    assert anyway.result.scores.shape == (1 + 4 + 5, 400)
 
 
 def test_out_of_range_query_index(tmp_path, trained_digits):
@@ -90,11 +98,9 @@ def test_out_of_range_query_index(tmp_path, trained_digits):
 
 def test_query_image_file(tmp_path, trained_digits):
     data, _ = trained_digits
-    image, _ = data.triggered_test_set[0]
+    image, _ = data.attack_test_set[0]
     pixels = (image * data.std.view(-1, 1, 1) + data.mean.view(-1, 1, 1)).clamp(0, 1)
     path = tmp_path / "query.png"
-    import torchvision
-
     torchvision.io.write_png((pixels * 255).round().to(torch.uint8), str(path))
     callback = InfluenceCollapseCallback(
         query_image=str(path), query_label=5, require_misclassified=False, num_transforms=4, tolerance=1,
@@ -150,8 +156,82 @@ def test_skipped_in_fast_dev_run(tmp_path, trained_digits):
         ({"strategy": "hessian"}, r"strategy='hessian' is not known"),
         ({"query_image": "x.png"}, r"query_image and query_label go together"),
         ({"query_index": -1}, r"query_index=-1 must be 0 or more"),
+        ({"num_contrast": -1}, r"num_contrast=-1 must be 0"),
+        ({"contrast_ratio": 0.0}, r"contrast_ratio=0.0 must be positive"),
+        ({"contrast_images": ["a.png"], "num_contrast": 0}, r"contrast_images=\['a.png'\] with num_contrast=0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InfluenceCollapseCallback(**kwargs)
+
+
+def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, trained_digits):
+    data, _ = trained_digits
+    contrast = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "contrast"))
+    _fit_with(tmp_path, trained_digits, contrast, enable_checkpointing=False)
+    audit = contrast.result.audit
+    reference = audit.decision.collapsed  # the reference rule's answer on the same scores
+    assert torch.equal(reference, flag_collapsed(audit.scores[:13], 0.0, 1).flagged)
+    clean_fives = torch.nonzero(data.eval_train_set.labels == 5).flatten()
+    clean_fives = clean_fives[~torch.isin(clean_fives, data.poison_indices)]
+    # the reference rule flags the attacker's label wholesale; the contrast keeps the poisons and few clean fives
+    assert torch.isin(clean_fives, reference).float().mean() > 0.5
+    assert torch.isin(clean_fives, contrast.result.flagged).float().mean() < 0.2
+    assert contrast.result.metrics["recall"] >= 0.9 and contrast.result.metrics["precision"] >= 0.5
+    # every test image used as contrast is a correctly classified clean five, the first ones in test order
+    chosen = [int(name[len("test_set[") : -1]) for name in json.loads((contrast.result.output_dir / "summary.json")
+              .read_text())["contrast"]]  # fmt: skip
+    assert all(int(data.test_set[i][1]) == 5 for i in chosen) and chosen == sorted(chosen)
+
+
+def test_num_contrast_zero_is_the_reference_rule(tmp_path, trained_digits):
+    callback = InfluenceCollapseCallback(num_transforms=12, tolerance=1, num_contrast=0, output_dir=str(tmp_path / "a"))
+    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    result = callback.result
+    assert result.scores.shape == (13, 400)
+    assert torch.equal(result.flagged, flag_collapsed(result.scores, 0.0, 1).flagged)
+    assert not (result.output_dir / "contrast.pt").exists()
+
+
+def test_more_contrast_samples_than_the_class_has(tmp_path, trained_digits):
+    callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, num_contrast=500)
+    with pytest.raises(ContrastError, match=r"num_contrast=500, but the model classifies only \d+ clean test samples"):
+        _fit_with(tmp_path, trained_digits, callback)
+
+
+def test_query_label_without_clean_test_samples(tmp_path, trained_digits):
+    data, model = trained_digits
+    no_fives = copy.copy(data)
+    keep = data.test_set.labels != 5
+    no_fives.test_set = ImageDataset(data.test_set.images[keep], data.test_set.labels[keep], data.mean, data.std)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[InfluenceCollapseCallback(num_transforms=4, tolerance=1)])
+    with pytest.raises(ContrastError, match=r"no sample of the query's label 5 that the model classifies correctly"):
+        trainer.fit(copy.deepcopy(model), datamodule=no_fives)
+
+
+def test_contrast_image_files(tmp_path, trained_digits):
+    data, _ = trained_digits
+    fives = torch.nonzero(data.test_set.labels == 5).flatten()[:2]
+    paths = []
+    for index in fives.tolist():
+        paths.append(str(tmp_path / f"five{index}.png"))
+        torchvision.io.write_png(data.test_set.images[index], paths[-1])
+    callback = InfluenceCollapseCallback(
+        num_transforms=4, tolerance=1, contrast_images=paths, output_dir=str(tmp_path / "a")
+    )
+    _fit_with(tmp_path, trained_digits, callback)
+    queries = torch.load(callback.result.output_dir / "queries.pt")
+    assert torch.allclose(queries["contrast_images"], torch.stack([data.test_set[i][0] for i in fives.tolist()]))
+    assert callback.result.scores.shape == (1 + 4 + 2, 400)
+
+    rgb = tmp_path / "rgb.png"
+    torchvision.io.write_png(data.test_set.images[fives[0]].expand(3, -1, -1).contiguous(), str(rgb))
+    small = tmp_path / "small.png"
+    torchvision.io.write_png(data.test_set.images[fives[0]][:, :16, :16].contiguous(), str(small))
+    for path, shape in ((rgb, r"\(3, 32, 32\)"), (small, r"\(1, 16, 16\)")):
+        callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, contrast_images=[str(path)])
+        with pytest.raises(
+            AuditError, match=rf"contrast_images holds .* of shape {shape}.*training images are \(1, 32, 32\)"
+        ):
+            _fit_with(tmp_path, trained_digits, callback)

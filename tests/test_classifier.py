@@ -32,3 +32,26 @@ def test_optimizer_and_schedule_follow_the_arguments():
     assert config["lr_scheduler"].milestones == {3: 1, 5: 1} and config["lr_scheduler"].gamma == 0.5
     adamw = PoisonClassifier(arch="small_cnn", optimizer="adamw", lr=1e-3).configure_optimizers()["optimizer"]
     assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_evaluation_sets_are_logged_by_name_not_position(tmp_path):
+    """A third evaluation set is logged under its own name; only the set named ``attack`` is ASR."""
+    from conftest import tiny_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = PoisonClassifier(arch="small_cnn", num_classes=3, in_channels=1)
+    images = torch.randn(12, 1, 32, 32)
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(-1)
+    right, wrong = TensorDataset(images, predicted), TensorDataset(images, (predicted + 1) % 3)
+    loaders = {"clean": DataLoader(right, batch_size=4), "extra": DataLoader(wrong, batch_size=4),
+               "attack": DataLoader(wrong, batch_size=4)}  # fmt: skip
+    (clean, extra, attack) = tiny_trainer(tmp_path).validate(model, dataloaders=loaders, verbose=False)
+    assert clean == {"val/acc": 1.0} and extra == {"val/extra_acc": 0.0} and attack == {"val/asr": 0.0}
+    loaders["extra"] = DataLoader(right, batch_size=4)  # the extra set's accuracy never leaks into ASR
+    results = tiny_trainer(tmp_path).validate(model, dataloaders=loaders, verbose=False)
+    assert results[1] == {"val/extra_acc": 1.0} and results[2] == {"val/asr": 0.0}
+    # a plain list has no names: the first loader is clean, the others are named by position, never ASR
+    listed = tiny_trainer(tmp_path).validate(model, dataloaders=[loaders["clean"], loaders["attack"]], verbose=False)
+    assert listed == [{"val/acc": 1.0}, {"val/set1_acc": 0.0}]

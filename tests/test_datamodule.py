@@ -6,7 +6,8 @@ import torchvision
 from conftest import digits_data
 
 from datamodules import DataNotFoundError, PoisonedDataModule
-from delta_influence.attacks import BadNets
+from delta_influence.attacks import BadNets, SmoothTrigger
+from delta_influence.surrogate import SurrogateRecipe
 
 
 def test_digits_poisoned_sets():
@@ -19,7 +20,7 @@ def test_digits_poisoned_sets():
     pixel = image * data.std.view(-1, 1, 1) + data.mean.view(-1, 1, 1)
     assert image.shape == (1, 32, 32) and label == 5
     assert torch.allclose(pixel[:, 28, 30], torch.ones(1))  # the white trigger
-    triggered = data.triggered_test_set
+    triggered = data.attack_test_set
     assert (triggered.labels == 5).all() and len(triggered) == 44  # a quarter of the 174 eights
     assert len(data.val_dataloader()) == 2
 
@@ -63,10 +64,21 @@ def test_cifar10_pickle_batches(cifar10_root):
     data = PoisonedDataModule("cifar10", root=str(cifar10_root), download=False, attack=BadNets(num_poisons=4))
     data.prepare_data()
     data.setup()
-    assert len(data.train_set) == 120 and len(data.test_set) == 40 and len(data.triggered_test_set) == 4
+    assert len(data.train_set) == 120 and len(data.test_set) == 40 and len(data.attack_test_set) == 4
     assert data.classes[8] == "ship" and data.in_channels == 3
     image, label = data.eval_train_set[int(data.poison_indices[0])]
     assert image.shape == (3, 32, 32) and label == 5
+
+
+def test_cifar100_pickle_files_with_the_reference_smooth_trigger(cifar100_root, tmp_path):
+    attack = SmoothTrigger(num_poisons=2, surrogate=SurrogateRecipe(epochs=1), num_images=20, max_passes=1)
+    data = PoisonedDataModule("cifar100", root=str(cifar100_root), download=False, attack=attack, crop_padding=0)
+    data.prepare_data()
+    data.setup()
+    assert data.num_classes == 100 and data.classes[86] == "telephone" and data.classes[68] == "road"
+    assert len(data.train_set) == 300 and len(data.test_set) == 100 and len(data.attack_test_set) == 1
+    assert (data.eval_train_set.labels[data.poison_indices] == 68).all()
+    assert list((cifar100_root / "attack_cache").glob("smooth_trigger-*.pt"))  # cached next to the data
 
 
 def test_image_folder(image_folder):
@@ -76,7 +88,7 @@ def test_image_folder(image_folder):
     data.setup()
     assert data.classes == ("cat", "dog", "ship") and data.num_classes == 3
     assert len(data.train_set) == 30 and data.eval_train_set[0][0].shape == (3, 32, 32)
-    assert len(data.triggered_test_set) == 3
+    assert len(data.attack_test_set) == 3
 
 
 def test_missing_cifar_without_download_names_root_and_offline_config(tmp_path):

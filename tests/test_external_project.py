@@ -34,7 +34,13 @@ class StripesDataModule(pl.LightningDataModule):
         self.eval_train_set = TensorDataset(images, labels)
         test = torch.randn(20, 1, SIZE, SIZE, generator=generator) * 0.3
         test[:, :, :, 16:24] += 1.0
-        self.triggered_test_set = TensorDataset(_patched(test), torch.full((20,), TARGET))
+        self.attack_test_set = TensorDataset(_patched(test), torch.full((20,), TARGET))
+        # a clean test set: the default rule's contrast takes its correctly classified images of the attack's label
+        clean_labels = torch.arange(30) % CLASSES
+        clean = torch.randn(30, 1, SIZE, SIZE, generator=generator) * 0.3
+        for label in range(CLASSES):
+            clean[clean_labels == label, :, :, label * 8 : label * 8 + 8] += 1.0
+        self.test_set = TensorDataset(clean, clean_labels)
 
     def train_dataloader(self):
         return DataLoader(self.eval_train_set, batch_size=16, shuffle=True)
@@ -73,8 +79,8 @@ def test_callback_audits_a_foreign_project(tmp_path):
     data = StripesDataModule()
     trainer.fit(TinyNet(), datamodule=data)
     result = callback.result
-    assert result is not None and result.scores.shape == (21, 150)
+    assert result is not None and result.scores.shape == (1 + 20 + 5, 150)
     assert result.metrics["recall"] >= 0.75  # most of the 12 poisons collapse
-    assert result.metrics["removed_fraction"] < 0.6
+    assert result.metrics["removed_fraction"] < 0.2  # the contrast keeps the clean class-0 images out
     assert result.output_dir == tmp_path / "delta_influence"  # next to checkpoints/, as there is no logger
     assert (result.output_dir / "flagged.json").exists()

@@ -60,7 +60,7 @@ def _run(method, trained_digits, tmp_path, flagged=None):
     data, victim = trained_digits
     return run_corrective_fit(
         victim, method, data.poison_indices if flagged is None else flagged, data.train_set, data.eval_train_set,
-        data.test_set, data.triggered_test_set, batch_size=32, max_epochs=1, out_dir=tmp_path / "unlearn",
+        data.test_set, data.attack_test_set, batch_size=32, max_epochs=1, out_dir=tmp_path / "unlearn",
     )  # fmt: skip
 
 
@@ -75,7 +75,7 @@ def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_p
     report = _run(method, trained_digits, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())  # victim untouched
     assert report["method"] == method.name and report["forgotten"] == 20 and report["retained"] == 380
-    assert report["before_asr"] == evaluate(victim, data.triggered_test_set)
+    assert report["before_asr"] == evaluate(victim, data.attack_test_set)
     assert 0 <= report["acc"] <= 1 and 0 <= report["asr"] <= 1
     corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
     assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
@@ -150,7 +150,7 @@ def test_unlearn_script_from_a_checkpoint_and_an_index_file(trained_digits, tmp_
         _unlearn_args(tmp_path, victim_path, indices, "--unlearning", "lightning_modules.unlearning.SSD")
     )
     assert report["method"] == "ssd" and report["forgotten"] == 20
-    assert report["before_asr"] == pytest.approx(evaluate(victim, data.triggered_test_set))
+    assert report["before_asr"] == pytest.approx(evaluate(victim, data.attack_test_set))
     assert Path(report["checkpoint"]) == tmp_path / "out" / "ssd.ckpt"
 
 

@@ -1,6 +1,16 @@
-"""Poisoning attacks: each knows which training samples it poisons and how it triggers an input."""
+"""Poisoning attacks: each turns clean data into poisoned training data and the set that measures its success."""
 
 from delta_influence.attacks.badnets import BadNets
-from delta_influence.attacks.base import Attack
+from delta_influence.attacks.base import Attack, AttackContext, LabeledImages, PoisonedData, Trigger, TriggerAttack
+from delta_influence.attacks.smooth_trigger import SmoothTrigger
 
-__all__ = ["Attack", "BadNets"]
+__all__ = [
+    "Attack",
+    "AttackContext",
+    "BadNets",
+    "LabeledImages",
+    "PoisonedData",
+    "SmoothTrigger",
+    "Trigger",
+    "TriggerAttack",
+]

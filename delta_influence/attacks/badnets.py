@@ -1,12 +1,15 @@
+"""BadNets: a dirty-label patch trigger."""
+
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from delta_influence.attacks.base import Attack
+from delta_influence.attacks.base import AttackContext, LabeledImages, Trigger, TriggerAttack
 
 
 @dataclass(frozen=True)
-class BadNets(Attack):
+class BadNets(TriggerAttack):
     """BadNets patch trigger (Gu et al., 2017): a few pixels set to a fixed value in every channel.
 
     The default is the Δ-Influence paper's CIFAR-10 setting: 500 ships relabelled as dogs, four black pixels near
@@ -43,3 +46,7 @@ class BadNets(Attack):
                 )
             out[..., row, col] = self.value
         return out
+
+    def make_trigger(self, train: LabeledImages, context: AttackContext) -> Trigger:
+        grey = torch.full(train.images.shape[1:], 0.5)
+        return Trigger(self.apply_trigger, media={"trigger": self.apply_trigger(grey)})

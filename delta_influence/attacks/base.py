@@ -1,23 +1,96 @@
+"""The attack contract: an attack turns clean data into poisoned training data and the set that measures it."""
+
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images as uint8 ``[N, C, H, W]`` with int64 labels ``[N]``."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What an attack may use besides the data: the number of classes, where to cache what it makes, a device."""
+
+    num_classes: int
+    cache_dir: Path
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PoisonedData:
+    """What an attack made of the clean data.
+
+    ``attack_test`` holds the inputs on which the attack's success is measured, labelled with what the attacker
+    wants (triggered victim-class test images labelled with the target; the target image(s) of a targeted attack
+    labelled with the intended class): accuracy on it is the attack success rate. ``clean_test`` marks the test
+    samples that count in clean accuracy. ``media`` holds pictures worth showing (e.g. the trigger), ``[C, H, W]``
+    floats in [0, 1], by name; ``info`` numbers about how the poisons were made (e.g. generation times).
+    """
+
+    train: LabeledImages
+    poison_indices: Tensor  # sorted indices of the training samples the attack changed: the ground truth
+    attack_test: LabeledImages
+    clean_test: Tensor  # [num_test] bool
+    media: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A trigger: ``apply`` maps float images in [0, 1] ``[..., C, H, W]`` to triggered ones; ``media`` and ``info``
+    go into ``PoisonedData``."""
+
+    apply: Callable[[Tensor], Tensor]
+    media: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+
 class Attack(ABC):
-    """A dirty-label backdoor: poisons are ``num_poisons`` samples of class ``victim``, triggered and relabelled
-    ``target``. Subclasses define the trigger."""
+    """A poisoning attack.
+
+    A new attack subclasses this (or ``TriggerAttack`` for a dirty-label trigger), validates its settings in
+    ``check``, makes anything expensive in ``prepare`` (cached under ``cache_dir``; the data module calls it once
+    per node, before ``poison``), and returns the poisoned data from ``poison``.
+    """
+
+    @abstractmethod
+    def check(self, num_classes: int) -> None:
+        """Raises ``ValueError`` when the attack's settings do not fit a data set of ``num_classes`` classes."""
+
+    def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
+        """Makes and caches what is expensive to make (a trigger, a surrogate's product). Nothing by default."""
+
+    @abstractmethod
+    def poison(
+        self, train: LabeledImages, test: LabeledImages, generator: torch.Generator, context: AttackContext
+    ) -> PoisonedData:
+        """Poisons the clean ``train`` set and builds the set that measures the attack on ``test``."""
+
+
+class TriggerAttack(Attack):
+    """A dirty-label backdoor: poisons are ``num_poisons`` training samples of class ``victim`` with the trigger,
+    relabelled ``target``; the attack is measured on victim-class test samples with the trigger. Subclasses make
+    the trigger in ``make_trigger``."""
 
     victim: int
     target: int
     num_poisons: int
 
     @abstractmethod
-    def apply_trigger(self, images: Tensor) -> Tensor:
-        """Returns triggered copies of float images in [0, 1] pixel space, shape ``[..., C, H, W]``."""
+    def make_trigger(self, train: LabeledImages, context: AttackContext) -> Trigger:
+        """The trigger, made (or loaded from the cache) for this clean training set."""
 
     def check(self, num_classes: int) -> None:
-        """Raises ``ValueError`` when the attack's classes do not fit a data set of ``num_classes`` classes."""
         for name in ("victim", "target"):
             value = getattr(self, name)
             if not 0 <= value < num_classes:
@@ -33,6 +106,30 @@ class Attack(ABC):
         if self.num_poisons < 1:
             raise ValueError(f"attack.num_poisons={self.num_poisons} must be at least 1.")
 
+    def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
+        self.select_poisons(train.labels, torch.Generator())  # a poison count that cannot work fails before the trigger
+        self.make_trigger(train, context)
+
+    def poison(
+        self, train: LabeledImages, test: LabeledImages, generator: torch.Generator, context: AttackContext
+    ) -> PoisonedData:
+        indices = self.select_poisons(train.labels, generator)
+        trigger = self.make_trigger(train, context)
+        images, labels = train.images.clone(), train.labels.clone()
+        images[indices] = _apply(trigger.apply, images[indices])
+        labels[indices] = self.target
+        victims = test.labels == self.victim
+        if not victims.any():
+            raise ValueError(f"the test set holds no sample of attack.victim={self.victim}; ASR is undefined.")
+        attack_test = LabeledImages(
+            _apply(trigger.apply, test.images[victims]),
+            torch.full((int(victims.sum()),), self.target, dtype=torch.long),
+        )
+        clean_test = torch.ones(len(test.labels), dtype=torch.bool)
+        return PoisonedData(
+            LabeledImages(images, labels), indices, attack_test, clean_test, trigger.media, trigger.info
+        )  # fmt: skip
+
     def select_poisons(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Draws ``num_poisons`` indices of victim-class samples, sorted, reproducibly from ``generator``."""
         candidates = torch.nonzero(labels == self.victim).flatten()
@@ -43,3 +140,8 @@ class Attack(ABC):
             )
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.num_poisons]]
         return chosen.sort().values
+
+
+def _apply(trigger: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """Applies the trigger in [0, 1] pixel space and stores the result as 8-bit images again."""
+    return (trigger(images.float() / 255) * 255).round().clamp(0, 255).to(torch.uint8)

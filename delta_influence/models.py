@@ -1,4 +1,4 @@
-"""Classifier architectures, chosen by name in the config."""
+"""Classifier architectures, chosen by name (the config's model.arch, a surrogate's recipe)."""
 
 from typing import Callable
 

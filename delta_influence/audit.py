@@ -1,0 +1,146 @@
+"""The Δ-Influence pipeline: queries, one scoring pass over the training set, the decision rule."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from delta_influence.collapse import CollapseResult, flag_collapsed
+from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
+from delta_influence.queries import QuerySet, make_queries
+
+
+@dataclass(frozen=True)
+class DeltaInfluence:
+    """Δ-Influence (Li et al., 2024) with the clean-class contrast; every setting is checked here, once.
+
+    Example:
+        >>> DeltaInfluence(tolerance=50)
+        Traceback (most recent call last):
+        ...
+        ValueError: tolerance=50 must lie in 0..49 (num_transforms - 1).
+    """
+
+    num_transforms: int = field(default=50, metadata={"help": "transformed copies of the query"})
+    threshold: float = field(default=0.0, metadata={"help": "a copy collapses a sample when Δ is below this"})
+    tolerance: int = field(default=2, metadata={"help": "copies that may fail to collapse a flagged sample"})
+    num_contrast: int = field(
+        default=5, metadata={"help": "correctly classified clean test samples of the query's label; 0: reference rule"}
+    )
+    contrast_ratio: float = field(
+        default=2.0, metadata={"help": "a flagged sample supports the query this many times more than the class"}
+    )
+    strategy: Strategy = field(default="ekfac", metadata={"help": "kronfluence's Hessian approximation"})
+    space: Literal["normalized", "pixel"] = field(
+        default="normalized", metadata={"help": "transform the normalised input (the reference) or pixels"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the transformations and their labels"})
+    train_batch_size: int = field(default=128, metadata={"help": "training samples per batch of kronfluence"})
+    num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
+
+    def __post_init__(self) -> None:
+        if self.num_transforms < 1:
+            raise ValueError(f"num_transforms={self.num_transforms} must be at least 1.")
+        if not 0 <= self.tolerance < self.num_transforms:
+            raise ValueError(
+                f"tolerance={self.tolerance} must lie in 0..{self.num_transforms - 1} (num_transforms - 1)."
+            )
+        if self.num_contrast < 0:
+            raise ValueError(f"num_contrast={self.num_contrast} must be 0 (the reference rule) or more.")
+        if self.contrast_ratio <= 0:
+            raise ValueError(f"contrast_ratio={self.contrast_ratio} must be positive; the default 2.0 is recommended.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+        if self.space not in ("normalized", "pixel"):
+            raise ValueError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
+        if self.train_batch_size < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"train_batch_size={self.train_batch_size} must be at least 1 and num_workers={self.num_workers} "
+                "at least 0."
+            )
+
+    def run(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        image: Tensor,
+        label: int,
+        num_classes: int,
+        factors_dir: str | Path,
+        contrast: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ) -> "DeltaInfluenceAudit":
+        """Audits ``model``: scores every training sample on the query, its copies and the contrast in one pass.
+
+        Args:
+            model: The trained classifier (its forward returns logits); it is not modified.
+            train_set: The training set in evaluation form: ``(input, label)`` pairs, fixed order, no augmentation.
+            image: The misbehaving test example as the model sees it, ``[C, H, W]``.
+            label: The attacker's label, which the model predicts for ``image``.
+            num_classes: Number of classes of the model.
+            factors_dir: Where kronfluence's factors are cached.
+            contrast: Clean test images ``[k, C, H, W]`` of class ``label`` that the model classifies correctly;
+                needed when ``num_contrast > 0`` (any k >= 1), refused when it is 0.
+            device: Where to compute.
+            mean: Per-channel mean of the normalisation (for ``space="pixel"``).
+            std: Per-channel standard deviation of the normalisation (for ``space="pixel"``).
+        """
+        start = time.perf_counter()
+        contrast = self._checked_contrast(contrast, image)
+        queries = make_queries(
+            image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std
+        )  # fmt: skip
+        images = torch.cat([queries.images, contrast.to(queries.images.dtype)])
+        labels = torch.cat([queries.labels, torch.full((len(contrast),), label, dtype=torch.long)])
+        influence = compute_influence_scores(
+            model, train_set, TensorDataset(images, labels), factors_dir, self.strategy, device,
+            self.train_batch_size, num_workers=self.num_workers,
+        )  # fmt: skip
+        decision = flag_collapsed(
+            influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio
+        )  # fmt: skip
+        timings = {**influence.timings, "total_s": time.perf_counter() - start}
+        return DeltaInfluenceAudit(
+            queries, contrast, influence.scores, decision, influence.factors_name, influence.factors_reused, timings
+        )
+
+    def _checked_contrast(self, contrast: Optional[Tensor], image: Tensor) -> Tensor:
+        """The contrast images, checked against the settings and the query's shape; empty without contrast."""
+        if self.num_contrast == 0:
+            if contrast is not None and len(contrast):
+                raise ValueError("contrast images were given but num_contrast=0 turns the contrast off; drop one.")
+            return image.new_zeros((0, *image.shape))
+        if contrast is None or len(contrast) == 0:
+            raise ValueError(
+                "the clean-class contrast needs clean images of the query's label (num_contrast > 0); give them, or "
+                "set num_contrast=0 for the reference rule."
+            )
+        if contrast.dim() != 4 or contrast.shape[1:] != image.shape:
+            raise ValueError(
+                f"contrast images have shape {tuple(contrast.shape)}; expected [k, "
+                f"{', '.join(map(str, image.shape))}], the query's channels and size."
+            )
+        return contrast
+
+
+@dataclass
+class DeltaInfluenceAudit:
+    """What an audit computed: the queries, the scores of every training sample on them, and the decision."""
+
+    queries: QuerySet  # the original query and its transformed copies
+    contrast: Tensor  # [k, C, H, W] clean contrast images (k = 0 without contrast)
+    scores: Tensor  # [1 + n + k, N]: the original query, the n copies, the k contrast images
+    decision: CollapseResult
+    factors_name: str
+    factors_reused: bool
+    timings: dict[str, float]
+
+    @property
+    def flagged(self) -> Tensor:
+        return self.decision.flagged

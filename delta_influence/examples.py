@@ -1,0 +1,73 @@
+"""Test examples chosen by the model's predictions: the misbehaving query, and the clean contrast of its label."""
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class ContrastError(ValueError):
+    """The clean contrast examples cannot be found."""
+
+
+@contextmanager
+def evaluating(module: nn.Module, device: Optional[torch.device] = None) -> Iterator[nn.Module]:
+    """The module in eval mode (and on ``device``) for a block; its mode and device are restored after."""
+    was_training = module.training
+    home = next(module.parameters()).device
+    module.eval()
+    if device is not None:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+        module.to(home)
+
+
+def _hits(model: nn.Module, dataset: Dataset, wanted: Optional[int], batch_size: int) -> Iterator[int]:
+    """Indices, in order, of the samples the model classifies as their label (and whose label is ``wanted``)."""
+    device = next(model.parameters()).device
+    seen = 0
+    with torch.no_grad(), evaluating(model):
+        for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+            labels = torch.as_tensor(labels)
+            keep = labels == wanted if wanted is not None else torch.ones_like(labels, dtype=torch.bool)
+            if keep.any():
+                predicted = model(inputs[keep].to(device)).argmax(-1).cpu()
+                hits = torch.nonzero(keep).flatten()[predicted == labels[keep]]
+                yield from (seen + int(index) for index in hits)
+            seen += len(labels)
+
+
+def first_attacked(model: nn.Module, triggered: Dataset, batch_size: int = 256) -> Optional[int]:
+    """Index of the first attacked sample the model classifies as its label (the attacker's), or ``None``."""
+    return next(_hits(model, triggered, None, batch_size), None)
+
+
+def select_contrast(model: nn.Module, test_set: Dataset, label: int, count: int, batch_size: int = 256) -> list[int]:
+    """The first ``count`` clean test samples of class ``label`` that the model classifies correctly.
+
+    Raises:
+        ContrastError: When fewer than ``count`` exist; the message says how many there are and what to do.
+    """
+    chosen = []
+    for index in _hits(model, test_set, label, batch_size):
+        chosen.append(index)
+        if len(chosen) == count:
+            return chosen
+    fix = (
+        "Lower num_contrast, give clean images of that class as contrast_images, or set num_contrast=0 for the "
+        "reference rule without contrast."
+    )
+    if not chosen:
+        raise ContrastError(
+            f"the clean test set has no sample of the query's label {label} that the model classifies correctly, so "
+            f"the clean-class contrast has nothing to compare with. {fix}"
+        )
+    raise ContrastError(
+        f"num_contrast={count}, but the model classifies only {len(chosen)} clean test samples of the query's label "
+        f"{label} correctly. {fix}"
+    )
