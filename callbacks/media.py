@@ -1,6 +1,7 @@
 """Pictures of an audit: the queries, the collapse counts, the top flagged samples. Written as PNG files and, when
 the run logs to W&B, as W&B media."""
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -91,8 +92,9 @@ def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poison
     axis.set_xscale("symlog", linthresh=_linear_range(x))
     axis.set_yscale("symlog", linthresh=_linear_range(y))
     # flagged: above y = ratio * |x|
-    reach = max(float(abs(x).max(initial=0)), 1.0)
-    edge = torch.cat([torch.linspace(-reach, 0, 200), torch.linspace(0, reach, 200)]).numpy()
+    reach, near = max(float(abs(x).max(initial=0)), 1.0), _linear_range(x)
+    half = torch.logspace(math.log10(near), math.log10(reach), 200)  # even steps on the symlog axis
+    edge = torch.cat([-half.flip(0), torch.zeros(1), half]).numpy()
     axis.plot(edge, decision.contrast_ratio * abs(edge), color="black", linestyle="--", linewidth=1,
               label=f"boundary: query = {decision.contrast_ratio:g} x |class|")  # fmt: skip
     axis.set_xlabel("mean score on clean queries of the label")
