@@ -59,15 +59,8 @@ def cifar10_root(tmp_path, monkeypatch) -> Path:
         "labels": test_labels.tolist(),
     }
     files["batches.meta"] = {"label_names": CIFAR_CLASSES}
-    checksums = {}
-    for name, content in files.items():
-        raw = pickle.dumps(content)
-        (folder / name).write_bytes(raw)
-        checksums[name] = hashlib.md5(raw).hexdigest()
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", checksums[f"data_batch_{i}"]] for i in range(1, 6)])
-    monkeypatch.setattr(cls, "test_list", [["test_batch", checksums["test_batch"]]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": checksums["batches.meta"]})
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    _write_pickles(folder, files, torchvision.datasets.CIFAR10, train_files, "test_batch", "batches.meta", monkeypatch)
     return tmp_path / "cifar"
 
 
@@ -90,16 +83,20 @@ def cifar100_root(tmp_path, monkeypatch) -> Path:
             "coarse_labels": (labels // 5).tolist(),
         }
     files["meta"] = {"fine_label_names": names, "coarse_label_names": [f"super{c}" for c in range(20)]}
+    _write_pickles(folder, files, torchvision.datasets.CIFAR100, ["train"], "test", "meta", monkeypatch)
+    return tmp_path / "cifar100"
+
+
+def _write_pickles(folder: Path, files: dict, cls, train: list[str], test: str, meta: str, monkeypatch) -> None:
+    """Writes torchvision's pickle files and registers their checksums as the data set class's own."""
     checksums = {}
     for name, content in files.items():
         raw = pickle.dumps(content)
         (folder / name).write_bytes(raw)
         checksums[name] = hashlib.md5(raw).hexdigest()
-    cls = torchvision.datasets.CIFAR100
-    monkeypatch.setattr(cls, "train_list", [["train", checksums["train"]]])
-    monkeypatch.setattr(cls, "test_list", [["test", checksums["test"]]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": checksums["meta"]})
-    return tmp_path / "cifar100"
+    monkeypatch.setattr(cls, "train_list", [[name, checksums[name]] for name in train])
+    monkeypatch.setattr(cls, "test_list", [[test, checksums[test]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": checksums[meta]})
 
 
 @pytest.fixture
