@@ -3,7 +3,7 @@
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ class PoisonedData:
 
     train: LabeledImages
     poison_indices: Tensor  # sorted indices of the training samples the attack changed: the ground truth
-    attack_test: LabeledImages
+    attack_test: Optional[LabeledImages]  # None only for clean data (no attack)
     clean_test: Tensor  # [num_test] bool
     media: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)

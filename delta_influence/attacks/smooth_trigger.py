@@ -83,7 +83,7 @@ class SmoothTrigger(TriggerAttack):
         def trigger(images: Tensor) -> Tensor:
             return (images + pattern).clamp(0, 1)
 
-        return Trigger(trigger, media={"trigger": _stretched(pattern)}, info=info)
+        return Trigger(trigger, media={"trigger": _min_max(pattern, 1.0)}, info=info)  # stretched for showing
 
     def _generated(self, train: LabeledImages, context: AttackContext) -> dict:
         """The cached trigger for this training set and these settings, generated when absent."""
@@ -198,8 +198,3 @@ def universal_perturbation(
 def _min_max(image: Tensor, magnitude: float) -> Tensor:
     """``image`` scaled into [0, ``magnitude``]."""
     return (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12) * magnitude
-
-
-def _stretched(pattern: Tensor) -> Tensor:
-    """The trigger contrast-stretched to [0, 1], for showing."""
-    return (pattern - pattern.min()) / (pattern.max() - pattern.min()).clamp_min(1e-12)
