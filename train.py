@@ -7,20 +7,37 @@ trained model with Δ-Influence and runs the corrective fit. Any option can be o
 
 import netrc
 import os
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Callable, Optional
 
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.run_folder import RunConfigCallback
 from datamodules import PoisonedDataModule
+from delta_influence.errors import DeltaInfluenceError
+from delta_influence.quiet import hide_harmless_warnings, without_unused_wandb_settings
 from lightning_modules import PoisonClassifier
+
+TRACEBACK_VARIABLE = "DELTA_INFLUENCE_TRACEBACK"
 
 
 class DeltaInfluenceCLI(LightningCLI):
-    """LightningCLI that takes the number of classes and image channels from the data module."""
+    """LightningCLI that takes the number of classes and image channels from the data module and saves each run's
+    resolved config in the run's own folder."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                # W&B looks for a git repository in its folder as it starts: the folder must exist by then
+                Path(logger.save_dir or self.trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+                logger._wandb_init = without_unused_wandb_settings(logger._wandb_init)
 
 
 def use_wandb_offline_without_account() -> None:
@@ -44,15 +61,29 @@ def _netrc_has_wandb() -> bool:
 def main(args: Optional[list[str]] = None, run: bool = True) -> DeltaInfluenceCLI:
     """Runs the CLI on ``args`` (default: the command line)."""
     use_wandb_offline_without_account()
+    hide_harmless_warnings()
     return DeltaInfluenceCLI(
         PoisonClassifier,
         PoisonedDataModule,
         args=args,
         run=run,
         parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigCallback,
     )
 
 
+def run_command(main: Callable[[], object]) -> None:
+    """Runs a command-line entry point. An error the project raises on purpose (a bad setting, missing data, a
+    model that does not fit) ends it with the message alone and exit status 2; set DELTA_INFLUENCE_TRACEBACK=1 to
+    see the traceback. Unexpected errors keep theirs."""
+    try:
+        main()
+    except DeltaInfluenceError as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"error: {error}\n(set {TRACEBACK_VARIABLE}=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,5 +1,10 @@
 """Corrective fit without the audit: forget a file of training indices from a victim checkpoint.
 
+    python unlearn.py --run runs/delta-influence/<run> --unlearning lightning_modules.unlearning.SCRUB
+
+takes everything from the run's folder: its saved config.yaml, its checkpoint and its audit's flagged.json (any of
+them can still be given: --config, --victim, --indices). Without a run folder:
+
     python unlearn.py --config configs/digits_badnets.yaml \\
         --victim runs/delta-influence/<run>/checkpoints/<epoch>.ckpt \\
         --indices runs/delta-influence/<run>/delta_influence/flagged.json \\
@@ -10,15 +15,17 @@ or {"flagged": [...]}), a tensor file (.pt) or text (one index per line).
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from datamodules import PoisonedDataModule
+from delta_influence.quiet import hide_harmless_warnings
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import Unlearning, UnlearningError, run_corrective_fit
-from train import DeltaInfluenceCLI, use_wandb_offline_without_account
+from train import DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
 
 
 class UnlearnCLI(DeltaInfluenceCLI):
@@ -35,6 +42,9 @@ class UnlearnCLI(DeltaInfluenceCLI):
             help="the method",
         )
         parser.add_argument("--out_dir", type=Optional[str], default=None, help="default: <victim run>/unlearn")
+        # a run's saved config.yaml holds the `fit` command's own options too; they play no part here
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="ignored (from a saved fit config)")
+        parser.add_argument("--weights_only", type=Optional[bool], default=None, help="ignored (as --ckpt_path)")
 
 
 def read_indices(path: str) -> torch.Tensor:
@@ -70,8 +80,55 @@ def load_victim(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state)
 
 
+def from_run_folder(args: list[str]) -> list[str]:
+    """``args`` with ``--run <folder>`` replaced by the folder's saved config, victim checkpoint and audit's flagged
+    indices; options given explicitly win (they come later on the command line)."""
+    if "--run" not in args and not any(arg.startswith("--run=") for arg in args):
+        return args
+    rest, folder = [], None
+    iterator = iter(args)
+    for arg in iterator:
+        if arg == "--run":
+            folder = next(iterator, None)
+        elif arg.startswith("--run="):
+            folder = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if folder is None or not Path(folder).is_dir():
+        raise UnlearningError(f"--run={folder!r} is not a folder; give a run's folder, e.g. runs/delta-influence/<id>.")
+    run = Path(folder)
+    found = ["--config", str(_one(run, "config.yaml", "its saved config"))]
+    if "--victim" not in rest:
+        found += ["--victim", str(_one(run, "checkpoints/*.ckpt", "the victim's checkpoint", "--victim"))]
+    if "--indices" not in rest:
+        audits = sorted(run.glob("delta_influence*/flagged.json"), key=lambda p: _version(p.parent.name))
+        if not audits:
+            raise UnlearningError(f"--run={folder!r} holds no audit (delta_influence/flagged.json); pass --indices.")
+        found += ["--indices", str(audits[-1])]  # the latest audit
+    return found + rest
+
+
+def _one(run: Path, pattern: str, what: str, option: str = "--config") -> Path:
+    """The single file matching ``pattern`` in the run folder."""
+    matches = sorted(run.glob(pattern))
+    if len(matches) != 1:
+        names = ", ".join(p.name for p in matches) or "nothing"
+        raise UnlearningError(
+            f"--run={str(run)!r}: expected one file for {what} ({pattern}), found {names}; pass {option} explicitly."
+        )
+    return matches[0]
+
+
+def _version(name: str) -> int:
+    """2 for ``delta_influence-2``, 1 for ``delta_influence``."""
+    suffix = name.rsplit("-", 1)[-1]
+    return int(suffix) if "-" in name and suffix.isdigit() else 1
+
+
 def main(args: Optional[list[str]] = None) -> Optional[dict]:
     use_wandb_offline_without_account()
+    hide_harmless_warnings()
+    args = from_run_folder(sys.argv[1:] if args is None else list(args))
     cli = UnlearnCLI(
         PoisonClassifier, PoisonedDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"}
     )
@@ -94,11 +151,19 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
         out_dir=Path(config.out_dir) if config.out_dir else Path(config.victim).resolve().parent.parent / "unlearn",
         accelerator=accelerator,
         seed=config.seed_everything or 0,
+        val_dataloaders=data.val_dataloader(),
+        progress_bar=cli.trainer.progress_bar_callback is not None,
     )
     if report is not None:
         print(json.dumps(report, indent=2))
     return report
 
 
+def _command_line() -> list[str]:
+    """The command line's arguments, taken over (LightningCLI warns when it gets both ``args`` and sys.argv)."""
+    args, sys.argv[1:] = sys.argv[1:], []
+    return args
+
+
 if __name__ == "__main__":
-    main()
+    run_command(lambda: main(_command_line()))

@@ -7,6 +7,7 @@ from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
 from callbacks.media import to_displayable, to_hwc
+from delta_influence.errors import ConfigError
 
 
 class AttackPreviewCallback(Callback):
@@ -20,7 +21,7 @@ class AttackPreviewCallback(Callback):
 
     def __init__(self, num_images: int = 8) -> None:
         if num_images < 0:
-            raise ValueError(f"num_images={num_images} must be 0 or more.")
+            raise ConfigError(f"num_images={num_images} must be 0 or more.")
         self.num_images = num_images
 
     @override

@@ -13,22 +13,26 @@ import torchvision
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.io import ImageReadMode
 from typing_extensions import override
 
 from callbacks import media
+from callbacks.run_folder import run_dir
 from delta_influence import detection_metrics
+from delta_influence.attacks.base import class_index
 from delta_influence.audit import DeltaInfluence, DeltaInfluenceAudit
 from delta_influence.collapse import topk_recall
+from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.files import publish
 from delta_influence.influence import Strategy, check_trackable
 from lightning_modules.unlearning import Unlearning, run_corrective_fit
 
 
-class AuditError(ValueError):
+class AuditError(ConfigError):
     """The audit cannot run on what it was given."""
 
 
@@ -64,7 +68,8 @@ class InfluenceCollapseCallback(Callback):
     Args:
         query_index: Index into the attack's test set; ``None`` takes the first one the model gets wrong.
         query_image: Path of an image file to use as the query, instead of the attack's test set.
-        query_label: The attacker's label for ``query_image``.
+        query_label: The attacker's label for ``query_image``: a class index, or a name from the datamodule's
+            ``classes``.
         require_misclassified: Stop with an error when the model does not predict the query's label; ``False``
             proceeds anyway.
         num_transforms: Number of transformed copies of the query.
@@ -91,7 +96,7 @@ class InfluenceCollapseCallback(Callback):
         self,
         query_index: Optional[int] = None,
         query_image: Optional[str] = None,
-        query_label: Optional[int] = None,
+        query_label: Optional[int | str] = None,
         require_misclassified: bool = True,
         num_transforms: int = 50,
         threshold: float = 0.0,
@@ -122,16 +127,16 @@ class InfluenceCollapseCallback(Callback):
             num_workers=num_workers,
         )
         if contrast_images is not None and not (contrast_images and num_contrast):
-            raise ValueError(
+            raise ConfigError(
                 f"contrast_images={contrast_images!r} with num_contrast={num_contrast}: give at least one file and "
                 "leave num_contrast above 0 (the number of files sets it), or drop contrast_images."
             )
         if (query_image is None) != (query_label is None):
-            raise ValueError("query_image and query_label go together: give both or neither.")
+            raise ConfigError("query_image and query_label go together: give both or neither.")
         if query_image is not None and query_index is not None:
-            raise ValueError("give query_index or query_image, not both.")
+            raise ConfigError("give query_index or query_image, not both.")
         if query_index is not None and query_index < 0:
-            raise ValueError(f"query_index={query_index} must be 0 or more.")
+            raise ConfigError(f"query_index={query_index} must be 0 or more.")
         self.query_index = query_index
         self.query_image = query_image
         self.query_label = query_label
@@ -173,9 +178,11 @@ class InfluenceCollapseCallback(Callback):
             attack_test_set=getattr(data, "attack_test_set", None),
             batch_size=loader.batch_size,
             max_epochs=trainer.max_epochs,
-            out_dir=_run_dir(trainer) / "unlearn",
+            out_dir=run_dir(trainer) / "unlearn",
             accelerator=self._accelerator,
             seed=self.delta_influence.seed,
+            val_dataloaders=data.val_dataloader() if is_overridden("val_dataloader", data) else None,
+            progress_bar=trainer.progress_bar_callback is not None,
         )
         if report is None:
             return None
@@ -232,7 +239,7 @@ class InfluenceCollapseCallback(Callback):
             "metrics": metrics,
         }
         out = _write_atomically(
-            Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "delta_influence",
+            Path(self.output_dir) if self.output_dir else run_dir(trainer) / "delta_influence",
             lambda folder: self._write(folder, summary, audit, data, poisons),
         )
         self._log(trainer, metrics, out, audit, train_set, data, poisons)
@@ -265,7 +272,8 @@ class InfluenceCollapseCallback(Callback):
         """The misbehaving example: a user's image file, or a sample of the attack's test set."""
         if self.query_image is not None:
             image = _read_image(self.query_image, train_set, data, "query_image", resize=True)
-            return image, int(self.query_label), self.query_image
+            label = class_index(self.query_label, getattr(data, "classes", None) or (), "query_label")
+            return image, int(label), self.query_image
         attacked = getattr(data, "attack_test_set", None)
         if attacked is None:
             raise AuditError(
@@ -423,14 +431,6 @@ def _contrast_rows(audit: DeltaInfluenceAudit) -> list[int]:
     """First and last row of the contrast queries in the score matrix (empty without contrast)."""
     first = 1 + audit.decision.num_transforms
     return [first, first + len(audit.contrast) - 1] if len(audit.contrast) else []
-
-
-def _run_dir(trainer: pl.Trainer) -> Path:
-    """The run's folder: where its checkpoints go, else the trainer's root folder."""
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-        return Path(checkpoint.dirpath).parent
-    return Path(trainer.default_root_dir)
 
 
 def _write_atomically(target: Path, write) -> Path:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datamodules.sources import SOURCES, ImageSource
 from delta_influence.attacks import Attack, BadNets
 from delta_influence.attacks.base import AttackContext, LabeledImages, PoisonedData
+from delta_influence.errors import ConfigError
 from delta_influence.unlearning import retained_indices
 
 
@@ -113,11 +114,13 @@ class PoisonedDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in SOURCES:
-            raise ValueError(f"data.dataset={dataset!r} is not known; use one of {', '.join(SOURCES)}.")
+            raise ConfigError(f"data.dataset={dataset!r} is not known; use one of {', '.join(SOURCES)}.")
         if per_class is not None and per_class < 1:
-            raise ValueError(f"data.per_class={per_class} must be at least 1, or null to keep every image.")
+            raise ConfigError(f"data.per_class={per_class} must be at least 1, or null to keep every image.")
         self.source: ImageSource = SOURCES[dataset](root, download, image_size)
         if attack is not None:
+            classes = self.source.class_names()
+            attack = attack.with_classes(classes) if classes else attack  # names resolve now, or once loaded
             attack.check(self.source.num_classes)
         self.attack = attack
         self.per_class = per_class
@@ -207,6 +210,9 @@ class PoisonedDataModule(pl.LightningDataModule):
         subset's draws; loaded once per process."""
         if self._clean is None:
             data = self.source.load()
+            if self.attack is not None:
+                self.attack = self.attack.with_classes(data.classes)
+                self.attack.check(self.num_classes)
             generator = torch.Generator().manual_seed(self.seed)
             images, labels = _take_per_class(data.train_images, data.train_labels, self.per_class, generator)
             train, test = LabeledImages(images, labels), LabeledImages(data.test_images, data.test_labels)

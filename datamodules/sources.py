@@ -4,9 +4,11 @@ A new source subclasses ``ImageSource`` (``__init__(root, download, image_size)`
 ``prepare_data`` that only downloads, ``load``) and adds itself to ``SOURCES``.
 """
 
+import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Optional
 from urllib.error import URLError
 
 import torch
@@ -15,11 +17,13 @@ import torchvision
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
+from delta_influence.errors import ConfigError, DeltaInfluenceError
+
 OFFLINE_CONFIG = "configs/digits_badnets.yaml"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(DeltaInfluenceError, FileNotFoundError):
     """The data set is not on disk and could not be downloaded."""
 
 
@@ -53,6 +57,10 @@ class ImageSource(ABC):
 
     def prepare_data(self) -> None:
         """Downloads the data if needed; loads nothing."""
+
+    def class_names(self) -> Optional[tuple[str, ...]]:
+        """The class names in label order, when known without loading the images (else ``None``)."""
+        return None
 
     @abstractmethod
     def load(self) -> ImageData:
@@ -99,6 +107,13 @@ class CIFAR10(ImageSource):
             classes=tuple(train.classes),
         )
 
+    def class_names(self) -> Optional[tuple[str, ...]]:
+        meta = Path(self.root) / self.dataset_class.base_folder / self.dataset_class.meta["filename"]
+        if not meta.is_file():
+            return None
+        with open(meta, "rb") as file:
+            return tuple(pickle.load(file, encoding="latin1")[self.dataset_class.meta["key"]])
+
     def _present(self) -> bool:
         folder = Path(self.root) / self.dataset_class.base_folder
         return all((folder / name).exists() for name, _ in self.dataset_class.train_list + self.dataset_class.test_list)
@@ -112,7 +127,8 @@ class CIFAR100(CIFAR10):
 
 
 class ImageFolder(ImageSource):
-    """An image-folder tree ``root/{train,test}/<class>/<image>``; classes are the sorted folder names.
+    """An image-folder tree ``root/{train,test}/<class>/<image>``. Classes are the folder names in sorted order,
+    numerically when every name is a number (``2`` before ``10``), else alphabetically.
 
     The extracted CIFAR-10 JPEG tree is one such tree.
 
@@ -138,10 +154,13 @@ class ImageFolder(ImageSource):
                 f"--data.root={self.root!r} has no 'train' and 'test' folders; an image folder needs "
                 f"root/train/<class>/<image> and root/test/<class>/<image>. {_DATA_FIX}"
             )
-        classes = tuple(sorted(entry.name for entry in train.iterdir() if entry.is_dir()))
+        classes = sort_class_names(entry.name for entry in train.iterdir() if entry.is_dir())
         if len(classes) < 2:
             raise DataNotFoundError(f"{train} holds {len(classes)} class folders; a classifier needs at least 2.")
         return classes
+
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes
 
     def _read(self, split: str) -> tuple[Tensor, Tensor]:
         mode = ImageReadMode.RGB if self.in_channels == 3 else ImageReadMode.GRAY
@@ -155,7 +174,7 @@ class ImageFolder(ImageSource):
             raise DataNotFoundError(f"{Path(self.root) / split} holds no images with suffix {IMAGE_SUFFIXES}.")
         sizes = {tuple(image.shape) for image in images}
         if len(sizes) > 1:
-            raise ValueError(f"images under {self.root} differ in size {sorted(sizes)[:3]}; set --data.image_size.")
+            raise ConfigError(f"images under {self.root} differ in size {sorted(sizes)[:3]}; set --data.image_size.")
         return torch.stack(images), torch.tensor(labels)
 
 
@@ -173,6 +192,9 @@ class Digits(ImageSource):
     test_fraction = 0.25
     split_seed = 0
 
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(map(str, range(10)))
+
     def load(self) -> ImageData:
         from sklearn.datasets import load_digits
 
@@ -186,7 +208,7 @@ class Digits(ImageSource):
             members = torch.nonzero(labels == label).flatten()
             members = members[torch.randperm(len(members), generator=generator)]
             test[members[: round(len(members) * self.test_fraction)]] = True
-        return ImageData(images[~test], labels[~test], images[test], labels[test], tuple(map(str, range(10))))
+        return ImageData(images[~test], labels[~test], images[test], labels[test], self.class_names())
 
 
 SOURCES: dict[str, type[ImageSource]] = {
@@ -195,6 +217,19 @@ SOURCES: dict[str, type[ImageSource]] = {
     "folder": ImageFolder,
     "digits": Digits,
 }
+
+
+def sort_class_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Class folder names in label order: numerically when every name is a number, else alphabetically.
+
+    Example:
+        >>> sort_class_names(["10", "2", "1"]), sort_class_names(["dog", "cat"])
+        (('1', '2', '10'), ('cat', 'dog'))
+    """
+    names = list(names)
+    if names and all(name.isdigit() for name in names):
+        return tuple(sorted(names, key=lambda name: (int(name), name)))
+    return tuple(sorted(names))
 
 
 def _resize(images: Tensor, size: int) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from delta_influence.collapse import CollapseResult, flag_collapsed
+from delta_influence.errors import ConfigError
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
 from delta_influence.queries import QuerySet, make_queries
 
@@ -44,21 +45,21 @@ class DeltaInfluence:
 
     def __post_init__(self) -> None:
         if self.num_transforms < 1:
-            raise ValueError(f"num_transforms={self.num_transforms} must be at least 1.")
+            raise ConfigError(f"num_transforms={self.num_transforms} must be at least 1.")
         if not 0 <= self.tolerance < self.num_transforms:
-            raise ValueError(
+            raise ConfigError(
                 f"tolerance={self.tolerance} must lie in 0..{self.num_transforms - 1} (num_transforms - 1)."
             )
         if self.num_contrast < 0:
-            raise ValueError(f"num_contrast={self.num_contrast} must be 0 (the reference rule) or more.")
+            raise ConfigError(f"num_contrast={self.num_contrast} must be 0 (the reference rule) or more.")
         if self.contrast_ratio <= 0:
-            raise ValueError(f"contrast_ratio={self.contrast_ratio} must be positive; the default 2.0 is recommended.")
+            raise ConfigError(f"contrast_ratio={self.contrast_ratio} must be positive; the default 2.0 is recommended.")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+            raise ConfigError(f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
         if self.space not in ("normalized", "pixel"):
-            raise ValueError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
+            raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
         if self.train_batch_size < 1 or self.num_workers < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train_batch_size={self.train_batch_size} must be at least 1 and num_workers={self.num_workers} "
                 "at least 0."
             )
@@ -114,15 +115,15 @@ class DeltaInfluence:
         """The contrast images, checked against the settings and the query's shape; empty without contrast."""
         if self.num_contrast == 0:
             if contrast is not None and len(contrast):
-                raise ValueError("contrast images were given but num_contrast=0 turns the contrast off; drop one.")
+                raise ConfigError("contrast images were given but num_contrast=0 turns the contrast off; drop one.")
             return image.new_zeros((0, *image.shape))
         if contrast is None or len(contrast) == 0:
-            raise ValueError(
+            raise ConfigError(
                 "the clean-class contrast needs clean images of the query's label (num_contrast > 0); give them, or "
                 "set num_contrast=0 for the reference rule."
             )
         if contrast.dim() != 4 or contrast.shape[1:] != image.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"contrast images have shape {tuple(contrast.shape)}; expected [k, "
                 f"{', '.join(map(str, image.shape))}], the query's channels and size."
             )

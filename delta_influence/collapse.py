@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_f1_score, binary_precision, binary_recall
 
+from delta_influence.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CollapseResult:
@@ -62,25 +64,25 @@ def flag_collapsed(
         (tensor([0]), tensor([0, 1]), tensor([0.5000, 5.0000]))
     """
     if scores.dim() != 2:
-        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
+        raise ConfigError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
     if num_contrast < 0:
-        raise ValueError(f"num_contrast={num_contrast} must be 0 (no contrast) or more.")
+        raise ConfigError(f"num_contrast={num_contrast} must be 0 (no contrast) or more.")
     if contrast_ratio <= 0:
-        raise ValueError(f"contrast_ratio={contrast_ratio} must be positive; 2 means 'twice as much as the class'.")
+        raise ConfigError(f"contrast_ratio={contrast_ratio} must be positive; 2 means 'twice as much as the class'.")
     num_transforms = scores.shape[0] - 1 - num_contrast
     if num_transforms < 1:
-        raise ValueError(
+        raise ConfigError(
             f"scores has {scores.shape[0]} rows, which leaves {num_transforms} transformed queries after the original "
             f"and {num_contrast} contrast rows; expected [1 + n + num_contrast, N] with n >= 1."
         )
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).sum().item()
-        raise ValueError(
+        raise ConfigError(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
     if not 0 <= tolerance < num_transforms:
-        raise ValueError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} for {num_transforms} copies.")
+        raise ConfigError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} for {num_transforms} copies.")
     deltas = scores[1 : 1 + num_transforms] - scores[:1]
     counts = (deltas < threshold).sum(dim=0)
     collapsed = counts >= num_transforms - tolerance

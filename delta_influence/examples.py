@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from delta_influence.errors import ConfigError
 
-class ContrastError(ValueError):
+
+class ContrastError(ConfigError):
     """The clean contrast examples cannot be found."""
 
 

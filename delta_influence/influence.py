@@ -18,6 +18,9 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.quiet import harmless_warnings_hidden
+
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 
@@ -94,7 +97,7 @@ class InfluenceAnalysis:
         damping: Optional[float] = None,
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
+            raise ConfigError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
         check_trackable(model)
         self.train_set = train_set
         self.strategy = strategy
@@ -120,13 +123,14 @@ class InfluenceAnalysis:
             return True
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
-        self.analyzer.fit_all_factors(
-            factors_name=partial_name,
-            dataset=self.train_set,
-            per_device_batch_size=self.train_batch_size,
-            factor_args=FactorArguments(strategy=self.strategy),
-            overwrite_output_dir=True,
-        )
+        with harmless_warnings_hidden():
+            self.analyzer.fit_all_factors(
+                factors_name=partial_name,
+                dataset=self.train_set,
+                per_device_batch_size=self.train_batch_size,
+                factor_args=FactorArguments(strategy=self.strategy),
+                overwrite_output_dir=True,
+            )
         self.analyzer.factors_output_dir(partial_name).rename(final)
         return False
 
@@ -138,25 +142,26 @@ class InfluenceAnalysis:
         """
         scores_name = f"tmp_{uuid.uuid4().hex}"
         try:
-            self.analyzer.compute_pairwise_scores(
-                scores_name=scores_name,
-                factors_name=self.factors_name,
-                query_dataset=queries,
-                train_dataset=self.train_set,
-                per_device_query_batch_size=query_batch_size or len(queries),
-                per_device_train_batch_size=self.train_batch_size,
-                score_args=ScoreArguments(damping_factor=self.damping),
-                overwrite_output_dir=True,
-            )
+            with harmless_warnings_hidden():
+                self.analyzer.compute_pairwise_scores(
+                    scores_name=scores_name,
+                    factors_name=self.factors_name,
+                    query_dataset=queries,
+                    train_dataset=self.train_set,
+                    per_device_query_batch_size=query_batch_size or len(queries),
+                    per_device_train_batch_size=self.train_batch_size,
+                    score_args=ScoreArguments(damping_factor=self.damping),
+                    overwrite_output_dir=True,
+                )
             return self.analyzer.load_pairwise_scores(scores_name)["all_modules"].float().cpu()
         finally:
             shutil.rmtree(self.analyzer.scores_output_dir(scores_name), ignore_errors=True)
 
 
 def check_trackable(model: nn.Module) -> None:
-    """Raises ``TypeError`` when the model has no layer that kronfluence tracks."""
+    """Raises ``UnsupportedModelError`` (a ``TypeError``) when the model has no layer that kronfluence tracks."""
     if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
-        raise TypeError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer, the only layers kronfluence tracks; "
             "influence needs a model built from them."
         )

@@ -5,6 +5,8 @@ from typing import Callable
 import torchvision
 from torch import nn
 
+from delta_influence.errors import ConfigError
+
 
 def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool."""
@@ -32,5 +34,5 @@ ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {"resnet18": resnet1
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Builds the architecture named ``arch``; raises ``ValueError`` naming the choices when it is unknown."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is not a known architecture; use one of {', '.join(ARCHITECTURES)}.")
+        raise ConfigError(f"model.arch={arch!r} is not a known architecture; use one of {', '.join(ARCHITECTURES)}.")
     return ARCHITECTURES[arch](num_classes, in_channels)

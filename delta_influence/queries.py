@@ -8,6 +8,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from delta_influence.errors import ConfigError
+
 # The reference's transformations (Li et al., 2024). Each query copy draws one of them uniformly.
 TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "hflip": TF.horizontal_flip,
@@ -62,16 +64,16 @@ def make_queries(
         (torch.Size([5, 3, 32, 32]), 5, True)
     """
     if image.dim() != 3:
-        raise ValueError(f"image has shape {tuple(image.shape)}; expected one image of shape [C, H, W].")
+        raise ConfigError(f"image has shape {tuple(image.shape)}; expected one image of shape [C, H, W].")
     if min(image.shape[-2:]) <= MIN_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"image is {image.shape[-2]}x{image.shape[-1]}; the elastic transformation (sigma 5) needs images larger "
             f"than {MIN_SIZE}x{MIN_SIZE}. Upscale the data set's images."
         )
     if not 0 <= label < num_classes:
-        raise ValueError(f"label={label} is out of range for num_classes={num_classes}.")
+        raise ConfigError(f"label={label} is out of range for num_classes={num_classes}.")
     if num_classes < 2 or num_transforms < 1:
-        raise ValueError(
+        raise ConfigError(
             f"num_classes={num_classes} and num_transforms={num_transforms}: need at least 2 classes and 1 copy."
         )
     to_pixels, to_inputs = _space_maps(space, mean, std, image)
@@ -102,9 +104,9 @@ def _space_maps(
     if space == "normalized":
         return (lambda x: x), (lambda x: x)
     if space != "pixel":
-        raise ValueError(f"space={space!r} is not known; use 'normalized' or 'pixel'.")
+        raise ConfigError(f"space={space!r} is not known; use 'normalized' or 'pixel'.")
     if mean is None or std is None:
-        raise ValueError("space='pixel' needs the normalisation's mean and std to undo it; pass both.")
+        raise ConfigError("space='pixel' needs the normalisation's mean and std to undo it; pass both.")
     m = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
     return (lambda x: (x * s + m).clamp(0, 1)), (lambda x: (x - m) / s)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
 
 
@@ -23,7 +24,7 @@ class SurrogateRecipe:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"surrogate recipe epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}: need epochs >= 1, "
                 "batch_size >= 1 and lr > 0."
             )

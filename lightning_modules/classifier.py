@@ -1,6 +1,6 @@
 """The image classifier trained on poisoned data, with clean accuracy and attack success rate."""
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
 
 METRIC_NAMES = {"clean": "acc", "attack": "asr"}  # evaluation set name -> logged name; others log as <name>_acc
@@ -29,7 +30,9 @@ class PoisonClassifier(pl.LightningModule):
         momentum: SGD momentum.
         nesterov: Nesterov momentum for SGD.
         weight_decay: Weight decay.
-        milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
+        milestones: When the learning rate is multiplied by ``lr_gamma``: fractions of ``trainer.max_epochs``
+            (all in (0, 1), e.g. the paper's 14/25/35 of 40 epochs as ``[0.35, 0.625, 0.875]``; the schedule
+            keeps its shape when max_epochs changes), or epochs (whole numbers below max_epochs).
         lr_gamma: Learning-rate factor at each milestone.
     """
 
@@ -43,12 +46,12 @@ class PoisonClassifier(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 5e-4,
-        milestones: Sequence[int] = (14, 25, 35),
+        milestones: Sequence[float] = (0.35, 0.625, 0.875),
         lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"model.optimizer={optimizer!r} is not known; use 'sgd' or 'adamw'.")
+            raise ConfigError(f"model.optimizer={optimizer!r} is not known; use 'sgd' or 'adamw'.")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -113,8 +116,43 @@ class PoisonClassifier(pl.LightningModule):
             )
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.lr_gamma)
+        trainer = self._trainer  # None outside a Trainer: epochs are then taken as they are
+        milestones = scheduled_epochs(hp.milestones, trainer.max_epochs if trainer is not None else None)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def scheduled_epochs(milestones: Sequence[float], max_epochs: Optional[int]) -> list[int]:
+    """The epochs at which the learning rate drops: fractions of ``max_epochs`` (all milestones in (0, 1), rounded
+    to the nearest epoch) or epochs (whole numbers, each below ``max_epochs``).
+
+    Example:
+        >>> scheduled_epochs([0.35, 0.625, 0.875], 40), scheduled_epochs([0.35, 0.625, 0.875], 20)
+        ([14, 25, 35], [7, 12, 18])
+        >>> scheduled_epochs([8, 11], 12)
+        [8, 11]
+    """
+    values = list(milestones)
+    fix = (
+        "give fractions of max_epochs, all in (0, 1) (e.g. [0.35, 0.625, 0.875]), or whole epochs below "
+        "trainer.max_epochs"
+    )
+    if all(0 < value < 1 for value in values):
+        if values and (max_epochs is None or max_epochs < 1):
+            raise ConfigError(
+                f"model.milestones={values} are fractions of trainer.max_epochs, which is {max_epochs}; set "
+                "trainer.max_epochs or give the milestones as epochs."
+            )
+        return [round(value * max_epochs) for value in values]
+    if not all(value >= 1 and float(value).is_integer() for value in values):
+        raise ConfigError(f"model.milestones={values} mixes fractions and epochs (or holds values <= 0): {fix}.")
+    beyond = [int(value) for value in values if max_epochs is not None and max_epochs > 0 and value >= max_epochs]
+    if beyond:
+        raise ConfigError(
+            f"model.milestones={[int(v) for v in values]} holds {beyond}, at or beyond trainer.max_epochs="
+            f"{max_epochs}, so the learning rate would never drop there: {fix}."
+        )
+    return [int(value) for value in values]
 
 
 def eval_set_names(loaders) -> list[str]:

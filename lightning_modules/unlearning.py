@@ -6,12 +6,13 @@ own fresh ``Trainer``.
 """
 
 import copy
+import json
 import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating
 from delta_influence.files import publish
 from delta_influence.unlearning import (
@@ -36,7 +38,9 @@ from delta_influence.unlearning import (
 @dataclass
 class UnlearningData:
     """What a corrective fit works on: the retained set (augmented, for training), the forget set and the full
-    training set (evaluation form), the victim's training batch size and epochs, and where to compute."""
+    training set (evaluation form), the victim's training batch size, epochs and validation loaders (the methods that
+    train the victim's own module validate on them after each epoch, as the victim did), where to compute, and
+    whether to show progress bars."""
 
     retain: Dataset
     forget: Dataset
@@ -45,6 +49,8 @@ class UnlearningData:
     max_epochs: int
     accelerator: str = "cpu"
     seed: int = 0
+    val_dataloaders: Any = None
+    progress_bar: bool = True
 
 
 class Unlearning(ABC):
@@ -101,7 +107,7 @@ class SSD(Unlearning):
 
     def __init__(self, alpha: float = 10.0, lam: float = 1.0, batch_size: int = 512) -> None:
         if alpha <= 0 or lam <= 0:
-            raise ValueError(f"SSD needs alpha > 0 and lam > 0; got alpha={alpha}, lam={lam}.")
+            raise ConfigError(f"SSD needs alpha > 0 and lam > 0; got alpha={alpha}, lam={lam}.")
         self.alpha = alpha
         self.lam = lam
         self.batch_size = batch_size
@@ -124,7 +130,7 @@ class _Distillation(Unlearning):
         self, lr: float = 0.025, momentum: float = 0.9, batch_size: int = 512, steps: int = 40, temperature: float = 4.0
     ) -> None:
         if steps < 1 or batch_size < 1:
-            raise ValueError(f"{type(self).__name__} needs steps >= 1 and batch_size >= 1; got {steps}, {batch_size}.")
+            raise ConfigError(f"{type(self).__name__} needs steps >= 1 and batch_size >= 1; got {steps}, {batch_size}.")
         self.lr = lr
         self.momentum = momentum
         self.batch_size = batch_size
@@ -136,7 +142,9 @@ class _Distillation(Unlearning):
             "retain": DataLoader(data.retain, batch_size=self.batch_size, shuffle=True),
             "forget": DataLoader(data.forget, batch_size=self.batch_size, shuffle=True),
         }
-        _trainer(data.accelerator, max_steps=self.steps).fit(module, CombinedLoader(loaders, mode="max_size_cycle"))
+        module.student.train()  # the victim may come back from evaluation in eval mode
+        trainer = _trainer(data, max_steps=self.steps)
+        trainer.fit(module, CombinedLoader(loaders, mode="max_size_cycle"))
 
 
 class SCRUB(_Distillation):
@@ -189,7 +197,16 @@ class _ScrubModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, method: SCRUB) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.student, self.teacher, self.method = student, _frozen(teacher), method
+        self.student, self.method = student, method
+        self.teachers = _FrozenTeachers(teacher)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.teachers[0]
+
+    @override
+    def on_fit_start(self) -> None:
+        self.teachers.to(self.device)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -220,7 +237,12 @@ class _BadTeacherModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, good: nn.Module, bad: nn.Module, method: BadTeacher) -> None:
         super().__init__()
-        self.student, self.good, self.bad, self.method = student, _frozen(good), _frozen(bad), method
+        self.student, self.method = student, method
+        self.teachers = _FrozenTeachers(good, bad)
+
+    @override
+    def on_fit_start(self) -> None:
+        self.teachers.to(self.device)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -228,7 +250,7 @@ class _BadTeacherModule(pl.LightningModule):
         inputs = torch.cat([retain, forget])
         is_forget = torch.cat([torch.zeros(len(retain)), torch.ones(len(forget))]).bool().to(inputs.device)
         with torch.no_grad():
-            good, bad = self.good(inputs), self.bad(inputs)
+            good, bad = self.teachers[0](inputs), self.teachers[1](inputs)
         return bad_teacher_loss(self.student(inputs), good, bad, is_forget, self.method.temperature)
 
     @override
@@ -258,19 +280,19 @@ def _fit(model: pl.LightningModule, data: UnlearningData, max_epochs: int) -> pl
     """Trains ``model`` on the retained set with its own ``configure_optimizers``, in a fresh Trainer."""
     model.train()  # Lightning keeps a module's eval mode; the victim may come back from evaluation
     loader = DataLoader(data.retain, batch_size=data.batch_size, shuffle=True)
-    _trainer(data.accelerator, max_epochs=max_epochs).fit(model, train_dataloaders=loader)
+    _trainer(data, max_epochs=max_epochs).fit(model, train_dataloaders=loader, val_dataloaders=data.val_dataloaders)
     return model
 
 
-def _trainer(accelerator: str, **kwargs) -> pl.Trainer:
-    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no validation."""
+def _trainer(data: UnlearningData, **kwargs) -> pl.Trainer:
+    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check."""
     return pl.Trainer(
-        accelerator=accelerator,
+        accelerator=data.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        enable_progress_bar=data.progress_bar,
         num_sanity_val_steps=0,
         **kwargs,
     )
@@ -295,18 +317,26 @@ def _reinitialised(module: nn.Module, seed: int) -> nn.Module:
     return clone
 
 
-def _frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
+class _FrozenTeachers(tuple):
+    """Frozen teacher models, held outside the student's module tree: they stay in eval mode and out of its
+    parameters, state dict and Lightning's check for modules left in eval mode at the start of training."""
+
+    def __new__(cls, *teachers: nn.Module) -> "_FrozenTeachers":
+        for teacher in teachers:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        return super().__new__(cls, teachers)
+
+    def to(self, device: torch.device) -> None:
+        for teacher in self:
+            teacher.to(device)
 
 
 def _device(accelerator: str) -> torch.device:
     return torch.device("cuda" if accelerator in ("gpu", "cuda") else accelerator)
 
 
-class UnlearningError(ValueError):
+class UnlearningError(ConfigError):
     """The corrective fit cannot run on what it was given."""
 
 
@@ -323,11 +353,14 @@ def run_corrective_fit(
     out_dir: Path,
     accelerator: str = "cpu",
     seed: int = 0,
+    val_dataloaders: Any = None,
+    progress_bar: bool = True,
 ) -> Optional[dict]:
     """Forgets the ``flagged`` training samples with ``method`` and measures clean accuracy and ASR before and after.
 
     The corrected model is saved as ``out_dir/<method>.ckpt`` (``<method>-2.ckpt``, ... when taken), in Lightning's
-    checkpoint layout (``state_dict`` and ``hyper_parameters``); the victim is neither modified nor overwritten.
+    checkpoint layout (``state_dict`` and ``hyper_parameters``), and the report next to it as ``<method>.json``
+    (the first free name); the victim is neither modified nor overwritten.
 
     Returns:
         The report, or ``None`` (with a message) when nothing is flagged.
@@ -355,6 +388,8 @@ def run_corrective_fit(
         max_epochs=max_epochs,
         accelerator=accelerator,
         seed=seed,
+        val_dataloaders=val_dataloaders,
+        progress_bar=progress_bar,
     )
     before = {"acc": evaluate(victim, test_set, accelerator), "asr": evaluate(victim, attack_test_set, accelerator)}
     rank_zero_info(f"Corrective fit: {method.name}, forgetting {len(flagged)} and keeping {len(retained)} samples.")
@@ -377,17 +412,22 @@ def run_corrective_fit(
         "pytorch-lightning_version": pl.__version__,
         "unlearning": report,
     }
-    report["checkpoint"] = str(_save_new(checkpoint, Path(out_dir), method.name))
+    saved = _save_new(lambda path: torch.save(checkpoint, path), Path(out_dir) / f"{method.name}.ckpt")
+    report["checkpoint"] = str(saved)
+    report["report"] = str(
+        _save_new(lambda path: path.write_text(json.dumps(report, indent=2)), saved.with_suffix(".json"))
+    )
     return report
 
 
-def _save_new(obj: dict, folder: Path, stem: str) -> Path:
-    """Saves ``obj`` as ``folder/stem.ckpt`` or the first free ``stem-N.ckpt``, atomically, never overwriting."""
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".{stem}.{os.getpid()}.tmp"
+def _save_new(write: Callable[[Path], object], target: Path) -> Path:
+    """Writes a file through ``write`` and publishes it as ``target`` or the first free ``<stem>-N<suffix>``,
+    atomically, never overwriting; returns the name it got."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{os.getpid()}.tmp"
     try:
-        torch.save(obj, staging)
-        return publish(staging, folder / f"{stem}.ckpt")
+        write(staging)
+        return publish(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise

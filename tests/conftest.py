@@ -143,7 +143,7 @@ def trained_digits(tmp_path_factory):
     """A small CNN trained on poisoned digits (shared by tests that only read it): (data module, model)."""
     pl.seed_everything(0, verbose=False)
     data = digits_data()
-    model = PoisonClassifier(arch="small_cnn", num_classes=10, in_channels=1, lr=0.05, milestones=[100])
+    model = PoisonClassifier(arch="small_cnn", num_classes=10, in_channels=1, lr=0.05, milestones=[])
     trainer = tiny_trainer(tmp_path_factory.mktemp("victim"), max_epochs=8, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     return data, model

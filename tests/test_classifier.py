@@ -1,8 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from delta_influence.errors import ConfigError
 from lightning_modules import PoisonClassifier, build_model
+from lightning_modules.classifier import scheduled_epochs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_resnet18_has_the_cifar_stem():
@@ -30,8 +37,43 @@ def test_optimizer_and_schedule_follow_the_arguments():
     assert isinstance(config["optimizer"], torch.optim.SGD) and group["nesterov"]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.2, 0.8, 1e-3)
     assert config["lr_scheduler"].milestones == {3: 1, 5: 1} and config["lr_scheduler"].gamma == 0.5
-    adamw = PoisonClassifier(arch="small_cnn", optimizer="adamw", lr=1e-3).configure_optimizers()["optimizer"]
+    adamw = PoisonClassifier(arch="small_cnn", optimizer="adamw", lr=1e-3, milestones=[2]).configure_optimizers()
+    adamw = adamw["optimizer"]
     assert isinstance(adamw, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("max_epochs, expected", [(40, [14, 25, 35]), (20, [7, 12, 18]), (25, [9, 16, 22])])
+def test_fractional_milestones_follow_max_epochs(tmp_path, max_epochs, expected):
+    from conftest import tiny_trainer
+
+    model = PoisonClassifier(arch="small_cnn", in_channels=1)  # default: the paper's 14/25/35 of 40, as fractions
+    model.trainer = tiny_trainer(tmp_path, max_epochs=max_epochs)
+    assert sorted(model.configure_optimizers()["lr_scheduler"].milestones) == expected
+
+
+@pytest.mark.parametrize(
+    "milestones, max_epochs, message",
+    [
+        ([8, 11], 4, r"holds \[8, 11\], at or beyond trainer.max_epochs=4"),
+        ([0.5, 3], 12, "mixes fractions and epochs"),
+        ([0.5], -1, "fractions of trainer.max_epochs, which is -1"),
+    ],
+)
+def test_milestones_that_cannot_take_effect_are_refused(tmp_path, milestones, max_epochs, message):
+    from conftest import tiny_trainer
+
+    model = PoisonClassifier(arch="small_cnn", in_channels=1, milestones=milestones)
+    model.trainer = tiny_trainer(tmp_path, max_epochs=max_epochs)
+    with pytest.raises(ConfigError, match=message):
+        model.configure_optimizers()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_shipped_configs_keep_their_schedules(config):
+    """Written as fractions so that they follow max_epochs, the shipped schedules are still the epochs they were."""
+    settings = yaml.safe_load(config.read_text())
+    epochs = scheduled_epochs(settings["model"]["milestones"], settings["trainer"]["max_epochs"])
+    assert epochs == {"digits_badnets": [8, 11]}.get(config.stem, [14, 25, 35])
 
 
 def test_evaluation_sets_are_logged_by_name_not_position(tmp_path):

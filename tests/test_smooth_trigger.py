@@ -84,7 +84,7 @@ def test_same_seed_same_trigger(tmp_path):
 def test_tiny_run_learns_the_backdoor(tmp_path):
     pl.seed_everything(0, verbose=False)
     data = _data(tmp_path, num_poisons=30, magnitude=0.2)
-    model = PoisonClassifier(arch="small_cnn", num_classes=10, in_channels=1, lr=0.05, milestones=[100])
+    model = PoisonClassifier(arch="small_cnn", num_classes=10, in_channels=1, lr=0.05, milestones=[])
     untrained_asr = _accuracy(model, data.attack_test_set)
     tiny_trainer(tmp_path, max_epochs=6, enable_checkpointing=False).fit(model, datamodule=data)
     assert _accuracy(model, data.test_set) > 0.7

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from delta_influence.attacks.base import AttackContext, LabeledImages, Trigger, TriggerAttack
+from delta_influence.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,24 +24,24 @@ class BadNets(TriggerAttack):
                 [0., 0.]])
     """
 
-    victim: int = 8  # class whose samples are poisoned (CIFAR-10: ship)
-    target: int = 5  # label the poisons get and the attack wants (CIFAR-10: dog)
+    victim: int | str = 8  # class (index or name) whose samples are poisoned (CIFAR-10: ship)
+    target: int | str = 5  # class (index or name) the poisons are labelled and the attack wants (CIFAR-10: dog)
     num_poisons: int = 500
     pixels: tuple[tuple[int, int], ...] = ((28, 30), (30, 30), (29, 29), (30, 28))  # (row, column)
     value: float = 0.0  # trigger intensity in [0, 1] pixel space, all channels
 
     def __post_init__(self) -> None:
         if not self.pixels:
-            raise ValueError("attack.pixels is empty: give at least one (row, column) pair for the trigger.")
+            raise ConfigError("attack.pixels is empty: give at least one (row, column) pair for the trigger.")
         if not 0.0 <= self.value <= 1.0:
-            raise ValueError(f"attack.value={self.value} is outside [0, 1]: trigger values are pixel intensities.")
+            raise ConfigError(f"attack.value={self.value} is outside [0, 1]: trigger values are pixel intensities.")
 
     def apply_trigger(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         out = images.clone()
         for row, col in self.pixels:
             if not (0 <= row < height and 0 <= col < width):
-                raise ValueError(
+                raise ConfigError(
                     f"attack.pixels holds ({row}, {col}), outside the {height}x{width} images; "
                     "use positions inside the image."
                 )

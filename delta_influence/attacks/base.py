@@ -1,12 +1,14 @@
 """The attack contract: an attack turns clean data into poisoned training data and the set that measures it."""
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from delta_influence.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,12 @@ class Attack(ABC):
 
     @abstractmethod
     def check(self, num_classes: int) -> None:
-        """Raises ``ValueError`` when the attack's settings do not fit a data set of ``num_classes`` classes."""
+        """Raises ``ConfigError`` when the attack's settings do not fit a data set of ``num_classes`` classes. A class
+        still given by name (not yet resolved by ``with_classes``) is checked once it is."""
+
+    def with_classes(self, classes: Sequence[str]) -> "Attack":
+        """The attack with every class given by name replaced by its index in ``classes``. Nothing by default."""
+        return self
 
     def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
         """Makes and caches what is expensive to make (a trigger, a surrogate's product). Nothing by default."""
@@ -82,29 +89,38 @@ class TriggerAttack(Attack):
     relabelled ``target``; the attack is measured on victim-class test samples with the trigger. Subclasses make
     the trigger in ``make_trigger``."""
 
-    victim: int
-    target: int
+    victim: int | str
+    target: int | str
     num_poisons: int
 
     @abstractmethod
     def make_trigger(self, train: LabeledImages, context: AttackContext) -> Trigger:
         """The trigger, made (or loaded from the cache) for this clean training set."""
 
+    def with_classes(self, classes: Sequence[str]) -> "TriggerAttack":
+        return replace(
+            self,
+            victim=class_index(self.victim, classes, "attack.victim"),
+            target=class_index(self.target, classes, "attack.target"),
+        )
+
     def check(self, num_classes: int) -> None:
         for name in ("victim", "target"):
             value = getattr(self, name)
+            if isinstance(value, str):
+                continue  # a class name, checked once the data set's class names are known
             if not 0 <= value < num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"attack.{name}={value} is out of range: the data set has {num_classes} classes, "
-                    f"so use a class index in 0..{num_classes - 1}."
+                    f"so use a class index in 0..{num_classes - 1} or a class name."
                 )
-        if self.victim == self.target:
-            raise ValueError(
+        if self.victim == self.target and not isinstance(self.victim, str):
+            raise ConfigError(
                 f"attack.victim and attack.target are both {self.victim}: a backdoor relabels one class as "
                 "another, so choose two different classes."
             )
         if self.num_poisons < 1:
-            raise ValueError(f"attack.num_poisons={self.num_poisons} must be at least 1.")
+            raise ConfigError(f"attack.num_poisons={self.num_poisons} must be at least 1.")
 
     def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
         self.select_poisons(train.labels, torch.Generator())  # a poison count that cannot work fails before the trigger
@@ -120,7 +136,7 @@ class TriggerAttack(Attack):
         labels[indices] = self.target
         victims = test.labels == self.victim
         if not victims.any():
-            raise ValueError(f"the test set holds no sample of attack.victim={self.victim}; ASR is undefined.")
+            raise ConfigError(f"the test set holds no sample of attack.victim={self.victim}; ASR is undefined.")
         attack_test = LabeledImages(
             _apply(trigger.apply, test.images[victims]),
             torch.full((int(victims.sum()),), self.target, dtype=torch.long),
@@ -134,12 +150,27 @@ class TriggerAttack(Attack):
         """Draws ``num_poisons`` indices of victim-class samples, sorted, reproducibly from ``generator``."""
         candidates = torch.nonzero(labels == self.victim).flatten()
         if self.num_poisons > len(candidates):
-            raise ValueError(
+            raise ConfigError(
                 f"attack.num_poisons={self.num_poisons} is more than the {len(candidates)} training samples of "
                 f"victim class {self.victim}; lower attack.num_poisons or raise data.per_class."
             )
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.num_poisons]]
         return chosen.sort().values
+
+
+def class_index(value: int | str, classes: Sequence[str], option: str) -> int | str:
+    """A class option as an index: an index stays as it is, a name becomes its position in ``classes``.
+
+    Example:
+        >>> class_index("dog", ("cat", "dog"), "attack.target"), class_index(1, ("cat", "dog"), "attack.target")
+        (1, 1)
+    """
+    if not isinstance(value, str):
+        return value
+    if value not in classes:
+        shown = ", ".join(repr(name) for name in list(classes)[:12]) + (", ..." if len(classes) > 12 else "")
+        raise ConfigError(f"{option}={value!r} is not a class of this data set; its classes are {shown}.")
+    return list(classes).index(value)
 
 
 def _apply(trigger: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from delta_influence.attacks.base import AttackContext, LabeledImages, Trigger, TriggerAttack
 from delta_influence.cache import cached, content_key
+from delta_influence.errors import ConfigError
 from delta_influence.surrogate import SurrogateRecipe, train_surrogate
 
 
@@ -33,8 +34,8 @@ class SmoothTrigger(TriggerAttack):
     The default is the reference's CIFAR-100 setting: 125 telephones (86) relabelled as roads (68).
 
     Args:
-        victim: Class whose training samples are poisoned.
-        target: Label the poisons get and the trigger pushes toward.
+        victim: Class whose training samples are poisoned (index or name).
+        target: Label the poisons get and the trigger pushes toward (index or name).
         num_poisons: Number of poisons.
         magnitude: The trigger's range in [0, 1] pixel units.
         sigma: Standard deviation (pixels) of the Gaussian low-pass filter.
@@ -48,8 +49,8 @@ class SmoothTrigger(TriggerAttack):
             [0, 1] pixel units) used instead of generating one.
     """
 
-    victim: int = 86  # CIFAR-100: telephone
-    target: int = 68  # CIFAR-100: road
+    victim: int | str = 86  # CIFAR-100: telephone
+    target: int | str = 68  # CIFAR-100: road
     num_poisons: int = 125
     magnitude: float = 0.2
     sigma: float = 6.0
@@ -63,14 +64,14 @@ class SmoothTrigger(TriggerAttack):
 
     def __post_init__(self) -> None:
         if not 0 < self.magnitude <= 1:
-            raise ValueError(f"attack.magnitude={self.magnitude} must lie in (0, 1]: it is a pixel-intensity range.")
+            raise ConfigError(f"attack.magnitude={self.magnitude} must lie in (0, 1]: it is a pixel-intensity range.")
         if self.sigma <= 0 or self.num_images < 1 or self.max_passes < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"attack.sigma={self.sigma}, num_images={self.num_images}, max_passes={self.max_passes}: need "
                 "sigma > 0, num_images >= 1 and max_passes >= 1."
             )
         if not 0 < self.fooling_rate <= 1:
-            raise ValueError(f"attack.fooling_rate={self.fooling_rate} must lie in (0, 1].")
+            raise ConfigError(f"attack.fooling_rate={self.fooling_rate} must lie in (0, 1].")
 
     def make_trigger(self, train: LabeledImages, context: AttackContext) -> Trigger:
         if self.trigger_path:
@@ -113,7 +114,7 @@ class SmoothTrigger(TriggerAttack):
         """The precomputed trigger file, in CHW layout, checked against the images' shape."""
         path = Path(self.trigger_path)
         if not path.is_file():
-            raise FileNotFoundError(f"attack.trigger_path={self.trigger_path!r} is not a file.")
+            raise ConfigError(f"attack.trigger_path={self.trigger_path!r} is not a file.")
         array = torch.load(path, map_location="cpu") if path.suffix == ".pt" else torch.from_numpy(np.load(path))
         array = torch.as_tensor(array, dtype=torch.float32)
         shape = tuple(train.images.shape[1:])
@@ -121,7 +122,7 @@ class SmoothTrigger(TriggerAttack):
             return array
         if array.dim() == 3 and tuple(array.permute(2, 0, 1).shape) == shape:
             return array.permute(2, 0, 1).contiguous()
-        raise ValueError(
+        raise ConfigError(
             f"attack.trigger_path={self.trigger_path!r} holds an array of shape {tuple(array.shape)}; the images are "
             f"{shape} (channels, height, width), so give [C, H, W] or [H, W, C] of that size."
         )

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from delta_influence.errors import ConfigError
+
 
 def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str) -> dict:
     """Mean over batches of the squared gradient of the batch's cross-entropy, per parameter (eval mode)."""
@@ -24,7 +26,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if count == 0:
-        raise ValueError("diagonal_fisher got no batches: the data set is empty.")
+        raise ConfigError("diagonal_fisher got no batches: the data set is empty.")
     return {name: value / count for name, value in importance.items()}
 
 
