@@ -1,9 +1,15 @@
 """train.py: the LightningCLI entry point, its configs, its errors and what it logs to W&B."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
+import yaml
 from wandb_records import logged_keys, read_run
 
 import train
@@ -89,3 +95,71 @@ def test_too_many_poisons_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"attack.num_poisons=70 is more than the 60"):
         train.main(["fit", *_small(tmp_path, "--data.attack.init_args.num_poisons", "70"), "--trainer.logger", "false"])
     assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
+NOISE = [
+    "You defined a `validation_step` but have no `val_dataloader`",
+    "module(s) in eval mode",
+    "torch.cuda.amp.GradScaler",
+    "The anonymous setting has no effect",
+    "git root",
+    "Tip:",
+    "isinstance(treespec, LeafSpec)",
+    "Traceback",
+]
+
+
+def _command(tmp_path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs an entry point as a user would: a fresh process, outside any git repository, W&B not silenced and with a
+    W&B service of its own (not the one this test process may have started)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")} | env
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=environment, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path):
+    """The offline default, run as a user would, is quiet; its run folder holds the resolved config, the victim
+    checkpoint, the audit and the corrective fit's report; unlearn.py runs from that folder alone."""
+    fit = _command(
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "4", "--data.per_class", "60",
+        "--data.attack.init_args.num_poisons", "30",
+        "--trainer.callbacks.init_args.unlearning", "lightning_modules.unlearning.SCRUB",
+        "--trainer.callbacks.init_args.unlearning.steps", "3",
+        "--trainer.callbacks.init_args.unlearning.batch_size", "64",
+    )  # fmt: skip
+    output = fit.stdout + fit.stderr
+    assert fit.returncode == 0, output[-3000:]
+    assert [message for message in NOISE if message in output] == []
+    assert "Δ-Influence flagged" in output and "Corrective fit 'scrub'" in output  # the project's own summaries stay
+
+    (run,) = (tmp_path / "runs" / "delta-influence").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "delta_influence", "unlearn"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["per_class"] == 60 and config["trainer"]["max_epochs"] == 4
+    assert config["data"]["attack"]["class_path"] == "delta_influence.attacks.BadNets"
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["config"] == config
+    report = json.loads((run / "unlearn" / "scrub.json").read_text())
+    assert report["method"] == "scrub" and report["forgotten"] > 0 and Path(report["checkpoint"]).is_file()
+    assert {"before_acc", "before_asr", "acc", "asr", "time_s"} <= set(report)
+
+    (wandb_run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    logged = read_run(wandb_run)["config"]
+    assert logged["config"] == config and logged["run_config"].endswith("config.yaml")
+
+    again = _command(tmp_path, "unlearn.py", "--run", str(run), "--trainer.max_epochs", "1")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    names = ["retrain.ckpt", "retrain.json", "scrub.ckpt", "scrub.json"]
+    assert sorted(p.name for p in (run / "unlearn").iterdir()) == names  # the first corrective fit's files are kept
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+
+
+def test_a_bad_value_ends_the_command_with_its_message_alone(tmp_path):
+    bad = ["fit", "--config", DIGITS, "--data.attack.init_args.victim", "10", "--trainer.logger", "false"]
+    result = _command(tmp_path, "train.py", *bad)
+    assert result.returncode == 2
+    assert "error: attack.victim=10 is out of range" in result.stderr and "Traceback" not in result.stderr
+    shown = _command(tmp_path, "train.py", *bad, DELTA_INFLUENCE_TRACEBACK="1")
+    assert shown.returncode != 0 and "Traceback" in shown.stderr and "ConfigError" in shown.stderr

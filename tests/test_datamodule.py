@@ -1,12 +1,15 @@
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import digits_data
+from conftest import _class_images, digits_data
+from torchvision.io import write_png
 
 from datamodules import DataNotFoundError, PoisonedDataModule
 from delta_influence.attacks import BadNets, SmoothTrigger
+from delta_influence.errors import ConfigError
 from delta_influence.surrogate import SurrogateRecipe
 
 
@@ -130,3 +133,32 @@ def test_more_poisons_than_victims_fails_in_setup():
     data = PoisonedDataModule("digits", attack=BadNets(num_poisons=11, value=1.0), per_class=10)
     with pytest.raises(ValueError, match=r"attack.num_poisons=11 is more than the 10"):
         data.setup()
+
+
+def test_unpadded_numeric_folders_are_numbered_numerically(tmp_path):
+    """Folders 0..11: alphabetically "10" would be class 2; numbered numerically, class 10 is folder "10"."""
+    rng = np.random.default_rng(0)
+    names = [str(i) for i in range(12)]
+    for split, count in (("train", 4), ("test", 2)):
+        for label, name in enumerate(names):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i, image in enumerate(_class_images(rng, label, count, size=8)):
+                write_png(
+                    torch.from_numpy(image).permute(2, 0, 1).contiguous(), str(tmp_path / split / name / f"{i}.png")
+                )
+    data = PoisonedDataModule("folder", root=str(tmp_path), attack=BadNets(victim=10, target="2", num_poisons=2,
+                                                                         pixels=((0, 0),)))  # fmt: skip
+    data.setup()
+    assert data.classes == tuple(names) and (data.attack.victim, data.attack.target) == (10, 2)
+    original = data.source.load().train_labels
+    assert (original[data.poison_indices] == 10).all() and (data.eval_train_set.labels[data.poison_indices] == 2).all()
+
+
+def test_attack_classes_by_name(cifar10_root):
+    data = PoisonedDataModule("cifar10", root=str(cifar10_root), download=False,
+                              attack=BadNets(victim="ship", target="dog", num_poisons=3))  # fmt: skip
+    assert (data.attack.victim, data.attack.target) == (8, 5)  # known from the meta file before loading
+    data.setup()
+    assert (data.eval_train_set.labels[data.poison_indices] == 5).all() and len(data.attack_test_set) == 4
+    with pytest.raises(ConfigError, match=r"attack.target='lorry' is not a class of this data set; its classes are "):
+        PoisonedDataModule("cifar10", root=str(cifar10_root), download=False, attack=BadNets(target="lorry"))

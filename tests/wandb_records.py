@@ -14,7 +14,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def read_run(run_dir: Path, timeout: float = 60.0) -> dict:
-    """History rows, summary and logged artifact names of the offline run in ``run_dir``.
+    """History rows, summary, config and logged artifact names of the offline run in ``run_dir``.
 
     W&B's service writes the log in the background, so this waits (up to ``timeout`` seconds) for the run's exit
     record before it reads.
@@ -31,7 +31,7 @@ def _parse(run_dir: Path) -> dict:
     """Everything the log holds so far."""
     logs = list(run_dir.glob("run-*.wandb"))
     data = logs[0].read_bytes() if logs else b""
-    history, summary, artifacts, finished = [], {}, [], False
+    history, summary, config, artifacts, finished = [], {}, {}, [], False
     for raw in _records(data):
         record = wandb_internal_pb2.Record()
         try:
@@ -43,11 +43,13 @@ def _parse(run_dir: Path) -> dict:
             history.append(_items(record.history.item))
         elif kind == "summary":
             summary.update(_items(record.summary.update))
+        elif kind == "config":
+            config.update(_items(record.config.update))
         elif kind == "artifact":
             artifacts.append(record.artifact.name)
         elif kind == "exit":
             finished = True
-    return {"history": history, "summary": summary, "artifacts": artifacts, "finished": finished}
+    return {"history": history, "summary": summary, "config": config, "artifacts": artifacts, "finished": finished}
 
 
 def logged_keys(run: dict) -> set[str]:
