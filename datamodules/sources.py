@@ -128,7 +128,8 @@ class CIFAR100(CIFAR10):
 
 class ImageFolder(ImageSource):
     """An image-folder tree ``root/{train,test}/<class>/<image>``. Classes are the folder names in sorted order,
-    numerically when every name is a number (``2`` before ``10``), else alphabetically.
+    numerically when every name is a number (``2`` before ``10``), else alphabetically. Files without an image
+    suffix (``IMAGE_SUFFIXES``) are skipped; an image file that cannot be read is refused by name.
 
     The extracted CIFAR-10 JPEG tree is one such tree.
 
@@ -139,8 +140,11 @@ class ImageFolder(ImageSource):
         super().__init__(root, download, image_size)
         self.classes = self._classes()
         self.num_classes = len(self.classes)
-        first = next(p for p in sorted((Path(root) / "train" / self.classes[0]).iterdir()))
-        self.in_channels = 1 if decode_image(str(first)).shape[0] == 1 else 3
+        folder = Path(root) / "train" / self.classes[0]
+        first = next((p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
+            raise DataNotFoundError(f"{folder} holds no images with suffix {IMAGE_SUFFIXES}.")
+        self.in_channels = 1 if _decoded(first, ImageReadMode.UNCHANGED).shape[0] == 1 else 3
 
     def load(self) -> ImageData:
         train_images, train_labels = self._read("train")
@@ -168,7 +172,7 @@ class ImageFolder(ImageSource):
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (Path(self.root) / split / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             for path in files:
-                images.append(self._sized(decode_image(str(path), mode=mode)))
+                images.append(self._sized(_decoded(path, mode)))
                 labels.append(label)
         if not images:
             raise DataNotFoundError(f"{Path(self.root) / split} holds no images with suffix {IMAGE_SUFFIXES}.")
@@ -217,6 +221,17 @@ SOURCES: dict[str, type[ImageSource]] = {
     "folder": ImageFolder,
     "digits": Digits,
 }
+
+
+def _decoded(path: Path, mode: ImageReadMode) -> Tensor:
+    """An image file as a uint8 tensor; a file that is not a readable image is refused by name."""
+    try:
+        return decode_image(str(path), mode=mode)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"{path} is not a readable image ({error}); remove it or replace it with a valid image. Files whose "
+            f"suffix is not one of {', '.join(IMAGE_SUFFIXES)} are skipped."
+        ) from error
 
 
 def sort_class_names(names: Iterable[str]) -> tuple[str, ...]:

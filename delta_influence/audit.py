@@ -101,7 +101,7 @@ class DeltaInfluence:
         labels = torch.cat([queries.labels, torch.full((len(contrast),), label, dtype=torch.long)])
         influence = compute_influence_scores(
             model, train_set, TensorDataset(images, labels), factors_dir, self.strategy, device,
-            self.train_batch_size, num_workers=self.num_workers,
+            self.train_batch_size, num_workers=self.num_workers, seed=self.seed,
         )  # fmt: skip
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio

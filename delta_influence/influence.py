@@ -2,12 +2,16 @@
 
 import copy
 import hashlib
+import json
+import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +19,9 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
+from kronfluence.utils.state import State
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.quiet import harmless_warnings_hidden
@@ -105,30 +110,39 @@ class InfluenceAnalysis:
         self.damping = damping
         self.task = ClassificationTask()
         self.output_dir = Path(output_dir)
-        self.factors_name = f"{strategy}_{fingerprint(model, train_set)}"
+        self.device = torch.device(device)
+        self.factor_args = FactorArguments(strategy=strategy)
+        settings = {"factor_args": self.factor_args.to_str_dict(), "kronfluence": version("kronfluence")}
+        self.factors_name = f"{strategy}_{fingerprint(model, train_set, settings)}"
         prepared = prepare_model(copy.deepcopy(model), self.task)
-        self.analyzer = Analyzer(
-            analysis_name="delta_influence",
-            model=prepared,
-            task=self.task,
-            cpu=torch.device(device).type == "cpu",
-            output_dir=str(self.output_dir),
-        )
+        with _this_process_only():
+            self.analyzer = Analyzer(
+                analysis_name="delta_influence",
+                model=prepared,
+                task=self.task,
+                cpu=self.device.type == "cpu",
+                output_dir=str(self.output_dir),
+            )
+        self.analyzer.state.device = self.device  # exactly the caller's device (e.g. the trainer's cuda:1)
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))
 
-    def fit_factors(self) -> bool:
-        """Fits the factors unless a finished set for these weights and data is on disk; returns whether reused."""
+    def fit_factors(self, seed: int = 0) -> bool:
+        """Fits the factors unless a finished set for these weights and data is on disk; returns whether reused.
+
+        The true Fisher samples labels from the model's predictions: ``seed`` seeds that draw (the caller's random
+        state is left as it was), so that the same weights and data give the same factors in any process."""
         final = self.analyzer.factors_output_dir(self.factors_name)
         if final.exists():
             return True
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
-        with harmless_warnings_hidden():
+        with harmless_warnings_hidden(), torch.random.fork_rng(devices=_cuda_devices(self.device)):
+            torch.manual_seed(seed)
             self.analyzer.fit_all_factors(
                 factors_name=partial_name,
                 dataset=self.train_set,
                 per_device_batch_size=self.train_batch_size,
-                factor_args=FactorArguments(strategy=self.strategy),
+                factor_args=self.factor_args,
                 overwrite_output_dir=True,
             )
         self.analyzer.factors_output_dir(partial_name).rename(final)
@@ -158,6 +172,25 @@ class InfluenceAnalysis:
             shutil.rmtree(self.analyzer.scores_output_dir(scores_name), ignore_errors=True)
 
 
+@contextmanager
+def _this_process_only() -> Iterator[None]:
+    """kronfluence keeps one process-wide state, made on first use, with the device and, when ``LOCAL_RANK`` is set
+    on a GPU machine, a distributed setup over every process. Each analysis starts it afresh, in this process alone:
+    under DDP one rank audits while the others wait, and a later analysis may use another device."""
+    State._reset_state()
+    local_rank = os.environ.pop("LOCAL_RANK", None)
+    try:
+        yield
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose random state a seeded block must fork: the current one, for a CUDA device."""
+    return [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+
+
 def check_trackable(model: nn.Module) -> None:
     """Raises ``UnsupportedModelError`` (a ``TypeError``) when the model has no layer that kronfluence tracks."""
     if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
@@ -178,6 +211,7 @@ def compute_influence_scores(
     query_batch_size: Optional[int] = None,
     num_workers: int = 0,
     damping: Optional[float] = None,
+    seed: int = 0,
 ) -> InfluenceScores:
     """Fits (or reuses) the factors and scores every training sample on every query in one pass.
 
@@ -187,7 +221,7 @@ def compute_influence_scores(
     """
     start = time.perf_counter()
     analysis = InfluenceAnalysis(model, train_set, output_dir, strategy, device, train_batch_size, num_workers, damping)
-    reused = analysis.fit_factors()
+    reused = analysis.fit_factors(seed)
     fitted = time.perf_counter()
     scores = analysis.pairwise_scores(queries, query_batch_size)
     done = time.perf_counter()
@@ -199,15 +233,30 @@ def compute_influence_scores(
     )
 
 
-def fingerprint(model: nn.Module, train_set: Dataset, num_probe: int = 8) -> str:
-    """A short hash of the model's weights and of the training set's size and first samples."""
-    digest = hashlib.sha256()
+def fingerprint(model: nn.Module, train_set: Dataset, settings: dict) -> str:
+    """A short hash of everything the factors depend on: the model's weights, every training sample's input and
+    label in order, and the fitting ``settings`` (strategy and kronfluence's factor arguments).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 0]))
+        >>> edited = TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+        >>> model, settings = nn.Linear(2, 2), {"strategy": "ekfac"}
+        >>> fingerprint(model, data, settings) == fingerprint(model, edited, settings)
+        False
+    """
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_bytes(tensor))
     digest.update(str(len(train_set)).encode())
-    for index in range(min(num_probe, len(train_set))):
-        inputs, label = train_set[index]
-        digest.update(torch.as_tensor(inputs).cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        digest.update(str(int(label)).encode())
+    for inputs, labels in DataLoader(train_set, batch_size=512):  # in order: index i is sample i
+        digest.update(_bytes(torch.as_tensor(inputs)))
+        digest.update(_bytes(torch.as_tensor(labels).long()))
     return digest.hexdigest()[:16]
+
+
+def _bytes(tensor: Tensor) -> bytes:
+    """A tensor's shape, type and content as bytes."""
+    tensor = tensor.detach().cpu().contiguous()
+    return f"{tuple(tensor.shape)}{tensor.dtype}".encode() + tensor.view(-1).view(torch.uint8).numpy().tobytes()

@@ -308,12 +308,26 @@ def _copy(module: nn.Module) -> nn.Module:
 
 
 def _reinitialised(module: nn.Module, seed: int) -> nn.Module:
-    """A copy with every layer's parameters drawn afresh (seeded): the same architecture, untrained."""
+    """A copy with every parameter drawn afresh by its layer's ``reset_parameters`` (seeded, without touching the
+    caller's random state): the same architecture, untrained. A model with parameters that no ``reset_parameters``
+    covers is refused rather than retrained in part."""
     clone = _copy(module)
-    torch.manual_seed(seed)
-    for layer in clone.modules():
-        if layer is not clone and hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
+    covered: set[int] = set()
+    cuda = sorted({parameter.device.index or 0 for parameter in clone.parameters() if parameter.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for layer in clone.modules():
+            if hasattr(layer, "reset_parameters") and layer is not clone:
+                layer.reset_parameters()
+                covered.update(id(parameter) for parameter in layer.parameters(recurse=False))
+    left = [name for name, parameter in clone.named_parameters() if id(parameter) not in covered]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise UnlearningError(
+            f"cannot re-initialise {type(module).__name__} for a retrain from scratch: {shown} belong to no layer "
+            "with reset_parameters(), so they would keep the victim's trained values. Give those modules a "
+            "reset_parameters() method, or use another corrective method (FineTune, SSD, SCRUB, BadTeacher)."
+        )
     return clone
 
 
@@ -413,10 +427,9 @@ def run_corrective_fit(
         "unlearning": report,
     }
     saved = _save_new(lambda path: torch.save(checkpoint, path), Path(out_dir) / f"{method.name}.ckpt")
-    report["checkpoint"] = str(saved)
-    report["report"] = str(
-        _save_new(lambda path: path.write_text(json.dumps(report, indent=2)), saved.with_suffix(".json"))
-    )
+    report["checkpoint"] = str(saved.resolve())
+    written = _save_new(lambda path: path.write_text(json.dumps(report, indent=2)), saved.with_suffix(".json"))
+    report["report"] = str(written.resolve())
     return report
 
 

@@ -65,6 +65,42 @@ def test_factors_are_keyed_by_the_weights(tmp_path):
     assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
 
 
+@pytest.mark.parametrize("change", ["one input far from the start", "one label", "the order", "the strategy"])
+def test_factors_are_refitted_when_anything_that_made_them_changes(tmp_path, change):
+    model, train = _model(), _data()
+    queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
+    first = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    images, labels = train.tensors[0].clone(), train.tensors[1].clone()
+    strategy = "ekfac"
+    if change == "one input far from the start":
+        images[20, 0, 3, 3] += 0.5
+    elif change == "one label":
+        labels[17] = (labels[17] + 1) % 3
+    elif change == "the order":
+        images, labels = images.flip(0), labels.flip(0)
+    else:
+        strategy = "kfac"
+    again = compute_influence_scores(
+        model, TensorDataset(images, labels), queries, tmp_path, strategy, train_batch_size=8
+    )
+    assert again.factors_name != first.factors_name and not again.factors_reused
+    same = compute_influence_scores(model, _data(), queries, tmp_path, train_batch_size=8)
+    assert same.factors_reused and same.factors_name == first.factors_name
+
+
+def test_factors_are_seeded(tmp_path):
+    """The true Fisher samples labels; the fit is seeded, so two processes (or folders) get the same factors."""
+    model, train = _model(), _data()
+    queries = TensorDataset(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+    torch.manual_seed(123)
+    first = compute_influence_scores(model, train, queries, tmp_path / "a", train_batch_size=8)
+    torch.manual_seed(7)  # another random state: the same factors, the same scores
+    second = compute_influence_scores(model, train, queries, tmp_path / "b", train_batch_size=8)
+    assert torch.equal(first.scores, second.scores)
+    other_seed = compute_influence_scores(model, train, queries, tmp_path / "c", train_batch_size=8, seed=1)
+    assert not torch.equal(first.scores, other_seed.scores)  # the seed is what made them equal
+
+
 def test_model_without_trackable_layers_is_refused(tmp_path):
     class Untrackable(nn.Module):
         def __init__(self):
