@@ -12,6 +12,7 @@ import torch
 import torchvision
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -148,30 +149,45 @@ class InfluenceCollapseCallback(Callback):
         self.unlearning = unlearning
         self.result: Optional[AuditResult] = None
         self.corrective: Optional[dict] = None
+        self._flagged: Optional[Tensor] = None  # the audit's flagged indices, on every process
         self._accelerator = "cpu"
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run or trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.fast_dev_run or trainer.sanity_checking:
             return
         self._accelerator = "gpu" if pl_module.device.type == "cuda" else pl_module.device.type
-        self.result = self.audit(trainer, pl_module)
+        # one process audits (the same answer as a single-process run of these weights); the others wait here
+        flagged = None
+        try:
+            if trainer.is_global_zero:
+                self.result = self.audit(trainer, pl_module)
+                flagged = self.result.flagged
+        finally:  # an audit that fails still releases the waiting processes, which then stop with it
+            if trainer.world_size > 1:
+                flagged = trainer.strategy.broadcast(flagged)
+        self._flagged = flagged
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # by now the victim's strategy has torn down: the corrective fit gets its own fresh Trainer
-        if self.result is None or self.unlearning is None or not trainer.is_global_zero:
+        if self._flagged is None or self.unlearning is None:
             return
-        self.corrective = self.correct(trainer, pl_module)
+        distributed = _relaunchable(trainer)
+        if trainer.is_global_zero or distributed:
+            self.corrective = self.correct(trainer, pl_module, distributed)
 
-    def correct(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict]:
-        """Runs the configured corrective fit on the audit's flagged samples; logs and returns its report."""
+    def correct(self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = False) -> Optional[dict]:
+        """Runs the configured corrective fit on the audit's flagged samples; logs and returns its report.
+
+        ``distributed``: every process of the victim's DDP run takes part, under the same strategy; otherwise the
+        global rank 0 runs it alone on one device."""
         data = trainer.datamodule
         loader = data.train_dataloader()
         report = run_corrective_fit(
             pl_module,
             self.unlearning,
-            self.result.flagged,
+            self._flagged,
             train_set=loader.dataset,
             eval_train_set=_eval_train_set(data),
             test_set=getattr(data, "test_set", None),
@@ -183,6 +199,10 @@ class InfluenceCollapseCallback(Callback):
             seed=self.delta_influence.seed,
             val_dataloaders=data.val_dataloader() if is_overridden("val_dataloader", data) else None,
             progress_bar=trainer.progress_bar_callback is not None,
+            strategy="ddp" if distributed else "auto",
+            devices=trainer.num_devices if distributed else 1,
+            num_nodes=trainer.num_nodes if distributed else 1,
+            save=trainer.is_global_zero,
         )
         if report is None:
             return None
@@ -375,6 +395,13 @@ class InfluenceCollapseCallback(Callback):
         thumbnails = media.to_displayable(torch.stack(images), mean, std) if images else torch.zeros(0)
         for logger in wandb_loggers:
             media.log_to_wandb(logger, out, rows, thumbnails, out / "flagged.json")
+
+
+def _relaunchable(trainer: pl.Trainer) -> bool:
+    """Whether the victim's fit ran in several processes launched by Lightning's DDP (one script per device), which
+    a new DDP Trainer inside those processes can use again for the corrective fit."""
+    strategy = trainer.strategy
+    return trainer.world_size > 1 and type(strategy) is DDPStrategy and strategy._start_method == "popen"
 
 
 def _eval_train_set(data: Any) -> Dataset:

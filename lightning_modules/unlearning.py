@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -51,6 +52,9 @@ class UnlearningData:
     seed: int = 0
     val_dataloaders: Any = None
     progress_bar: bool = True
+    strategy: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
 
 
 class Unlearning(ABC):
@@ -271,13 +275,15 @@ def evaluate(
     with evaluating(model, device):
         for inputs, labels in DataLoader(dataset, batch_size=batch_size):
             logits = model(inputs.to(device))
-            metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
+            # every process evaluates the whole set itself: nothing to gather from others
+            metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro", sync_on_compute=False).to(device)
             metric.update(logits, labels.to(device))
     return metric.compute().item()
 
 
 def _fit(model: pl.LightningModule, data: UnlearningData, max_epochs: int) -> pl.LightningModule:
     """Trains ``model`` on the retained set with its own ``configure_optimizers``, in a fresh Trainer."""
+    _synced(model, data.devices * data.num_nodes > 1)
     model.train()  # Lightning keeps a module's eval mode; the victim may come back from evaluation
     loader = DataLoader(data.retain, batch_size=data.batch_size, shuffle=True)
     _trainer(data, max_epochs=max_epochs).fit(model, train_dataloaders=loader, val_dataloaders=data.val_dataloaders)
@@ -288,7 +294,9 @@ def _trainer(data: UnlearningData, **kwargs) -> pl.Trainer:
     """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check."""
     return pl.Trainer(
         accelerator=data.accelerator,
-        devices=1,
+        strategy=data.strategy,
+        devices=data.devices,
+        num_nodes=data.num_nodes,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -305,6 +313,15 @@ def _copy(module: nn.Module) -> nn.Module:
     if isinstance(clone, pl.LightningModule):
         clone._metric_attributes = None
     return clone
+
+
+def _synced(module: nn.Module, distributed: bool) -> nn.Module:
+    """``module`` with its torchmetrics metrics gathering across processes only when its fit is distributed: a
+    single-process corrective fit inside a distributed run must not wait for processes that are not training."""
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            metric.sync_on_compute = distributed
+    return module
 
 
 def _reinitialised(module: nn.Module, seed: int) -> nn.Module:
@@ -369,8 +386,16 @@ def run_corrective_fit(
     seed: int = 0,
     val_dataloaders: Any = None,
     progress_bar: bool = True,
+    strategy: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    save: bool = True,
 ) -> Optional[dict]:
     """Forgets the ``flagged`` training samples with ``method`` and measures clean accuracy and ASR before and after.
+
+    With ``strategy="ddp"`` and several ``devices`` (or nodes), every process of an already launched distributed run
+    calls this with the same arguments: the methods that train do so under that strategy, each process evaluates
+    on its own, and only the process with ``save=True`` (global rank 0) writes the model and the report.
 
     The corrected model is saved as ``out_dir/<method>.ckpt`` (``<method>-2.ckpt``, ... when taken), in Lightning's
     checkpoint layout (``state_dict`` and ``hyper_parameters``), and the report next to it as ``<method>.json``
@@ -404,12 +429,17 @@ def run_corrective_fit(
         seed=seed,
         val_dataloaders=val_dataloaders,
         progress_bar=progress_bar,
+        strategy=strategy,
+        devices=devices,
+        num_nodes=num_nodes,
     )
     before = {"acc": evaluate(victim, test_set, accelerator), "asr": evaluate(victim, attack_test_set, accelerator)}
     rank_zero_info(f"Corrective fit: {method.name}, forgetting {len(flagged)} and keeping {len(retained)} samples.")
     start = time.perf_counter()
     corrected = method.run(victim, data)
     seconds = time.perf_counter() - start
+    if not save:
+        return None
     report = {
         "method": method.name,
         "forgotten": len(flagged),
@@ -419,6 +449,7 @@ def run_corrective_fit(
         "acc": evaluate(corrected, test_set, accelerator),
         "asr": evaluate(corrected, attack_test_set, accelerator),
         "time_s": seconds,
+        "processes": devices * num_nodes,
     }
     checkpoint = {
         "state_dict": corrected.state_dict(),

@@ -1,0 +1,49 @@
+"""The whole chain under Lightning's DDP: two CPU processes (gloo), as a user turns it on from the command line."""
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from test_cli import DIGITS, _command
+
+import train
+from delta_influence.examples import first_attacked, select_contrast
+
+
+def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
+    result = _command(
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "8", "--data.per_class", "100",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output
+    (run,) = (tmp_path / "runs" / "delta-influence").iterdir()  # one run folder, one audit, one corrective fit
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "delta_influence", "unlearn"]
+    assert sorted(p.name for p in (run / "unlearn").iterdir()) == ["retrain.ckpt", "retrain.json"]
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
+    report = json.loads((run / "unlearn" / "retrain.json").read_text())
+    assert report["processes"] == 2 and report["before_asr"] > 0.5 and report["asr"] < 0.1
+    flagged = json.loads((run / "delta_influence" / "flagged.json").read_text())["flagged"]
+
+    # the same weights audited in one process, with a fresh factor cache, flag the same samples
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    for fit_only in ("ckpt_path", "weights_only"):  # options of the `fit` command, not of the objects
+        settings.pop(fit_only)
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(settings))
+    cli = train.main(["--config", str(tmp_path / "saved.yaml"), "--trainer.strategy", "auto",
+                      "--trainer.devices", "1", "--trainer.logger", "false"], run=False)  # fmt: skip
+    data, model = cli.datamodule, cli.model
+    data.prepare_data()
+    data.setup("fit")
+    model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
+    (callback,) = [c for c in cli.trainer.callbacks if hasattr(c, "delta_influence")]
+    image, label = data.attack_test_set[first_attacked(model, data.attack_test_set)]
+    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(model, data.test_set, int(label), 5)])
+    alone = callback.delta_influence.run(
+        model, data.eval_train_set, image, int(label), data.num_classes, Path(tmp_path) / "fresh", contrast
+    )
+    assert alone.decision.flagged.tolist() == flagged
