@@ -1,18 +1,17 @@
 """A base data set plus an attack: poisoned train, eval-form train, clean test and attack test sets."""
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sources import SOURCES, ImageSource
 from delta_influence.attacks import Attack, BadNets
 from delta_influence.attacks.base import AttackContext, LabeledImages, PoisonedData
 from delta_influence.errors import ConfigError
-from delta_influence.unlearning import retained_indices
 
 
 class ImageDataset(Dataset):
@@ -179,10 +178,6 @@ class PoisonedDataModule(pl.LightningDataModule):
         if self.attack_test_set is not None:
             sets["attack"] = self.attack_test_set
         return sets
-
-    def train_dataset_without(self, indices: Sequence[int] | Tensor) -> Dataset:
-        """The augmented training set without ``indices`` (e.g. flagged samples), for retraining."""
-        return Subset(self.train_set, retained_indices(len(self.train_set), indices))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -42,7 +42,7 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert len(summary["contrast"]) == 5 and summary["metrics"]["collapsed"] >= len(first.flagged)
     assert {"contrast.pt", "contrast.png"} <= files
     poisons = trained_digits[0].poison_indices
-    assert first.metrics["recall"] == torch.isin(poisons, first.flagged).float().mean().item()
+    assert torch.isin(poisons, first.flagged).all() and first.metrics["recall"] == 1.0  # every poison found
 
     # the same weights audited again: factors reused, the first audit left as it was
     rerun = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
@@ -235,3 +235,17 @@ def test_contrast_image_files(tmp_path, trained_digits):
             AuditError, match=rf"contrast_images holds .* of shape {shape}.*training images are \(1, 32, 32\)"
         ):
             _fit_with(tmp_path, trained_digits, callback)
+
+
+def test_pixel_space_transforms_through_the_callback(tmp_path, trained_digits):
+    """``space="pixel"`` undoes the normalisation, transforms real pixels and normalises again: every copy stays
+    inside the range of valid pixels, which normalised-space transforms (e.g. colour jitter on z-scores) leave."""
+    callback = InfluenceCollapseCallback(num_transforms=8, tolerance=1, space="pixel", output_dir=str(tmp_path / "a"))
+    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    data = trained_digits[0]
+    summary = json.loads((callback.result.output_dir / "summary.json").read_text())
+    assert summary["space"] == "pixel" and summary["num_transforms"] == 8
+    copies = torch.load(callback.result.output_dir / "queries.pt")["images"][1:]
+    low, high = (0 - data.mean) / data.std, (1 - data.mean) / data.std
+    assert copies.min() >= low.min() - 1e-4 and copies.max() <= high.max() + 1e-4
+    assert len(callback.result.flagged) > 0

@@ -79,7 +79,6 @@ def test_override_and_class_path_reach_the_objects(tmp_path):
     [
         (["--data.attack.init_args.victim", "10"], "attack.victim=10 is out of range"),
         (["--data.attack.init_args.target", "8"], "victim and attack.target are both 8"),
-        (["--model.arch", "vgg"], "model.arch='vgg' is not a known architecture"),
         (["--data.dataset", "cifar10", "--data.root", "/nonexistent", "--data.download", "false"], "--data.root="),
     ],
 )

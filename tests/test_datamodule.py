@@ -47,15 +47,6 @@ def test_setup_is_idempotent_and_seeded():
     assert not torch.equal(digits_data(seed=2).poison_indices, poisons)
 
 
-def test_train_dataset_without_drops_exactly_those_indices():
-    data = digits_data()
-    kept = data.train_dataset_without(data.poison_indices)
-    assert len(kept) == len(data.train_set) - 20
-    assert not set(kept.indices) & set(data.poison_indices.tolist())
-    with pytest.raises(IndexError, match=r"\[400\] lie outside 0..399"):
-        data.train_dataset_without([400])
-
-
 def test_per_class_subset_keeps_k_per_class():
     data = digits_data(per_class=15, num_poisons=3)
     labels = data.eval_train_set.labels.clone()
@@ -162,3 +153,15 @@ def test_attack_classes_by_name(cifar10_root):
     assert (data.eval_train_set.labels[data.poison_indices] == 5).all() and len(data.attack_test_set) == 4
     with pytest.raises(ConfigError, match=r"attack.target='lorry' is not a class of this data set; its classes are "):
         PoisonedDataModule("cifar10", root=str(cifar10_root), download=False, attack=BadNets(target="lorry"))
+
+
+def test_image_folder_skips_other_files_and_names_an_unreadable_image(image_folder):
+    (image_folder / "train" / "cat" / "notes.txt").write_text("not an image")
+    (image_folder / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    data = PoisonedDataModule("folder", root=str(image_folder), image_size=32, attack=None)
+    data.setup()
+    assert len(data.train_set) == 30  # the two extra files were skipped
+    broken = image_folder / "train" / "dog" / "9999.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"9999.png is not a readable image"):
+        PoisonedDataModule("folder", root=str(image_folder), image_size=32, attack=None).setup()

@@ -2,10 +2,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from delta_influence.influence import compute_influence_scores, label_margins
+from delta_influence.influence import ClassificationTask, compute_influence_scores, label_margins
 
 
 def _model() -> nn.Module:
@@ -117,3 +118,18 @@ def test_model_without_trackable_layers_is_refused(tmp_path):
 def test_unknown_strategy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="strategy='fancy' is not known"):
         compute_influence_scores(_model(), _data(), _data(), tmp_path, strategy="fancy")
+
+
+def test_true_fisher_draws_labels_from_the_models_predictions():
+    """With ``sample=True`` (how kronfluence fits the true Fisher) the given labels play no part: the loss uses
+    labels drawn from the model's own predictive distribution."""
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 0.0, 30.0]))  # the model is sure of class 2
+    inputs, given = torch.randn(16, 2), torch.zeros(16, dtype=torch.long)
+    task = ClassificationTask()
+    sampled = task.compute_train_loss((inputs, given), model, sample=True)
+    expected = F.cross_entropy(model(inputs), torch.full((16,), 2), reduction="sum")
+    assert torch.allclose(sampled, expected)
+    assert task.compute_train_loss((inputs, given), model, sample=False) > 100 * sampled  # the empirical Fisher's
