@@ -23,7 +23,7 @@ class DeltaInfluence:
         >>> DeltaInfluence(tolerance=50)
         Traceback (most recent call last):
         ...
-        ValueError: tolerance=50 must lie in 0..49 (num_transforms - 1).
+        delta_influence.errors.ConfigError: tolerance=50 must lie in 0..49 (num_transforms - 1).
     """
 
     num_transforms: int = field(default=50, metadata={"help": "transformed copies of the query"})

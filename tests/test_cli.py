@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb
 import yaml
 from wandb_records import logged_keys, read_run
 
@@ -39,26 +38,6 @@ def test_every_config_parses_and_prints(config, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: delta_influence.attacks." in printed and "max_epochs" in printed
-
-
-def test_offline_default_trains_audits_and_logs_to_wandb(tmp_path):
-    cli = train.main(["fit", *_small(tmp_path)])
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    run_dir = Path(cli.trainer.logger.experiment.dir).parent
-    wandb.finish()
-    run = read_run(run_dir)
-    keys = logged_keys(run)
-    for key in ["train/loss", "train/acc", "val/acc", "val/asr", "test/acc", "test/asr"]:
-        assert key in keys, key
-    for key in ["audit/flagged", "audit/precision", "audit/recall", "audit/f1", "audit/factors_s", "audit/scores_s"]:
-        assert key in keys, key
-    media = {key: row[key]["_type"] for row in run["history"] for key in row if isinstance(row[key], dict)}
-    assert media["audit/queries"] == media["audit/collapse_counts"] == "images/separated"
-    assert media["audit/top_flagged"] == "table-file"
-    assert any(name.startswith("flagged-") for name in run["artifacts"])
-    val_asr = [row["val/asr"] for row in run["history"] if "val/asr" in row]
-    assert val_asr[-1] >= 0.5  # the attack took hold, even in this tiny run
-    assert len(list(Path(tmp_path).rglob("delta_influence/summary.json"))) == 1
 
 
 def test_override_and_class_path_reach_the_objects(tmp_path):
@@ -145,8 +124,17 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path):
     assert {"before_acc", "before_asr", "acc", "asr", "time_s"} <= set(report)
 
     (wandb_run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
-    logged = read_run(wandb_run)["config"]
-    assert logged["config"] == config and logged["run_config"].endswith("config.yaml")
+    records = read_run(wandb_run)
+    assert records["config"]["config"] == config and records["config"]["run_config"].endswith("config.yaml")
+    keys = logged_keys(records)
+    for key in ["train/loss", "train/acc", "val/acc", "val/asr", "audit/flagged", "audit/precision", "audit/recall",
+                "audit/f1", "audit/factors_s", "audit/scores_s", "unlearn/acc", "unlearn/asr"]:  # fmt: skip
+        assert key in keys, key
+    media = {key: row[key]["_type"] for row in records["history"] for key in row if isinstance(row[key], dict)}
+    assert media["audit/queries"] == media["audit/collapse_counts"] == "images/separated"
+    assert media["audit/top_flagged"] == "table-file"
+    assert any(name.startswith("flagged-") for name in records["artifacts"])
+    assert [row["val/asr"] for row in records["history"] if "val/asr" in row][-1] >= 0.5  # the attack took hold
 
     again = _command(tmp_path, "unlearn.py", "--run", str(run), "--trainer.max_epochs", "1")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
