@@ -3,7 +3,7 @@
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -26,6 +26,7 @@ from delta_influence import detection_metrics
 from delta_influence.attacks.base import class_index
 from delta_influence.audit import DeltaInfluence, DeltaInfluenceAudit
 from delta_influence.collapse import topk_recall
+from delta_influence.detectors import Detection, DetectionInput, Detector, InfluenceThreshold
 from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.files import publish
@@ -42,11 +43,11 @@ class AuditResult:
     """What an audit found, and where it wrote it."""
 
     flagged: Tensor  # sorted indices into the training set
-    counts: Tensor  # per-sample collapse counts
-    scores: Tensor  # [1 + n + k, N]: the original query, n transformed copies, k clean contrast queries
+    counts: Optional[Tensor]  # Δ-Influence: per-sample collapse counts
+    scores: Optional[Tensor]  # Δ-Influence: [1 + n + k, N] (query, copies, contrast); others: per-sample suspicion
     metrics: dict[str, float]
     output_dir: Path
-    audit: DeltaInfluenceAudit  # everything the audit computed, the decision's evidence included
+    audit: Optional[DeltaInfluenceAudit]  # Δ-Influence: everything it computed, the decision's evidence included
 
 
 class InfluenceCollapseCallback(Callback):
@@ -89,6 +90,8 @@ class InfluenceCollapseCallback(Callback):
         output_dir: Where audits are written; default ``<run folder>/delta_influence``.
         factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
         top_k: Rows of the table of top flagged samples.
+        detector: Another detector to run instead of Δ-Influence (e.g.
+            ``delta_influence.detectors.SpectralSignatures``); ``None`` runs Δ-Influence with the settings above.
         unlearning: The corrective fit launched once the victim's fit has ended (e.g.
             ``lightning_modules.unlearning.Retrain``); ``None`` stops after the audit.
     """
@@ -114,6 +117,7 @@ class InfluenceCollapseCallback(Callback):
         factors_dir: Optional[str] = None,
         top_k: int = 32,
         unlearning: Optional[Unlearning] = None,
+        detector: Optional[Detector] = None,
     ) -> None:
         self.delta_influence = DeltaInfluence(
             num_transforms=num_transforms,
@@ -147,6 +151,7 @@ class InfluenceCollapseCallback(Callback):
         self.factors_dir = factors_dir
         self.top_k = top_k
         self.unlearning = unlearning
+        self.detector: Detector = detector if detector is not None else self.delta_influence
         self.result: Optional[AuditResult] = None
         self.corrective: Optional[dict] = None
         self._flagged: Optional[Tensor] = None  # the audit's flagged indices, on every process
@@ -216,35 +221,55 @@ class InfluenceCollapseCallback(Callback):
         return report
 
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AuditResult:
-        """Runs Δ-Influence on the trained ``pl_module`` and writes, logs and returns the result."""
-        check_trackable(pl_module)
+        """Runs the detector (Δ-Influence by default) on the trained ``pl_module``; writes, logs and returns what
+        it found."""
         data = trainer.datamodule
         train_set = _eval_train_set(data)
-        image, label, where = self._query(data, train_set, pl_module)
-        num_classes = self._check_query(pl_module, image, label, where)
-        contrast, sources = self._contrast(data, train_set, pl_module, label)
-        settings = self.delta_influence
-        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-        rank_zero_info(
-            f"Δ-Influence: query {where}, label {label}, {settings.num_transforms} transformed copies, "
-            f"{len(sources)} clean contrast images."
+        detector = self.detector
+        inputs = DetectionInput(
+            model=pl_module,
+            train_set=train_set,
+            num_classes=0,
+            factors_dir=Path(self.factors_dir or Path(trainer.default_root_dir) / "influence_cache"),
+            clean_set=getattr(data, "test_set", None),
+            poison_indices=_poisons(data),
+            device=pl_module.device,
+            mean=getattr(data, "mean", None),
+            std=getattr(data, "std", None),
         )
-        audit = settings.run(
-            pl_module, train_set, image, label, num_classes,
-            factors_dir=self.factors_dir or Path(trainer.default_root_dir) / "influence_cache",
-            contrast=contrast, device=pl_module.device, mean=mean, std=std,
-        )  # fmt: skip
+        where, sources = None, []
+        if isinstance(detector, (DeltaInfluence, InfluenceThreshold)):  # the influence detectors start from a query
+            check_trackable(pl_module)
+            image, label, where = self._query(data, train_set, pl_module)
+            inputs.num_classes = self._check_query(pl_module, image, label, where)
+            inputs.query = (image, label)
+            if isinstance(detector, DeltaInfluence):
+                inputs.contrast, sources = self._contrast(data, train_set, pl_module, label)
+        else:
+            with torch.no_grad(), evaluating(pl_module):
+                inputs.num_classes = pl_module(train_set[0][0][None].to(pl_module.device)).shape[-1]
+        rank_zero_info(_announce(detector, where, sources))
+        detection = detector.detect(inputs)
+        if isinstance(detection.evidence, DeltaInfluenceAudit):
+            return self._finish_delta_influence(trainer, data, train_set, detection.evidence, where, sources)
+        return self._finish(trainer, data, train_set, detection)
+
+    def _finish_delta_influence(
+        self, trainer, data, train_set, audit: DeltaInfluenceAudit, where: str, sources: list[str]
+    ) -> AuditResult:
+        """Δ-Influence's metrics, files (the decision's evidence included), pictures and logs."""
+        settings = self.detector
         decision = audit.decision
-        poisons = getattr(data, "poison_indices", None)
-        poisons = torch.as_tensor(poisons) if poisons is not None and len(poisons) else None
+        poisons = _poisons(data)
         metrics = detection_metrics(decision.flagged, len(train_set), poisons)
         metrics["collapsed"] = float(len(decision.collapsed))
         if poisons is not None:
             metrics["raw_topk_recall"] = topk_recall(audit.scores[0], poisons)
         metrics |= audit.timings
         summary = {
+            "detector": settings.name,
             "query": where,
-            "query_label": label,
+            "query_label": int(audit.queries.labels[0]),
             "contrast": sources,
             **asdict(settings),
             "num_contrast": len(sources),
@@ -266,12 +291,41 @@ class InfluenceCollapseCallback(Callback):
         rank_zero_info(_describe(metrics, out))
         return AuditResult(decision.flagged, decision.counts, audit.scores, metrics, out, audit)
 
+    def _finish(self, trainer, data, train_set, detection: Detection) -> AuditResult:
+        """Another detector's metrics, files and logs: ``<detector name>/`` in the run folder, metrics under
+        ``audit/<detector name>/``."""
+        poisons = _poisons(data)
+        metrics = detection_metrics(detection.flagged, len(train_set), poisons)
+        metrics["total_s"] = detection.seconds
+        metrics |= {key: float(value) for key, value in detection.info.items()}
+        settings = asdict(self.detector) if is_dataclass(self.detector) else {}
+        summary = {"detector": detection.detector, **settings, "num_train": len(train_set), "metrics": metrics}
+
+        def write(folder: Path) -> None:
+            flagged = detection.flagged.tolist()
+            (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
+            torch.save(detection.flagged, folder / "flagged.pt")
+            if detection.scores is not None:
+                torch.save(detection.scores, folder / "scores.pt")
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+        out = _write_atomically(
+            Path(self.output_dir) if self.output_dir else run_dir(trainer) / detection.detector, write
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"audit/{detection.detector}/{name}": value for name, value in metrics.items()},
+                step=trainer.global_step,
+            )
+        rank_zero_info(_describe(metrics, out, detection.detector))
+        return AuditResult(detection.flagged, None, detection.scores, metrics, out, None)
+
     def _contrast(
         self, data: Any, train_set: Dataset, pl_module: pl.LightningModule, label: int
     ) -> tuple[Optional[Tensor], list[str]]:
         """The clean contrast images of the query's label (``None`` when the contrast is off), and where they came
         from (files or test indices)."""
-        if self.delta_influence.num_contrast == 0:
+        if self.detector.num_contrast == 0:
             return None, []
         if self.contrast_images:
             images = [
@@ -285,7 +339,7 @@ class InfluenceCollapseCallback(Callback):
                 "`test_set`. Give one, pass contrast_images (image files of that class), or set num_contrast=0 for "
                 "the reference rule."
             )
-        indices = select_contrast(pl_module, test_set, label, self.delta_influence.num_contrast)
+        indices = select_contrast(pl_module, test_set, label, self.detector.num_contrast)
         return torch.stack([torch.as_tensor(test_set[i][0]) for i in indices]), [f"test_set[{i}]" for i in indices]
 
     def _query(self, data: Any, train_set: Dataset, pl_module: pl.LightningModule) -> tuple[Tensor, int, str]:
@@ -404,6 +458,22 @@ def _relaunchable(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and type(strategy) is DDPStrategy and strategy._start_method == "popen"
 
 
+def _poisons(data: Any) -> Optional[Tensor]:
+    """The data module's ground-truth poison indices, when it knows them."""
+    poisons = getattr(data, "poison_indices", None)
+    return torch.as_tensor(poisons) if poisons is not None and len(poisons) else None
+
+
+def _announce(detector: Detector, where: Optional[str], sources: list[str]) -> str:
+    """One line saying what the audit is about to do."""
+    if isinstance(detector, DeltaInfluence):
+        return (
+            f"Δ-Influence: query {where}, {detector.num_transforms} transformed copies, {len(sources)} clean "
+            "contrast images."
+        )
+    return f"{detector.name}: auditing the training set" + (f" on the query {where}." if where else ".")
+
+
 def _eval_train_set(data: Any) -> Dataset:
     """The training set in evaluation form, refused when it is shuffled or augmented."""
     train_set = getattr(data, "eval_train_set", None)
@@ -473,14 +543,19 @@ def _write_atomically(target: Path, write) -> Path:
         raise
 
 
-def _describe(metrics: dict[str, float], out: Path) -> str:
+def _describe(metrics: dict[str, float], out: Path, who: str = "Δ-Influence") -> str:
     """One paragraph for the console."""
     share = 100 * metrics["removed_fraction"]
-    text = f"Δ-Influence flagged {int(metrics['flagged'])} samples ({share:.1f} % of the training set)"
+    text = f"{who} flagged {int(metrics['flagged'])} samples ({share:.1f} % of the training set)"
     if "precision" in metrics:
         text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
+    if "raw_topk_recall" in metrics:
         text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
-    return f"{text}. Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s. Written to {out}"
+    if "factors_s" in metrics:
+        text += f". Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s"
+    else:
+        text += f" in {metrics['total_s']:.1f} s"
+    return f"{text}. Written to {out}"
 
 
 def _compare(report: dict) -> str:

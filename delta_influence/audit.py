@@ -10,14 +10,18 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from delta_influence.collapse import CollapseResult, flag_collapsed
+from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
 from delta_influence.errors import ConfigError
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
 from delta_influence.queries import QuerySet, make_queries
 
 
 @dataclass(frozen=True)
-class DeltaInfluence:
+class DeltaInfluence(Detector):
     """Δ-Influence (Li et al., 2024) with the clean-class contrast; every setting is checked here, once.
+
+    As a ``Detector`` it needs the query and, unless ``num_contrast=0``, the clean contrast images; its
+    ``Detection`` holds the scores on the original query and the whole ``DeltaInfluenceAudit`` as evidence.
 
     Example:
         >>> DeltaInfluence(tolerance=50)
@@ -110,6 +114,17 @@ class DeltaInfluence:
         return DeltaInfluenceAudit(
             queries, contrast, influence.scores, decision, influence.factors_name, influence.factors_reused, timings
         )
+
+    name = "delta_influence"
+
+    def _detect(self, inputs: DetectionInput) -> Detection:
+        image, label = require(inputs.query, "the misbehaving query (an input and the attacker's label)", self.name)
+        audit = self.run(
+            inputs.model, inputs.train_set, image, int(label), inputs.num_classes, inputs.factors_dir,
+            contrast=inputs.contrast if self.num_contrast else None, device=inputs.device, mean=inputs.mean,
+            std=inputs.std,
+        )  # fmt: skip
+        return Detection(self.name, audit.flagged, audit.scores[0], audit, info=dict(audit.timings))
 
     def _checked_contrast(self, contrast: Optional[Tensor], image: Tensor) -> Tensor:
         """The contrast images, checked against the settings and the query's shape; empty without contrast."""

@@ -1,0 +1,110 @@
+"""The detector contract: what a poison detector gets, what it returns, and the penultimate-layer activations that
+several of them read."""
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.examples import evaluating
+
+
+@dataclass
+class DetectionInput:
+    """Everything a detector may use. Each detector takes what it needs and refuses to run without it.
+
+    ``train_set`` is the training set in evaluation form (``(input, label)`` pairs, fixed order, no augmentation):
+    flagged indices point into it. ``query`` is the misbehaving example (input, attacker's label) and ``contrast``
+    clean inputs of that label, for the influence detectors. ``clean_set`` is clean held-out data (the test set),
+    for detectors that train on clean images. ``poison_indices`` is the ground truth: only the oracle bounds read it.
+    """
+
+    model: nn.Module
+    train_set: Dataset
+    num_classes: int
+    factors_dir: Path = Path("influence_cache")
+    query: Optional[tuple[Tensor, int]] = None
+    contrast: Optional[Tensor] = None
+    clean_set: Optional[Dataset] = None
+    poison_indices: Optional[Tensor] = None
+    device: torch.device | str = "cpu"
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+
+@dataclass
+class Detection:
+    """A detector's answer: sorted flagged training indices, a per-sample suspicion score where the detector has one
+    (higher is more suspicious), its full evidence, and how long it took."""
+
+    detector: str
+    flagged: Tensor
+    scores: Optional[Tensor] = None
+    evidence: Any = None
+    seconds: float = 0.0
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Detector(ABC):
+    """A poison detector. Subclasses set ``name`` and write ``_detect``; ``detect`` times it and sorts the answer."""
+
+    name: str = "detector"
+
+    def detect(self, inputs: DetectionInput) -> Detection:
+        start = time.perf_counter()
+        detection = self._detect(inputs)
+        detection.flagged = torch.as_tensor(detection.flagged, dtype=torch.long).unique().sort().values
+        detection.seconds = time.perf_counter() - start
+        return detection
+
+    @abstractmethod
+    def _detect(self, inputs: DetectionInput) -> Detection:
+        """Flags training samples of ``inputs.train_set``."""
+
+
+def require(value: Any, what: str, detector: str) -> Any:
+    """``value``, or a clear error saying that ``detector`` needs ``what``."""
+    if value is None:
+        raise ConfigError(f"the {detector} detector needs {what}, and none was given.")
+    return value
+
+
+@torch.no_grad()
+def penultimate_activations(
+    model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 512
+) -> Tensor:
+    """The input of the model's last ``nn.Linear`` layer for every sample of ``dataset``, ``[N, D]``, read with a
+    forward hook, so any classifier whose head is a linear layer works.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> penultimate_activations(model, TensorDataset(torch.zeros(5, 4), torch.zeros(5))).shape
+        torch.Size([5, 3])
+    """
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no nn.Linear layer: activation-based detectors read the input of the last "
+            "linear layer (the classifier head). Use an influence-based detector for this model."
+        )
+    captured: list[Tensor] = []
+    hook = heads[-1].register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).cpu()))
+    try:
+        with evaluating(model, torch.device(device)):
+            for inputs, _ in DataLoader(dataset, batch_size=batch_size):
+                model(inputs.to(device))
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def labels_of(dataset: Dataset) -> Tensor:
+    """The labels of every sample, in order."""
+    return torch.cat([torch.as_tensor(labels).long() for _, labels in DataLoader(dataset, batch_size=1024)])

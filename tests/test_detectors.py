@@ -1,0 +1,131 @@
+"""The detector interface, the baselines on data where the answer is known, and the callback running any of them."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_trainer
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from callbacks import InfluenceCollapseCallback
+from delta_influence.audit import DeltaInfluence
+from delta_influence.detectors import (
+    ActivationClustering,
+    DetectionInput,
+    FrequencyAnalysis,
+    InfluenceThreshold,
+    Oracle,
+    RandomSubset,
+    SpectralSignatures,
+    penultimate_activations,
+)
+from delta_influence.detectors.baselines import corrupt, dct2
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.examples import first_attacked, select_contrast
+
+
+def _planted(outliers: int = 15) -> tuple[DetectionInput, torch.Tensor]:
+    """Features that the model passes straight to its linear head: label 0 holds ``outliers`` samples far out along
+    one direction (the planted poisons), label 1 two equal groups (a clean label with two modes)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 8, generator=generator)
+    features[:outliers, 0] += 8.0
+    features[150:, 1] += 8.0
+    labels = torch.cat([torch.zeros(100), torch.ones(100)]).long()
+    model = nn.Sequential(nn.Identity(), nn.Linear(8, 2))
+    return DetectionInput(model, TensorDataset(features, labels), num_classes=2), torch.arange(outliers)
+
+
+def test_penultimate_activations_need_a_linear_head():
+    data = TensorDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    with pytest.raises(UnsupportedModelError, match="no nn.Linear layer"):
+        penultimate_activations(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), data)
+
+
+def test_activation_clustering_flags_the_small_cluster_only():
+    inputs, planted = _planted()
+    detection = ActivationClustering().detect(inputs)
+    assert detection.flagged.tolist() == planted.tolist()  # label 1 splits in halves: neither is small enough
+    assert detection.detector == "activation_clustering" and detection.seconds > 0
+
+
+def test_spectral_signatures_flag_the_outliers_of_each_label():
+    inputs, planted = _planted(outliers=5)
+    detection = SpectralSignatures(expected_fraction=0.05).detect(inputs)
+    assert len(detection.flagged) == 2 * 7  # 1.5 x 5 % of each label's 100 samples
+    assert set(planted.tolist()) <= set(detection.flagged.tolist())
+    assert detection.scores[planted].min() > detection.scores[5:100].max()
+
+
+def test_oracle_and_random_bounds():
+    inputs, planted = _planted()
+    inputs.poison_indices = planted
+    assert Oracle().detect(inputs).flagged.tolist() == planted.tolist()
+    random = RandomSubset(seed=3).detect(inputs).flagged
+    assert len(random) == 15 and torch.equal(random, RandomSubset(seed=3).detect(inputs).flagged)
+    inputs.poison_indices = None
+    with pytest.raises(ConfigError, match="the oracle detector needs the true poison indices"):
+        Oracle().detect(inputs)
+
+
+def test_dct_is_orthonormal_and_corruptions_stay_images():
+    images = torch.rand(6, 3, 16, 16)
+    assert torch.allclose((dct2(images) ** 2).sum(), (images**2).sum(), rtol=1e-4)
+    corrupted = corrupt(images, torch.Generator().manual_seed(0))
+    assert corrupted.shape == images.shape and 0 <= corrupted.min() and corrupted.max() <= 1
+    assert not torch.equal(corrupted, images)
+
+
+def test_frequency_analysis_learns_corruptions_and_is_cached(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(600, 1, 4, 4, generator=generator), size=16, mode="bilinear")
+    clean = TensorDataset(smooth[:400], torch.zeros(400).long())
+    patched = smooth[400:].clone()
+    patched[:100, :, 12:15, 12:15] = 1.0  # a BadNets-like patch on half of the training images
+    train = TensorDataset(patched, torch.zeros(200).long())
+    inputs = DetectionInput(nn.Linear(1, 1), train, 2, factors_dir=tmp_path / "factors", clean_set=clean,
+                            mean=[0.0], std=[1.0])  # fmt: skip
+    detector = FrequencyAnalysis(epochs=8, batch_size=64)
+    first = detector.detect(inputs)
+    assert first.scores[:100].mean() > first.scores[100:].mean() + 0.3  # patched images look poisoned
+    assert first.info["val_acc"] > 0.7
+    again = detector.detect(inputs)  # the classifier comes from the cache, not a second training
+    assert again.info["train_s"] == first.info["train_s"] and torch.equal(again.scores, first.scores)
+    assert list((tmp_path / "detector_cache").glob("frequency_cnn-*.pt"))
+
+
+def test_influence_detectors_share_factors(trained_digits, tmp_path):
+    data, model = trained_digits
+    image, label = data.attack_test_set[first_attacked(model, data.attack_test_set)]
+    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(model, data.test_set, int(label), 5)])
+    inputs = DetectionInput(model, data.eval_train_set, 10, tmp_path, query=(image, int(label)), contrast=contrast,
+                            poison_indices=data.poison_indices)  # fmt: skip
+    delta = DeltaInfluence(num_transforms=8, tolerance=1).detect(inputs)
+    top = InfluenceThreshold(top_k=20).detect(inputs)
+    assert top.evidence.factors_reused and top.evidence.factors_name == delta.evidence.factors_name
+    assert len(top.flagged) == 20 and torch.allclose(top.scores, delta.scores, rtol=1e-3, atol=1e-3)
+    above = InfluenceThreshold(threshold=float(top.scores.median())).detect(inputs)
+    assert len(above.flagged) == (top.scores > top.scores.median()).sum()
+    with pytest.raises(ConfigError, match="needs the misbehaving query"):
+        InfluenceThreshold().detect(DetectionInput(model, data.eval_train_set, 10, tmp_path))
+
+
+def test_callback_runs_another_detector_and_corrects_on_its_answer(trained_digits, tmp_path):
+    import copy
+
+    from lightning_modules.unlearning import Retrain
+
+    data, model = trained_digits
+    callback = InfluenceCollapseCallback(
+        detector=SpectralSignatures(expected_fraction=0.05), unlearning=Retrain(max_epochs=1)
+    )
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback], enable_checkpointing=False)
+    trainer.fit(copy.deepcopy(model), datamodule=data)
+    out = callback.result.output_dir
+    assert out.name == "spectral_signatures" and callback.result.audit is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detector"] == "spectral_signatures" and summary["expected_fraction"] == 0.05
+    flagged = json.loads((out / "flagged.json").read_text())["flagged"]
+    assert flagged == callback.result.flagged.tolist() and callback.corrective["forgotten"] == len(flagged)
+    assert 0 < summary["metrics"]["recall"] and summary["metrics"]["flagged"] == len(flagged)
