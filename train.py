@@ -3,6 +3,9 @@
 Poisons a data set, trains a classifier on it and, when the config adds ``InfluenceCollapseCallback``, audits the
 trained model with Δ-Influence and runs the corrective fit. Any option can be overridden on the command line
 (``--trainer.max_epochs 2``); ``--print_config`` prints the full configuration.
+
+``python train.py audit --config <config> --ckpt_path <model.ckpt>`` audits an existing model instead: the
+configured detector, then the corrective fit when one is configured, written into the checkpoint's run folder.
 """
 
 import netrc
@@ -11,21 +14,69 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks import InfluenceCollapseCallback
 from callbacks.run_folder import RunConfigCallback
 from datamodules import PoisonedDataModule
-from delta_influence.errors import DeltaInfluenceError
+from delta_influence.errors import ConfigError, DeltaInfluenceError
 from delta_influence.quiet import hide_harmless_warnings, without_unused_wandb_settings
 from lightning_modules import PoisonClassifier
+from lightning_modules.weights import load_weights
 
 TRACEBACK_VARIABLE = "DELTA_INFLUENCE_TRACEBACK"
+
+
+class AuditingTrainer(pl.Trainer):
+    """Lightning's Trainer plus ``audit``, the subcommand that audits a model that was trained already."""
+
+    def audit(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        datamodule: Optional[pl.LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
+    ):
+        """Loads ``ckpt_path`` into ``model``, runs the configured ``InfluenceCollapseCallback`` (its detector, then
+        its corrective fit when one is configured) on it and returns the callback.
+
+        Args:
+            model: The model, as configured; the checkpoint must fit it.
+            ckpt_path: The trained model's checkpoint.
+            datamodule: The data the model was trained on, as configured.
+            weights_only: Unused; accepted so that a run's saved ``fit`` config (which has it) works as it is.
+        """
+        audits = [callback for callback in self.callbacks if isinstance(callback, InfluenceCollapseCallback)]
+        if len(audits) != 1 or datamodule is None:
+            raise ConfigError(
+                f"`audit` needs a data module and exactly one InfluenceCollapseCallback in trainer.callbacks; the "
+                f"config has {len(audits)}. Use a config of configs/ (they all add one)."
+            )
+        (callback,) = audits
+        load_weights(model, ckpt_path, "--ckpt_path")
+        checkpoint = Path(ckpt_path).resolve()
+        if checkpoint.parent.name == "checkpoints":  # a run folder of this project: the audit goes next to it
+            callback.run_folder = checkpoint.parent.parent
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        model.to(self.strategy.root_device).eval()
+        callback._accelerator = "gpu" if self.strategy.root_device.type == "cuda" else "cpu"
+        callback.result = callback.audit(self, model, datamodule)
+        callback._flagged = callback.result.flagged
+        if callback.unlearning is not None:
+            callback.corrective = callback.correct(self, model, distributed=False, data=datamodule)
+        return callback
 
 
 class DeltaInfluenceCLI(LightningCLI):
     """LightningCLI that takes the number of classes and image channels from the data module and saves each run's
     resolved config in the run's own folder."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "audit": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -67,6 +118,7 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> DeltaInfluenceCL
         PoisonedDataModule,
         args=args,
         run=run,
+        trainer_class=AuditingTrainer,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_callback=RunConfigCallback,
     )

@@ -22,9 +22,11 @@ from typing import Optional
 import torch
 
 from datamodules import PoisonedDataModule
+from delta_influence.errors import ConfigError
 from delta_influence.quiet import hide_harmless_warnings
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import Unlearning, UnlearningError, run_corrective_fit
+from lightning_modules.weights import load_weights
 from train import DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
 
 
@@ -61,23 +63,11 @@ def read_indices(path: str) -> torch.Tensor:
 
 
 def load_victim(model: torch.nn.Module, path: str) -> None:
-    """Loads the checkpoint's weights into ``model``, refusing one made for another architecture or data set."""
-    if not Path(path).is_file():
-        raise UnlearningError(f"--victim={path!r} is not a file; give the victim's .ckpt from its run's checkpoints/.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        details = (missing or unexpected or mismatched)[:3]
-        raise UnlearningError(
-            f"--victim={path!r} does not match the configured model ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(mismatched)} differently shaped weights, e.g. {details}); pass the config the victim "
-            "was trained with (model.arch, data.dataset)."
-        )
-    model.load_state_dict(state)
+    """Loads the victim checkpoint's weights into ``model``, refusing one made for another architecture or data set."""
+    try:
+        load_weights(model, path, "--victim")
+    except ConfigError as error:
+        raise UnlearningError(str(error)) from None
 
 
 def from_run_folder(args: list[str]) -> list[str]:

@@ -155,6 +155,7 @@ class InfluenceCollapseCallback(Callback):
         self.result: Optional[AuditResult] = None
         self.corrective: Optional[dict] = None
         self._flagged: Optional[Tensor] = None  # the audit's flagged indices, on every process
+        self.run_folder: Optional[Path] = None  # set by `train.py audit`: the audited checkpoint's run folder
         self._accelerator = "cpu"
 
     @override
@@ -182,12 +183,14 @@ class InfluenceCollapseCallback(Callback):
         if trainer.is_global_zero or distributed:
             self.corrective = self.correct(trainer, pl_module, distributed)
 
-    def correct(self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = False) -> Optional[dict]:
+    def correct(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = False, data: Any = None
+    ) -> Optional[dict]:
         """Runs the configured corrective fit on the audit's flagged samples; logs and returns its report.
 
         ``distributed``: every process of the victim's DDP run takes part, under the same strategy; otherwise the
         global rank 0 runs it alone on one device."""
-        data = trainer.datamodule
+        data = data if data is not None else trainer.datamodule
         loader = data.train_dataloader()
         report = run_corrective_fit(
             pl_module,
@@ -199,7 +202,7 @@ class InfluenceCollapseCallback(Callback):
             attack_test_set=getattr(data, "attack_test_set", None),
             batch_size=loader.batch_size,
             max_epochs=trainer.max_epochs,
-            out_dir=run_dir(trainer) / "unlearn",
+            out_dir=self._run_folder(trainer) / "unlearn",
             accelerator=self._accelerator,
             seed=self.delta_influence.seed,
             val_dataloaders=data.val_dataloader() if is_overridden("val_dataloader", data) else None,
@@ -220,10 +223,10 @@ class InfluenceCollapseCallback(Callback):
         rank_zero_info(_compare(report))
         return report
 
-    def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AuditResult:
+    def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any = None) -> AuditResult:
         """Runs the detector (Δ-Influence by default) on the trained ``pl_module``; writes, logs and returns what
-        it found."""
-        data = trainer.datamodule
+        it found. ``data``: the data module, when the trainer has none attached (an audit without a fit)."""
+        data = data if data is not None else trainer.datamodule
         train_set = _eval_train_set(data)
         detector = self.detector
         inputs = DetectionInput(
@@ -284,7 +287,7 @@ class InfluenceCollapseCallback(Callback):
             "metrics": metrics,
         }
         out = _write_atomically(
-            Path(self.output_dir) if self.output_dir else run_dir(trainer) / "delta_influence",
+            Path(self.output_dir) if self.output_dir else self._run_folder(trainer) / "delta_influence",
             lambda folder: self._write(folder, summary, audit, data, poisons),
         )
         self._log(trainer, metrics, out, audit, train_set, data, poisons)
@@ -310,7 +313,7 @@ class InfluenceCollapseCallback(Callback):
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
         out = _write_atomically(
-            Path(self.output_dir) if self.output_dir else run_dir(trainer) / detection.detector, write
+            Path(self.output_dir) if self.output_dir else self._run_folder(trainer) / detection.detector, write
         )
         for logger in trainer.loggers:
             logger.log_metrics(
@@ -319,6 +322,10 @@ class InfluenceCollapseCallback(Callback):
             )
         rank_zero_info(_describe(metrics, out, detection.detector))
         return AuditResult(detection.flagged, None, detection.scores, metrics, out, None)
+
+    def _run_folder(self, trainer: pl.Trainer) -> Path:
+        """Where the audit and the corrective fit go: the run's folder (or the audited checkpoint's run folder)."""
+        return self.run_folder if self.run_folder is not None else run_dir(trainer)
 
     def _contrast(
         self, data: Any, train_set: Dataset, pl_module: pl.LightningModule, label: int

@@ -12,6 +12,7 @@ import yaml
 from wandb_records import logged_keys, read_run
 
 import train
+from lightning_modules import PoisonClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits_badnets.yaml")
@@ -138,6 +139,20 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path):
 
     again = _command(tmp_path, "unlearn.py", "--run", str(run), "--trainer.max_epochs", "1")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    # the model audited again, without training, by another detector, into the same run folder
+    audit = _command(
+        tmp_path, "train.py", "audit", "--config", str(run / "config.yaml"), "--ckpt_path", str(checkpoint),
+        "--trainer.callbacks.init_args.detector", "delta_influence.detectors.SpectralSignatures",
+        "--trainer.callbacks.init_args.unlearning", "null",
+    )  # fmt: skip
+    assert audit.returncode == 0, (audit.stdout + audit.stderr)[-3000:]
+    summary = json.loads((run / "spectral_signatures" / "summary.json").read_text())
+    assert summary["detector"] == "spectral_signatures" and summary["metrics"]["flagged"] > 0
+    other = tmp_path / "other.ckpt"  # weights of another architecture, without hyperparameters to rebuild it from
+    torch.save({"state_dict": PoisonClassifier(arch="resnet18", in_channels=1).state_dict()}, other)
+    wrong = _command(tmp_path, "train.py", "audit", "--config", str(run / "config.yaml"), "--ckpt_path", str(other))
+    assert wrong.returncode == 2 and "does not match the configured model" in wrong.stderr
+
     names = ["retrain.ckpt", "retrain.json", "scrub.ckpt", "scrub.json"]
     assert sorted(p.name for p in (run / "unlearn").iterdir()) == names  # the first corrective fit's files are kept
     assert yaml.safe_load((run / "config.yaml").read_text()) == config

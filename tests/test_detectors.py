@@ -101,11 +101,11 @@ def test_influence_detectors_share_factors(trained_digits, tmp_path):
     contrast = torch.stack([data.test_set[i][0] for i in select_contrast(model, data.test_set, int(label), 5)])
     inputs = DetectionInput(model, data.eval_train_set, 10, tmp_path, query=(image, int(label)), contrast=contrast,
                             poison_indices=data.poison_indices)  # fmt: skip
-    delta = DeltaInfluence(num_transforms=8, tolerance=1).detect(inputs)
-    top = InfluenceThreshold(top_k=20).detect(inputs)
+    delta = DeltaInfluence(num_transforms=4, tolerance=1, strategy="diagonal").detect(inputs)
+    top = InfluenceThreshold(top_k=20, strategy="diagonal").detect(inputs)
     assert top.evidence.factors_reused and top.evidence.factors_name == delta.evidence.factors_name
     assert len(top.flagged) == 20 and torch.allclose(top.scores, delta.scores, rtol=1e-3, atol=1e-3)
-    above = InfluenceThreshold(threshold=float(top.scores.median())).detect(inputs)
+    above = InfluenceThreshold(threshold=float(top.scores.median()), strategy="diagonal").detect(inputs)
     assert len(above.flagged) == (top.scores > top.scores.median()).sum()
     with pytest.raises(ConfigError, match="needs the misbehaving query"):
         InfluenceThreshold().detect(DetectionInput(model, data.eval_train_set, 10, tmp_path))

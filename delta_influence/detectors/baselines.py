@@ -142,6 +142,7 @@ class FrequencyAnalysis(Detector):
     epochs: int = 10
     lr: float = 0.01
     batch_size: int = 128
+    max_images: int = 5000  # clean images it trains on (each also corrupted once): the first of ``clean_set``
     cutoff: float = 0.5
     seed: int = 0
     name: str = "frequency_analysis"
@@ -150,7 +151,7 @@ class FrequencyAnalysis(Detector):
         clean_set = require(inputs.clean_set, "clean held-out images (clean_set, e.g. the test set)", self.name)
         mean = torch.as_tensor(require(inputs.mean, "the normalisation's mean", self.name)).view(-1, 1, 1)
         std = torch.as_tensor(require(inputs.std, "the normalisation's std", self.name)).view(-1, 1, 1)
-        clean = _pixels(clean_set, mean, std)
+        clean = _pixels(clean_set, mean, std)[: self.max_images]
         settings = {k: v for k, v in asdict(self).items() if k not in ("cutoff", "name")}
         key = content_key(settings, (clean * 255).round().to(torch.uint8))
         made = cached(inputs.factors_dir.parent / "detector_cache", "frequency_cnn", key,

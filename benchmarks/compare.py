@@ -1,0 +1,124 @@
+"""Every detector on one victim, each followed by retraining from scratch on what it keeps: one table per attack.
+
+    python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
+    python benchmarks/compare.py --attack smooth  # the Smooth Trigger
+
+Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it). The influence
+detectors share one factor fit (Δ-Influence fits them, the threshold baselines reuse them, so their time is the
+scoring pass alone). The table is printed, written as JSON and markdown under benchmarks/results/, and logged as the
+W&B table ``compare/<attack>`` (offline unless a W&B key is configured).
+"""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import wandb
+from common import RESULTS, cifar_datamodule, load_victim, parse_args, report
+
+from delta_influence import detection_metrics
+from delta_influence.audit import DeltaInfluence
+from delta_influence.detectors import (
+    ActivationClustering,
+    DetectionInput,
+    FrequencyAnalysis,
+    InfluenceThreshold,
+    Oracle,
+    RandomSubset,
+    SpectralSignatures,
+)
+from delta_influence.examples import first_attacked, select_contrast
+from lightning_modules.unlearning import Retrain, run_corrective_fit
+
+COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
+
+
+def main() -> None:
+    args = parse_args(__doc__, [("--frequency-images", int, 2000, "clean images frequency analysis trains on")])
+    data = cifar_datamodule(args)
+    victim, victim_metrics = load_victim(args, data)
+    poisons = data.poison_indices
+    target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
+    image, label = data.attack_test_set[first_attacked(victim, data.attack_test_set)]
+    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(victim, data.test_set, int(label), 5)])
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    detectors = [
+        ("Δ-Influence (default rule)", DeltaInfluence(train_batch_size=256)),
+        ("Δ-Influence (reference rule)", DeltaInfluence(num_contrast=0, train_batch_size=256)),
+        ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
+        (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),
+        ("activation clustering", ActivationClustering()),
+        (f"spectral signatures (eps = {target_share:.2f})", SpectralSignatures(expected_fraction=target_share)),
+        ("frequency analysis", FrequencyAnalysis(epochs=6, max_images=args.frequency_images)),
+        ("oracle: true poisons", Oracle()),
+        ("random, as many as the poisons", RandomSubset(seed=args.seed)),
+    ]
+    rows = [{"detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
+             "asr": victim_metrics["asr"]}]  # fmt: skip
+    with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once
+        inputs = DetectionInput(
+            victim, data.eval_train_set, data.num_classes, Path(factors), query=(image, int(label)), contrast=contrast,
+            clean_set=data.test_set, poison_indices=poisons, device="cuda" if accelerator == "gpu" else "cpu",
+            mean=data.mean, std=data.std,
+        )  # fmt: skip
+        for title, detector in detectors:
+            start = time.perf_counter()
+            detection = detector.detect(inputs)
+            seconds = time.perf_counter() - start
+            metrics = detection_metrics(detection.flagged, len(data.eval_train_set), poisons)
+            row = {"detector": title, "flagged": len(detection.flagged), "precision": metrics["precision"],
+                   "recall": metrics["recall"], "f1": metrics["f1"], "detect_s": seconds}  # fmt: skip
+            torch.manual_seed(args.seed)
+            retrained = run_corrective_fit(
+                victim, Retrain(), detection.flagged, data.train_set, data.eval_train_set, data.test_set,
+                data.attack_test_set, batch_size=data.batch_size, max_epochs=args.epochs,
+                out_dir=RESULTS / "compare_unlearn", accelerator=accelerator, seed=args.seed, progress_bar=False,
+            )  # fmt: skip
+            if retrained is not None:
+                row |= {"clean_acc": retrained["acc"], "asr": retrained["asr"]}
+            rows.append(row)
+            print(row, flush=True)
+    report(f"compare_{args.attack}", rows, COLUMNS)
+    markdown = _markdown(rows, args)
+    (RESULTS / f"compare_{args.attack}.md").write_text(markdown)
+    print(markdown)
+    _log_to_wandb(rows, args.attack)
+
+
+def _markdown(rows: list[dict], args) -> str:
+    """The table as markdown, for the README."""
+
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        if value is None:
+            return "-"
+        if column in ("precision", "recall", "f1", "clean_acc", "asr"):
+            return f"{100 * value:.1f} %"
+        return f"{value:.0f}" if isinstance(value, float) else str(value)
+
+    header = ["detector", "flagged", "precision", "recall", "F1", "detection (s)", "clean acc after", "ASR after"]
+    lines = [
+        f"Attack {args.attack}, {args.poisons} poisons, small CNN, {args.per_class} images per class, "
+        f"{args.epochs} epochs; every retrain from scratch with the victim's recipe. The first row is the victim.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(cell(row, column) for column in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _log_to_wandb(rows: list[dict], attack: str) -> None:
+    """The table as a W&B table in a run of its own (offline without a configured key)."""
+    if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")):
+        os.environ["WANDB_MODE"] = "offline"
+    run = wandb.init(project="delta-influence", name=f"compare-{attack}", dir=str(RESULTS), job_type="benchmark")
+    table = wandb.Table(columns=COLUMNS, data=[[row.get(column) for column in COLUMNS] for row in rows])
+    run.log({f"compare/{attack}": table})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
