@@ -57,16 +57,12 @@ class AuditingTrainer(pl.Trainer):
         (callback,) = audits
         load_weights(model, ckpt_path, "--ckpt_path")
         checkpoint = Path(ckpt_path).resolve()
-        if checkpoint.parent.name == "checkpoints":  # a run folder of this project: the audit goes next to it
-            callback.run_folder = checkpoint.parent.parent
+        # a run folder of this project: the audit goes next to the checkpoint
+        run_folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
         datamodule.prepare_data()
         datamodule.setup("fit")
         model.to(self.strategy.root_device).eval()
-        callback._accelerator = "gpu" if self.strategy.root_device.type == "cuda" else "cpu"
-        callback.result = callback.audit(self, model, datamodule)
-        callback._flagged = callback.result.flagged
-        if callback.unlearning is not None:
-            callback.corrective = callback.correct(self, model, distributed=False, data=datamodule)
+        callback.audit_trained(self, model, datamodule, run_folder)
         return callback
 
 

@@ -162,7 +162,7 @@ class InfluenceCollapseCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        self._accelerator = "gpu" if pl_module.device.type == "cuda" else pl_module.device.type
+        self._accelerator = _accelerator(pl_module)
         # one process audits (the same answer as a single-process run of these weights); the others wait here
         flagged = None
         try:
@@ -182,6 +182,19 @@ class InfluenceCollapseCallback(Callback):
         distributed = _relaunchable(trainer)
         if trainer.is_global_zero or distributed:
             self.corrective = self.correct(trainer, pl_module, distributed)
+
+    def audit_trained(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any, run_folder: Optional[Path] = None
+    ) -> AuditResult:
+        """The audit and, when one is configured, the corrective fit of a model trained elsewhere (``train.py
+        audit``), on one process; written into ``run_folder`` when given."""
+        self.run_folder = run_folder
+        self._accelerator = _accelerator(pl_module)
+        self.result = self.audit(trainer, pl_module, data)
+        self._flagged = self.result.flagged
+        if self.unlearning is not None:
+            self.corrective = self.correct(trainer, pl_module, distributed=False, data=data)
+        return self.result
 
     def correct(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = False, data: Any = None
@@ -305,9 +318,7 @@ class InfluenceCollapseCallback(Callback):
         summary = {"detector": detection.detector, **settings, "num_train": len(train_set), "metrics": metrics}
 
         def write(folder: Path) -> None:
-            flagged = detection.flagged.tolist()
-            (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
-            torch.save(detection.flagged, folder / "flagged.pt")
+            _write_flagged(folder, detection.flagged)
             if detection.scores is not None:
                 torch.save(detection.scores, folder / "scores.pt")
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -398,9 +409,7 @@ class InfluenceCollapseCallback(Callback):
     def _write(self, folder: Path, summary: dict, audit: DeltaInfluenceAudit, data: Any, poisons) -> None:
         """Writes every file of an audit into ``folder``."""
         decision, queries = audit.decision, audit.queries
-        flagged = decision.flagged.tolist()
-        (folder / "flagged.json").write_text(json.dumps({"flagged": flagged, "count": len(flagged)}))
-        torch.save(decision.flagged, folder / "flagged.pt")
+        _write_flagged(folder, decision.flagged)
         torch.save(audit.scores, folder / "scores.pt")
         torch.save(decision.counts, folder / "counts.pt")
         torch.save(
@@ -463,6 +472,17 @@ def _relaunchable(trainer: pl.Trainer) -> bool:
     a new DDP Trainer inside those processes can use again for the corrective fit."""
     strategy = trainer.strategy
     return trainer.world_size > 1 and type(strategy) is DDPStrategy and strategy._start_method == "popen"
+
+
+def _accelerator(pl_module: pl.LightningModule) -> str:
+    """The Lightning accelerator name of the module's device."""
+    return "gpu" if pl_module.device.type == "cuda" else pl_module.device.type
+
+
+def _write_flagged(folder: Path, flagged: Tensor) -> None:
+    """The flagged indices as ``flagged.json`` and ``flagged.pt``."""
+    (folder / "flagged.json").write_text(json.dumps({"flagged": flagged.tolist(), "count": len(flagged)}))
+    torch.save(flagged, folder / "flagged.pt")
 
 
 def _poisons(data: Any) -> Optional[Tensor]:
