@@ -127,7 +127,8 @@ class CIFAR100(CIFAR10):
 
 
 class ImageFolder(ImageSource):
-    """An image-folder tree ``root/{train,test}/<class>/<image>``. Classes are the folder names in sorted order,
+    """An image-folder tree ``root/{train,test}/<class>/<image>`` (``val`` in place of ``test`` is read as the test
+    split, as in Imagenette's ``imagenette2-160/{train,val}/<wnid>/``). Classes are the folder names in sorted order,
     numerically when every name is a number (``2`` before ``10``), else alphabetically. Files without an image
     suffix (``IMAGE_SUFFIXES``) are skipped; an image file that cannot be read is refused by name.
 
@@ -148,14 +149,15 @@ class ImageFolder(ImageSource):
 
     def load(self) -> ImageData:
         train_images, train_labels = self._read("train")
-        test_images, test_labels = self._read("test")
+        test_images, test_labels = self._read(self.test_split)
         return ImageData(train_images, train_labels, test_images, test_labels, self.classes)
 
     def _classes(self) -> tuple[str, ...]:
         train = Path(self.root) / "train"
-        if not train.is_dir() or not (Path(self.root) / "test").is_dir():
+        self.test_split = next((name for name in ("test", "val") if (Path(self.root) / name).is_dir()), None)
+        if not train.is_dir() or self.test_split is None:
             raise DataNotFoundError(
-                f"--data.root={self.root!r} has no 'train' and 'test' folders; an image folder needs "
+                f"--data.root={self.root!r} has no 'train' and 'test' (or 'val') folders; an image folder needs "
                 f"root/train/<class>/<image> and root/test/<class>/<image>. {_DATA_FIX}"
             )
         classes = sort_class_names(entry.name for entry in train.iterdir() if entry.is_dir())

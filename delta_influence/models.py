@@ -16,6 +16,14 @@ def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def resnet18_imagenet(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 as it is (7x7 stride-2 stem and max-pool), for larger images such as Imagenette's."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
 def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     """A fast CNN for CPU runs: three conv-BN-ReLU-maxpool blocks (32, 64, 128 channels), global pooling, a linear
     head; about 10 M multiply-adds per 32x32 image."""
@@ -28,7 +36,11 @@ def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes))
 
 
-ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {"resnet18": resnet18_cifar, "small_cnn": small_cnn}
+ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
+    "resnet18": resnet18_cifar,
+    "resnet18_imagenet": resnet18_imagenet,
+    "small_cnn": small_cnn,
+}
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -1,12 +1,15 @@
 """A small plain-torch trainer for the surrogate models that some attacks need, seeded and deterministic on CPU."""
 
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from delta_influence.cache import cached, content_key
 from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
 
@@ -80,3 +83,32 @@ def train_surrogate(
                 progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 progress.update()
     return model.eval()
+
+
+def cached_surrogate(
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    recipe: SurrogateRecipe,
+    seed: int,
+    device: str,
+    cache_dir: Path,
+) -> tuple[Normalized, float]:
+    """``train_surrogate``'s model, cached under ``cache_dir`` keyed by the data, the recipe and the seed, so that
+    attacks sharing a surrogate (several brews on one training set) train it once; returns it with the seconds its
+    training took when it was made."""
+    settings = {**recipe.as_dict(), "seed": seed, "num_classes": num_classes}
+
+    def make() -> dict:
+        start = time.perf_counter()
+        model = train_surrogate(images, labels, num_classes, recipe, seed, device)
+        return {
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "seconds": time.perf_counter() - start,
+        }
+
+    made = cached(cache_dir, "surrogate", content_key(settings, images, labels), make)
+    model = Normalized(build_model(recipe.arch, num_classes, images.shape[1]), torch.zeros(images.shape[1]),
+                       torch.ones(images.shape[1]))  # fmt: skip
+    model.load_state_dict(made["state_dict"])
+    return model.to(device).eval(), made["seconds"]

@@ -102,7 +102,7 @@ def test_failed_download_names_root_and_offline_config(tmp_path, monkeypatch):
 
 
 def test_missing_image_folder(tmp_path):
-    with pytest.raises(DataNotFoundError, match="has no 'train' and 'test' folders"):
+    with pytest.raises(DataNotFoundError, match=r"has no 'train' and 'test' \(or 'val'\) folders"):
         PoisonedDataModule("folder", root=str(tmp_path))
 
 

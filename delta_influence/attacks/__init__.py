@@ -3,6 +3,7 @@
 from delta_influence.attacks.badnets import BadNets
 from delta_influence.attacks.base import Attack, AttackContext, LabeledImages, PoisonedData, Trigger, TriggerAttack
 from delta_influence.attacks.smooth_trigger import SmoothTrigger
+from delta_influence.attacks.witches_brew import WitchesBrew
 
 __all__ = [
     "Attack",
@@ -13,4 +14,5 @@ __all__ = [
     "SmoothTrigger",
     "Trigger",
     "TriggerAttack",
+    "WitchesBrew",
 ]
