@@ -1,7 +1,7 @@
 """Witches' Brew on the CPU CIFAR-10 setting: for fixed (target, intended class) pairs, brew the poisons, train a victim
 from scratch on them, and audit every success with Δ-Influence, then retrain without what it flagged.
 
-    python benchmarks/witches_brew.py                                   # 4 pairs, budget 5 %, 2 restarts of 100 steps
+    python benchmarks/witches_brew.py                                   # 4 pairs, budget 5 %, 3 restarts of 80 steps
     python benchmarks/witches_brew.py --pairs 8 --budget 0.1 --restarts 4
 
 Targets are drawn with --seed among the test images that the surrogate (the clean model the attacker trains, as in the
@@ -44,8 +44,8 @@ def main() -> None:
             ("--pairs", int, 4, "(target, intended class) pairs"),
             ("--budget", float, 0.05, "poisons per target: a fraction of the training set, or a count"),
             ("--eps", float, 16.0, "L-inf bound in 8-bit levels"),
-            ("--steps", int, 100, "signed-Adam steps per restart"),
-            ("--restarts", int, 2, "restarts per brew (lowest loss kept)"),
+            ("--steps", int, 80, "signed-Adam steps per restart"),
+            ("--restarts", int, 3, "restarts per brew (lowest loss kept)"),
         ],
     )
     root = str(extract(args.archive, args.cache))
