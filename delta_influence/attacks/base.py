@@ -106,14 +106,7 @@ class TriggerAttack(Attack):
 
     def check(self, num_classes: int) -> None:
         for name in ("victim", "target"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                continue  # a class name, checked once the data set's class names are known
-            if not 0 <= value < num_classes:
-                raise ConfigError(
-                    f"attack.{name}={value} is out of range: the data set has {num_classes} classes, "
-                    f"so use a class index in 0..{num_classes - 1} or a class name."
-                )
+            check_class(getattr(self, name), num_classes, f"attack.{name}")
         if self.victim == self.target and not isinstance(self.victim, str):
             raise ConfigError(
                 f"attack.victim and attack.target are both {self.victim}: a backdoor relabels one class as "
@@ -156,6 +149,18 @@ class TriggerAttack(Attack):
             )
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.num_poisons]]
         return chosen.sort().values
+
+
+def check_class(value: Optional[int | str], num_classes: int, option: str) -> None:
+    """Refuses a class index outside ``0..num_classes - 1``; a name (checked once the class names are known) and
+    ``None`` pass."""
+    if value is None or isinstance(value, str):
+        return
+    if not 0 <= value < num_classes:
+        raise ConfigError(
+            f"{option}={value} is out of range: the data set has {num_classes} classes, so use a class index in "
+            f"0..{num_classes - 1} or a class name."
+        )
 
 
 def class_index(value: int | str, classes: Sequence[str], option: str) -> int | str:

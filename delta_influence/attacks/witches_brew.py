@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from delta_influence.attacks.base import Attack, AttackContext, LabeledImages, PoisonedData, class_index
+from delta_influence.attacks.base import (
+    Attack,
+    AttackContext,
+    LabeledImages,
+    PoisonedData,
+    check_class,
+    class_index,
+)
 from delta_influence.cache import cached, content_key
 from delta_influence.errors import ConfigError
 from delta_influence.surrogate import SurrogateRecipe, cached_surrogate
@@ -92,14 +99,7 @@ class WitchesBrew(Attack):
 
     def check(self, num_classes: int) -> None:
         for name in ("intended", "target_class"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue  # a class name, checked once the data set's class names are known
-            if not 0 <= value < num_classes:
-                raise ConfigError(
-                    f"attack.{name}={value} is out of range: the data set has {num_classes} classes, so use a class "
-                    f"index in 0..{num_classes - 1} or a class name."
-                )
+            check_class(getattr(self, name), num_classes, f"attack.{name}")
         if self.target_class == self.intended and not isinstance(self.intended, str):
             raise ConfigError(
                 f"attack.target_class and attack.intended are both {self.intended}: the target must be an image of "
