@@ -25,7 +25,8 @@ def test_small_cnn_takes_grey_images():
 
 def test_unknown_architecture_names_the_choices():
     with pytest.raises(
-        ValueError, match=r"model.arch='vgg' is not a known architecture; use one of resnet18, resnet18_imagenet, small_cnn"
+        ValueError,
+        match=r"model.arch='vgg' is not a known architecture; use one of resnet18, resnet18_imagenet, small_cnn",
     ):
         PoisonClassifier(arch="vgg")
 

@@ -107,7 +107,7 @@ class WitchesBrew(Attack):
             )
 
     def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
-        self._brews(train, test, context)
+        self._brews(train, test, self.target_indices(test), context)
 
     def poison(
         self, train: LabeledImages, test: LabeledImages, generator: torch.Generator, context: AttackContext
@@ -115,7 +115,7 @@ class WitchesBrew(Attack):
         targets = self.target_indices(test)
         images = train.images.clone()
         info: dict[str, float] = {}
-        brews = self._brews(train, test, context)
+        brews = self._brews(train, test, targets, context)
         for position, brew in enumerate(brews):
             images[brew["indices"]] = brew["images"]
             suffix = "" if len(targets) == 1 else f"_{position}"
@@ -157,9 +157,9 @@ class WitchesBrew(Attack):
         """Poisons per target: the budget as a count."""
         return int(self.budget) if self.budget >= 1 else max(1, round(self.budget * num_train))
 
-    def _brews(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> list[dict]:
-        """One brew per target (cached): the poisons' indices, their brewed 8-bit images, the final loss, times."""
-        targets = self.target_indices(test)
+    def _brews(self, train: LabeledImages, test: LabeledImages, targets: Tensor, context: AttackContext) -> list[dict]:
+        """One brew per target (test indices ``targets``; cached): the poisons' indices, their brewed 8-bit images,
+        the final loss, times."""
         count = self.poison_count(len(train.labels))
         candidates = torch.nonzero(train.labels == self.intended).flatten()
         if count * len(targets) > len(candidates):
