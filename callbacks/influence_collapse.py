@@ -80,6 +80,8 @@ class InfluenceCollapseCallback(Callback):
         num_contrast: Clean test samples of the query's label scored as contrast; a collapsed sample stays flagged
             only when it supports the query ``contrast_ratio`` times more than them. 0: the reference rule.
         contrast_ratio: How many times more a flagged sample must support the query than the clean class.
+        same_label: With the contrast, keep only samples labelled with the query's label (the poisons of dirty- and
+            clean-label attacks carry it); ``False`` keeps any label.
         contrast_images: Image files of clean samples of the query's label to use as the contrast, instead of
             the test set; they must have the training images' size and channels.
         strategy: kronfluence's Hessian approximation.
@@ -107,6 +109,7 @@ class InfluenceCollapseCallback(Callback):
         tolerance: int = 2,
         num_contrast: int = 5,
         contrast_ratio: float = 2.0,
+        same_label: bool = True,
         contrast_images: Optional[list[str]] = None,
         strategy: Strategy = "ekfac",
         space: Literal["normalized", "pixel"] = "normalized",
@@ -125,6 +128,7 @@ class InfluenceCollapseCallback(Callback):
             tolerance=tolerance,
             num_contrast=len(contrast_images) if contrast_images else num_contrast,
             contrast_ratio=contrast_ratio,
+            same_label=same_label,
             strategy=strategy,
             space=space,
             seed=seed,
@@ -423,7 +427,12 @@ class InfluenceCollapseCallback(Callback):
         )
         if decision.contrast is not None:
             torch.save(
-                {"collapsed": decision.collapsed, "contrast": decision.contrast, "ratio": decision.contrast_ratio},
+                {
+                    "collapsed": decision.collapsed,
+                    "contrast": decision.contrast,
+                    "ratio": decision.contrast_ratio,
+                    "same_label": decision.same_label,
+                },
                 folder / "contrast.pt",
             )
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))

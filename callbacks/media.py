@@ -78,17 +78,25 @@ def plot_collapse_counts(
 
 def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poisons: Optional[Tensor] = None) -> None:
     """Why samples were flagged: each collapsed sample's score on the misbehaving query against its mean score on the
-    clean contrast queries, poisons marked when known, and the contrast boundary drawn (flagged above it)."""
+    clean contrast queries, poisons marked when known, samples of other labels greyed out when the contrast keeps only
+    the query's label, and the contrast boundary drawn (flagged above it)."""
     figure = Figure(figsize=(6, 4.5))
     axis = figure.subplots()
     collapsed = decision.collapsed
     x, y = decision.contrast[collapsed].numpy(), original[collapsed].numpy()
+    other = torch.zeros(len(collapsed), dtype=torch.bool)
+    if decision.same_label is not None:
+        other = ~decision.same_label[collapsed]
+        axis.scatter(
+            x[other.numpy()], y[other.numpy()], s=6, alpha=0.4, color="tab:gray", label="other label (not kept)"
+        )
+    own = (~other).numpy()
     if poisons is not None and len(poisons):
         is_poison = torch.isin(collapsed, poisons).numpy()
-        axis.scatter(x[~is_poison], y[~is_poison], s=6, alpha=0.5, label="clean")
+        axis.scatter(x[own & ~is_poison], y[own & ~is_poison], s=6, alpha=0.5, label="clean")
         axis.scatter(x[is_poison], y[is_poison], s=10, marker="x", color="tab:red", label="poison")
     else:
-        axis.scatter(x, y, s=6, alpha=0.5, label="collapsed samples")
+        axis.scatter(x[own], y[own], s=6, alpha=0.5, label="collapsed samples")
     axis.set_xscale("symlog", linthresh=_linear_range(x))
     axis.set_yscale("symlog", linthresh=_linear_range(y))
     # flagged: above y = ratio * |x|

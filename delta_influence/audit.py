@@ -7,7 +7,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from delta_influence.collapse import CollapseResult, flag_collapsed
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
@@ -38,6 +38,9 @@ class DeltaInfluence(Detector):
     )
     contrast_ratio: float = field(
         default=2.0, metadata={"help": "a flagged sample supports the query this many times more than the class"}
+    )
+    same_label: bool = field(
+        default=True, metadata={"help": "the contrast keeps only samples of the query's label; False: any label"}
     )
     strategy: Strategy = field(default="ekfac", metadata={"help": "kronfluence's Hessian approximation"})
     space: Literal["normalized", "pixel"] = field(
@@ -107,8 +110,11 @@ class DeltaInfluence(Detector):
             model, train_set, TensorDataset(images, labels), factors_dir, self.strategy, device,
             self.train_batch_size, num_workers=self.num_workers, seed=self.seed,
         )  # fmt: skip
+        same_label = None
+        if len(contrast) and self.same_label:
+            same_label = dataset_labels(train_set, self.train_batch_size, self.num_workers) == label
         decision = flag_collapsed(
-            influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio
+            influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label
         )  # fmt: skip
         timings = {**influence.timings, "total_s": time.perf_counter() - start}
         return DeltaInfluenceAudit(
@@ -143,6 +149,20 @@ class DeltaInfluence(Detector):
                 f"{', '.join(map(str, image.shape))}], the query's channels and size."
             )
         return contrast
+
+
+def dataset_labels(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> Tensor:
+    """The label of every sample, in order: the dataset's ``labels`` tensor when it has one, else read off a pass.
+
+    Example:
+        >>> dataset_labels(TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 2])), batch_size=2)
+        tensor([2, 0, 2])
+    """
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor) and labels.shape == (len(dataset),):
+        return labels.long()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return torch.cat([torch.as_tensor(batch[1]).long().flatten() for batch in loader])
 
 
 @dataclass

@@ -23,10 +23,16 @@ class CollapseResult:
     collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer)
     contrast: Optional[Tensor] = None  # [N] mean score on the clean contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
+    same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
 
 
 def flag_collapsed(
-    scores: Tensor, threshold: float = 0.0, tolerance: int = 2, num_contrast: int = 0, contrast_ratio: float = 2.0
+    scores: Tensor,
+    threshold: float = 0.0,
+    tolerance: int = 2,
+    num_contrast: int = 0,
+    contrast_ratio: float = 2.0,
+    same_label: Optional[Tensor] = None,
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
@@ -49,6 +55,8 @@ def flag_collapsed(
         tolerance: How many transformed queries may fail to collapse a sample that is still flagged.
         num_contrast: How many of the last rows are clean contrast queries; 0 turns the contrast off.
         contrast_ratio: How many times more a flagged sample must support the query than the clean class.
+        same_label: ``[N]`` bool, true where a training sample carries the attacker's label; with the contrast, only
+            those stay flagged. ``None``: any label (for attacks whose poisons carry other labels).
 
     Returns:
         The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
@@ -62,6 +70,8 @@ def flag_collapsed(
         >>> result = flag_collapsed(scores, tolerance=0, num_contrast=2)
         >>> result.flagged, result.collapsed, result.contrast
         (tensor([0]), tensor([0, 1]), tensor([0.5000, 5.0000]))
+        >>> flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=torch.tensor([False, True])).flagged
+        tensor([], dtype=torch.int64)
     """
     if scores.dim() != 2:
         raise ConfigError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
@@ -83,6 +93,14 @@ def flag_collapsed(
         )
     if not 0 <= tolerance < num_transforms:
         raise ConfigError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} for {num_transforms} copies.")
+    if same_label is not None:
+        if num_contrast == 0:
+            raise ConfigError("same_label belongs to the clean-class contrast; with num_contrast=0 leave it None.")
+        if same_label.dtype != torch.bool or same_label.shape != scores.shape[1:]:
+            raise ConfigError(
+                f"same_label has dtype {same_label.dtype} and shape {tuple(same_label.shape)}; expected bool "
+                f"[{scores.shape[1]}], one entry per training sample."
+            )
     deltas = scores[1 : 1 + num_transforms] - scores[:1]
     counts = (deltas < threshold).sum(dim=0)
     collapsed = counts >= num_transforms - tolerance
@@ -91,6 +109,8 @@ def flag_collapsed(
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged)
     contrast = scores[1 + num_transforms :].mean(dim=0)
     specific = scores[0] > contrast_ratio * contrast.abs()
+    if same_label is not None:
+        specific &= same_label
     return CollapseResult(
         flagged=torch.nonzero(collapsed & specific).flatten(),
         counts=counts,
@@ -101,6 +121,7 @@ def flag_collapsed(
         collapsed=torch.nonzero(collapsed).flatten(),
         contrast=contrast,
         contrast_ratio=contrast_ratio,
+        same_label=same_label,
     )
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from delta_influence import detection_metrics, flag_collapsed
+from delta_influence.audit import dataset_labels
 from delta_influence.collapse import topk_recall
 
 
@@ -55,3 +56,39 @@ def test_detection_metrics_against_known_poisons():
 
 def test_topk_recall_counts_poisons_among_the_highest_scores():
     assert topk_recall(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([0, 3])) == 0.5
+
+
+def test_the_contrast_keeps_only_samples_of_the_attackers_label_when_told():
+    # every sample collapses (score drops on the copy) and supports the query 10x more than the clean class
+    scores = torch.tensor([[10.0, 10.0, 10.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    same_label = torch.tensor([True, False, True])
+    assert flag_collapsed(scores, tolerance=0, num_contrast=1).flagged.tolist() == [0, 1, 2]
+    result = flag_collapsed(scores, tolerance=0, num_contrast=1, same_label=same_label)
+    assert result.flagged.tolist() == [0, 2]
+    assert result.collapsed.tolist() == [0, 1, 2] and torch.equal(result.same_label, same_label)
+
+
+@pytest.mark.parametrize(
+    ("num_contrast", "same_label", "message"),
+    [
+        (0, torch.tensor([True, False, True]), "with num_contrast=0 leave it None"),
+        (1, torch.tensor([True, False]), r"shape \(2,\); expected bool \[3\]"),
+        (1, torch.tensor([1, 0, 1]), r"dtype torch.int64 .* expected bool"),
+    ],
+)
+def test_same_label_must_fit_the_contrast_and_the_training_set(num_contrast, same_label, message):
+    with pytest.raises(ValueError, match=message):
+        flag_collapsed(torch.ones(3, 3), tolerance=0, num_contrast=num_contrast, same_label=same_label)
+
+
+def test_labels_come_from_the_datasets_labels_without_loading_its_inputs():
+    class Labelled(torch.utils.data.Dataset):
+        labels = torch.tensor([3, 1, 3])
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            raise AssertionError("the inputs should not be loaded")
+
+    assert dataset_labels(Labelled()).tolist() == [3, 1, 3]
