@@ -130,6 +130,11 @@ def load_victim(args: argparse.Namespace, data: PoisonedDataModule) -> tuple[Poi
     return model, saved["metrics"]
 
 
+def run_tag(args: argparse.Namespace) -> str:
+    """What keeps a seed's results apart: nothing for seed 0 (the README's tables), else ``_s<seed>``."""
+    return f"_s{args.seed}" if args.seed else ""
+
+
 def victim_path(args: argparse.Namespace) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     attack = "" if args.attack == "badnets" else f"{args.attack}{args.magnitude:g}_"

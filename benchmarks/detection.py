@@ -9,7 +9,7 @@ as in the paper) and the project's default (collapse plus the clean-class contra
 
 import tempfile
 
-from common import RESULTS, cifar_datamodule, parse_args, report, train_victim
+from common import RESULTS, cifar_datamodule, parse_args, report, run_tag, train_victim
 
 from callbacks import InfluenceCollapseCallback
 from delta_influence import detection_metrics
@@ -20,8 +20,8 @@ def main() -> None:
     data = cifar_datamodule(args)
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured
         audit = InfluenceCollapseCallback(
-            num_transforms=50, threshold=0.0, tolerance=2, output_dir=str(RESULTS / f"detection_audit_{args.attack}"),
-            factors_dir=factors, train_batch_size=256,
+            num_transforms=50, threshold=0.0, tolerance=2, factors_dir=factors, train_batch_size=256,
+            output_dir=str(RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"),
         )  # fmt: skip
         _, victim = train_victim(args, data, callbacks=[audit])
     result = audit.result
@@ -50,7 +50,7 @@ def main() -> None:
                 "audit_s": timings["total_s"],
             }
         )
-    report(f"detection_{args.attack}", rows, list(rows[0]))
+    report(f"detection_{args.attack}{run_tag(args)}", rows, list(rows[0]))
     print(f"audit folder: {result.output_dir}")
 
 

@@ -9,18 +9,18 @@ the flagged set's size.
 import sys
 
 import torch
-from common import RESULTS, cifar_datamodule, load_victim, parse_args, report
+from common import RESULTS, cifar_datamodule, load_victim, parse_args, report, run_tag
 
 from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Retrain, run_corrective_fit
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    audits = sorted(RESULTS.glob(f"detection_audit_{args.attack}*/contrast.pt"), key=lambda p: p.stat().st_mtime)
-    if not audits:
-        sys.exit(f"No audit found under benchmarks/results/: run benchmarks/detection.py --attack {args.attack} first.")
-    flagged = torch.load(audits[-1].parent / "flagged.pt")  # the default rule: collapse plus clean-class contrast
-    reference = torch.load(audits[-1])["collapsed"]  # the reference rule on the same scores
+    audit = RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"
+    if not (audit / "contrast.pt").exists():
+        sys.exit(f"No audit in {audit}: run benchmarks/detection.py --attack {args.attack} --seed {args.seed} first.")
+    flagged = torch.load(audit / "flagged.pt")  # the default rule: collapse plus clean-class contrast
+    reference = torch.load(audit / "contrast.pt")["collapsed"]  # the reference rule on the same scores
     data = cifar_datamodule(args)
     victim, metrics = load_victim(args, data)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -48,7 +48,8 @@ def main() -> None:
         rows.append({"forget": forget, "method": method.name, "removed": len(indices), "clean_acc": result["acc"],
                      "asr": result["asr"], "time_s": result["time_s"]})  # fmt: skip
         print(rows[-1], flush=True)
-    report(f"unlearning_{args.attack}", rows, ["forget", "method", "removed", "clean_acc", "asr", "time_s"])
+    columns = ["forget", "method", "removed", "clean_acc", "asr", "time_s"]
+    report(f"unlearning_{args.attack}{run_tag(args)}", rows, columns)
 
 
 if __name__ == "__main__":
