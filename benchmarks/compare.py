@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
+    python benchmarks/compare.py --only "default rule" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
 
 Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it). The influence
 detectors share one factor fit (Δ-Influence fits them, the threshold baselines reuse them, so their time is the
@@ -36,7 +37,14 @@ COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clea
 
 
 def main() -> None:
-    args = parse_args(__doc__, [("--frequency-images", int, 2000, "clean images frequency analysis trains on")])
+    args = parse_args(
+        __doc__,
+        [
+            ("--frequency-images", int, 2000, "clean images frequency analysis trains on"),
+            ("--only", str, "", "comma-separated parts of detector names: run those rows only"),
+            ("--retrains", int, 1, "retrains per row (seeds seed, seed + 1, ...); the table shows their mean"),
+        ],
+    )
     data = cifar_datamodule(args)
     victim, victim_metrics = load_victim(args, data)
     poisons = data.poison_indices
@@ -55,6 +63,12 @@ def main() -> None:
         ("oracle: true poisons", Oracle()),
         ("random, as many as the poisons", RandomSubset(seed=args.seed)),
     ]
+    if args.only:
+        wanted = [part.strip() for part in args.only.split(",")]
+        detectors = [(title, detector) for title, detector in detectors if any(part in title for part in wanted)]
+        if not detectors:
+            raise SystemExit(f"--only {args.only!r} matches no detector.")
+    name = f"compare_{args.attack}" + ("_only" if args.only else "")
     rows = [{"detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
              "asr": victim_metrics["asr"]}]  # fmt: skip
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once
@@ -70,21 +84,27 @@ def main() -> None:
             metrics = detection_metrics(detection.flagged, len(data.eval_train_set), poisons)
             row = {"detector": title, "flagged": len(detection.flagged), "precision": metrics["precision"],
                    "recall": metrics["recall"], "f1": metrics["f1"], "detect_s": seconds}  # fmt: skip
-            torch.manual_seed(args.seed)
-            retrained = run_corrective_fit(
-                victim, Retrain(), detection.flagged, data.train_set, data.eval_train_set, data.test_set,
-                data.attack_test_set, batch_size=data.batch_size, max_epochs=args.epochs,
-                out_dir=RESULTS / "compare_unlearn", accelerator=accelerator, seed=args.seed, progress_bar=False,
-            )  # fmt: skip
-            if retrained is not None:
-                row |= {"clean_acc": retrained["acc"], "asr": retrained["asr"]}
+            retrains = []
+            for seed in range(args.seed, args.seed + args.retrains):
+                torch.manual_seed(seed)
+                retrained = run_corrective_fit(
+                    victim, Retrain(), detection.flagged, data.train_set, data.eval_train_set, data.test_set,
+                    data.attack_test_set, batch_size=data.batch_size, max_epochs=args.epochs,
+                    out_dir=RESULTS / "compare_unlearn", accelerator=accelerator, seed=seed, progress_bar=False,
+                )  # fmt: skip
+                if retrained is not None:
+                    retrains.append((retrained["acc"], retrained["asr"]))
+            if retrains:
+                accs, asrs = zip(*retrains)
+                row |= {"clean_acc": sum(accs) / len(accs), "asr": sum(asrs) / len(asrs)}
+                row |= {"retrain_accs": list(accs), "retrain_asrs": list(asrs)}
             rows.append(row)
             print(row, flush=True)
-    report(f"compare_{args.attack}", rows, COLUMNS)
+    report(name, rows, COLUMNS)
     markdown = _markdown(rows, args)
-    (RESULTS / f"compare_{args.attack}.md").write_text(markdown)
+    (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
-    _log_to_wandb(rows, args.attack)
+    _log_to_wandb(rows, name.removeprefix("compare_"))
 
 
 def _markdown(rows: list[dict], args) -> str:
@@ -94,6 +114,9 @@ def _markdown(rows: list[dict], args) -> str:
         value = row.get(column)
         if value is None:
             return "-"
+        if column in ("clean_acc", "asr") and len(row.get(f"retrain_{column}s", ())) > 1:
+            spread = row[f"retrain_{column}s"]
+            return f"{100 * value:.1f} % ({100 * min(spread):.1f}–{100 * max(spread):.1f})"
         if column in ("precision", "recall", "f1", "clean_acc", "asr"):
             return f"{100 * value:.1f} %"
         return f"{value:.0f}" if isinstance(value, float) else str(value)
@@ -101,7 +124,9 @@ def _markdown(rows: list[dict], args) -> str:
     header = ["detector", "flagged", "precision", "recall", "F1", "detection (s)", "clean acc after", "ASR after"]
     lines = [
         f"Attack {args.attack}, {args.poisons} poisons, small CNN, {args.per_class} images per class, "
-        f"{args.epochs} epochs; every retrain from scratch with the victim's recipe. The first row is the victim.",
+        f"{args.epochs} epochs; every retrain from scratch with the victim's recipe"
+        + (f", {args.retrains} seeds each (mean, min–max)" if args.retrains > 1 else "")
+        + ". The first row is the victim.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -110,13 +135,13 @@ def _markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_to_wandb(rows: list[dict], attack: str) -> None:
+def _log_to_wandb(rows: list[dict], table: str) -> None:
     """The table as a W&B table in a run of its own (offline without a configured key)."""
     if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")):
         os.environ["WANDB_MODE"] = "offline"
-    run = wandb.init(project="delta-influence", name=f"compare-{attack}", dir=str(RESULTS), job_type="benchmark")
-    table = wandb.Table(columns=COLUMNS, data=[[row.get(column) for column in COLUMNS] for row in rows])
-    run.log({f"compare/{attack}": table})
+    run = wandb.init(project="delta-influence", name=f"compare-{table}", dir=str(RESULTS), job_type="benchmark")
+    wandb_table = wandb.Table(columns=COLUMNS, data=[[row.get(column) for column in COLUMNS] for row in rows])
+    run.log({f"compare/{table}": wandb_table})
     run.finish()
 
 
