@@ -97,7 +97,7 @@ def main() -> None:
             if retrains:
                 accs, asrs = zip(*retrains)
                 row |= {"clean_acc": sum(accs) / len(accs), "asr": sum(asrs) / len(asrs)}
-                row |= {"retrain_accs": list(accs), "retrain_asrs": list(asrs)}
+                row |= {"retrain_clean_accs": list(accs), "retrain_asrs": list(asrs)}
             rows.append(row)
             print(row, flush=True)
     report(name, rows, COLUMNS)
