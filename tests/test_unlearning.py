@@ -27,10 +27,21 @@ from lightning_modules.unlearning import (
     UnlearningError,
     _reinitialised,
     evaluate,
+    retain_loader,
     run_corrective_fit,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("size", "sizes"),
+    [(258, [128, 128]), (320, [128, 128, 64]), (100, [100]), (128, [128])],
+)
+def test_the_retained_set_never_ends_an_epoch_on_a_tiny_batch(size, sizes):
+    retain = torch.utils.data.TensorDataset(torch.arange(size))
+    batches = [len(batch) for (batch,) in retain_loader(retain, batch_size=128)]
+    assert batches == sizes
 
 
 def test_scrub_forget_loss_pushes_away_from_the_teacher():
