@@ -7,10 +7,10 @@ from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from delta_influence.collapse import CollapseResult, flag_collapsed
-from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
+from delta_influence.detectors.base import Detection, DetectionInput, Detector, labels_of, require
 from delta_influence.errors import ConfigError
 from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
 from delta_influence.queries import QuerySet, make_queries
@@ -112,7 +112,7 @@ class DeltaInfluence(Detector):
         )  # fmt: skip
         same_label = None
         if len(contrast) and self.same_label:
-            same_label = dataset_labels(train_set, self.train_batch_size, self.num_workers) == label
+            same_label = labels_of(train_set) == label
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label
         )  # fmt: skip
@@ -149,20 +149,6 @@ class DeltaInfluence(Detector):
                 f"{', '.join(map(str, image.shape))}], the query's channels and size."
             )
         return contrast
-
-
-def dataset_labels(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> Tensor:
-    """The label of every sample, in order: the dataset's ``labels`` tensor when it has one, else read off a pass.
-
-    Example:
-        >>> dataset_labels(TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 2])), batch_size=2)
-        tensor([2, 0, 2])
-    """
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, Tensor) and labels.shape == (len(dataset),):
-        return labels.long()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    return torch.cat([torch.as_tensor(batch[1]).long().flatten() for batch in loader])
 
 
 @dataclass

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from delta_influence import detection_metrics, flag_collapsed
-from delta_influence.audit import dataset_labels
 from delta_influence.collapse import topk_recall
+from delta_influence.detectors.base import labels_of
 
 
 def test_flags_samples_whose_score_drops_under_enough_copies():
@@ -91,4 +91,4 @@ def test_labels_come_from_the_datasets_labels_without_loading_its_inputs():
         def __getitem__(self, index):
             raise AssertionError("the inputs should not be loaded")
 
-    assert dataset_labels(Labelled()).tolist() == [3, 1, 3]
+    assert labels_of(Labelled()).tolist() == [3, 1, 3]

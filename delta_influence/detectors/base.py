@@ -106,5 +106,13 @@ def penultimate_activations(
 
 
 def labels_of(dataset: Dataset) -> Tensor:
-    """The labels of every sample, in order."""
+    """The labels of every sample, in order: the dataset's ``labels`` tensor when it has one, else read off a pass.
+
+    Example:
+        >>> labels_of(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 2])))
+        tensor([2, 0, 2])
+    """
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor) and labels.shape == (len(dataset),):
+        return labels.long()
     return torch.cat([torch.as_tensor(labels).long() for _, labels in DataLoader(dataset, batch_size=1024)])
