@@ -1,7 +1,5 @@
 """A run's own folder: its resolved config, checkpoints, audit and corrective fit side by side, never overwritten."""
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +8,7 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from typing_extensions import override
 
-from delta_influence.files import publish
+from delta_influence.files import write_new
 
 CONFIG_FILE = "config.yaml"
 
@@ -44,12 +42,10 @@ class RunConfigCallback(SaveConfigCallback):
 
     @override
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        folder = run_dir(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{self.config_filename}-", dir=folder)
-        os.close(handle)
-        self.parser.save(self.config, staging, skip_none=False, overwrite=True, multifile=False)
-        self.path = publish(Path(staging), folder / self.config_filename)
+        self.path = write_new(
+            run_dir(trainer) / self.config_filename,
+            lambda staging: self.parser.save(self.config, staging, skip_none=False, overwrite=True, multifile=False),
+        )
         settings = self.settings()
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": settings, "run_config": str(self.path)})

@@ -3,16 +3,18 @@
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from delta_influence.collapse import CollapseResult, flag_collapsed
+from delta_influence import plots
+from delta_influence.collapse import CollapseResult, check_rule, flag_collapsed, topk_recall
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, labels_of, require
 from delta_influence.errors import ConfigError
-from delta_influence.influence import STRATEGIES, Strategy, compute_influence_scores
+from delta_influence.evidence import AuditView, Evidence
+from delta_influence.influence import Strategy, check_strategy, check_trackable, compute_influence_scores
 from delta_influence.queries import QuerySet, make_queries
 
 
@@ -27,8 +29,11 @@ class DeltaInfluence(Detector):
         >>> DeltaInfluence(tolerance=50)
         Traceback (most recent call last):
         ...
-        delta_influence.errors.ConfigError: tolerance=50 must lie in 0..49 (num_transforms - 1).
+        delta_influence.errors.ConfigError: tolerance=50 must lie in 0..49 (num_transforms - 1) for 50 copies.
     """
+
+    title: ClassVar[str] = "Δ-Influence"
+    needs_query: ClassVar[bool] = True
 
     num_transforms: int = field(default=50, metadata={"help": "transformed copies of the query"})
     threshold: float = field(default=0.0, metadata={"help": "a copy collapses a sample when Δ is below this"})
@@ -51,18 +56,8 @@ class DeltaInfluence(Detector):
     num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
 
     def __post_init__(self) -> None:
-        if self.num_transforms < 1:
-            raise ConfigError(f"num_transforms={self.num_transforms} must be at least 1.")
-        if not 0 <= self.tolerance < self.num_transforms:
-            raise ConfigError(
-                f"tolerance={self.tolerance} must lie in 0..{self.num_transforms - 1} (num_transforms - 1)."
-            )
-        if self.num_contrast < 0:
-            raise ConfigError(f"num_contrast={self.num_contrast} must be 0 (the reference rule) or more.")
-        if self.contrast_ratio <= 0:
-            raise ConfigError(f"contrast_ratio={self.contrast_ratio} must be positive; the default 2.0 is recommended.")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+        check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio)
+        check_strategy(self.strategy)
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
         if self.train_batch_size < 1 or self.num_workers < 0:
@@ -104,10 +99,8 @@ class DeltaInfluence(Detector):
         queries = make_queries(
             image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std
         )  # fmt: skip
-        images = torch.cat([queries.images, contrast.to(queries.images.dtype)])
-        labels = torch.cat([queries.labels, torch.full((len(contrast),), label, dtype=torch.long)])
         influence = compute_influence_scores(
-            model, train_set, TensorDataset(images, labels), factors_dir, self.strategy, device,
+            model, train_set, _scored(queries, contrast), factors_dir, self.strategy, device,
             self.train_batch_size, num_workers=self.num_workers, seed=self.seed,
         )  # fmt: skip
         same_label = None
@@ -122,6 +115,9 @@ class DeltaInfluence(Detector):
         )
 
     name = "delta_influence"
+
+    def check_model(self, model: nn.Module) -> None:
+        check_trackable(model)
 
     def _detect(self, inputs: DetectionInput) -> Detection:
         image, label = require(inputs.query, "the misbehaving query (an input and the attacker's label)", self.name)
@@ -152,8 +148,9 @@ class DeltaInfluence(Detector):
 
 
 @dataclass
-class DeltaInfluenceAudit:
-    """What an audit computed: the queries, the scores of every training sample on them, and the decision."""
+class DeltaInfluenceAudit(Evidence):
+    """What an audit computed: the queries, the scores of every training sample on them, and the decision; the
+    evidence behind Δ-Influence's flagged set."""
 
     queries: QuerySet  # the original query and its transformed copies
     contrast: Tensor  # [k, C, H, W] clean contrast images (k = 0 without contrast)
@@ -166,3 +163,63 @@ class DeltaInfluenceAudit:
     @property
     def flagged(self) -> Tensor:
         return self.decision.flagged
+
+    def scored_queries(self) -> TensorDataset:
+        """The rows of ``scores`` as a data set: the query, its copies and the contrast images, with their labels."""
+        return _scored(self.queries, self.contrast)
+
+    def write(self, folder: Path, view: AuditView) -> None:
+        """The scores, counts, queries and contrast evidence as tensors, and their pictures."""
+        decision, queries = self.decision, self.queries
+        torch.save(self.scores, folder / "scores.pt")
+        torch.save(decision.counts, folder / "counts.pt")
+        torch.save(
+            {"images": queries.images, "labels": queries.labels, "transforms": queries.transforms,
+             "contrast_images": self.contrast},
+            folder / "queries.pt",
+        )  # fmt: skip
+        plots.plot_queries(queries, folder / "queries.png", view.mean, view.std, view.classes)
+        plots.plot_collapse_counts(
+            decision.counts, decision.num_transforms, decision.tolerance, folder / "collapse_counts.png",
+            view.poison_indices,
+        )  # fmt: skip
+        if decision.contrast is not None:
+            torch.save(
+                {"collapsed": decision.collapsed, "contrast": decision.contrast, "ratio": decision.contrast_ratio,
+                 "same_label": decision.same_label},
+                folder / "contrast.pt",
+            )  # fmt: skip
+            plots.plot_contrast(self.scores[0], decision, folder / "contrast.png", view.poison_indices)
+
+    def summary(self) -> dict[str, Any]:
+        first = 1 + self.decision.num_transforms
+        return {
+            "num_contrast": len(self.contrast),
+            "factors": self.factors_name,
+            "factors_reused": self.factors_reused,
+            "score_rows": {
+                "original": 0,
+                "transformed": [1, self.decision.num_transforms],
+                "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
+            },
+        }
+
+    def metrics(self, poisons: Optional[Tensor]) -> dict[str, float]:
+        metrics = {"collapsed": float(len(self.decision.collapsed))}
+        if poisons is not None:
+            metrics["raw_topk_recall"] = topk_recall(self.scores[0], poisons)
+        return metrics
+
+    def details(self, index: int) -> dict[str, Any]:
+        contrast = self.decision.contrast
+        return {
+            "contrast": float(contrast[index]) if contrast is not None else None,
+            "count": int(self.decision.counts[index]),
+        }
+
+
+def _scored(queries: QuerySet, contrast: Tensor) -> TensorDataset:
+    """What one scoring pass scores: the query and its copies, then the contrast images with the query's label."""
+    images = torch.cat([queries.images, contrast.to(queries.images.dtype)])
+    labels = torch.cat([queries.labels, queries.labels[:1].expand(len(contrast))])
+    return TensorDataset(images, labels)

@@ -1,14 +1,15 @@
-"""Generated artefacts (a trigger, brewed perturbations) cached on disk, keyed by everything that made them."""
+"""Generated artefacts (a trigger, brewed perturbations, influence factors) cached on disk, keyed by a hash of
+everything that made them."""
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from delta_influence.files import write_replacing
 
 
 def content_key(settings: dict, *tensors: Tensor) -> str:
@@ -19,12 +20,22 @@ def content_key(settings: dict, *tensors: Tensor) -> str:
         >>> a == content_key({"eps": 16}, torch.zeros(3)), a == content_key({"eps": 8}, torch.zeros(3))
         (True, False)
     """
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest = new_digest(settings)
     for tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        update_digest(digest, tensor)
     return digest.hexdigest()[:20]
+
+
+def new_digest(settings: dict) -> "hashlib._Hash":
+    """A SHA-256 digest started with ``settings`` (JSON-able; keys sorted, anything else by its ``str``)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+
+
+def update_digest(digest: "hashlib._Hash", tensor: Tensor) -> None:
+    """Adds a tensor's shape, dtype and content to ``digest``."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+    digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def cached(folder: Path, name: str, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -40,11 +51,5 @@ def cached(folder: Path, name: str, key: str, make: Callable[[], dict[str, Any]]
             return content
         print(f"{path} was made with other settings or data than this run's; making it again.")
     content = {**make(), "key": key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(content, staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    write_replacing(path, lambda staging: torch.save(content, staging))
     return content

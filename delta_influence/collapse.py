@@ -75,10 +75,6 @@ def flag_collapsed(
     """
     if scores.dim() != 2:
         raise ConfigError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
-    if num_contrast < 0:
-        raise ConfigError(f"num_contrast={num_contrast} must be 0 (no contrast) or more.")
-    if contrast_ratio <= 0:
-        raise ConfigError(f"contrast_ratio={contrast_ratio} must be positive; 2 means 'twice as much as the class'.")
     num_transforms = scores.shape[0] - 1 - num_contrast
     if num_transforms < 1:
         raise ConfigError(
@@ -91,8 +87,7 @@ def flag_collapsed(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
-    if not 0 <= tolerance < num_transforms:
-        raise ConfigError(f"tolerance={tolerance} must lie in 0..{num_transforms - 1} for {num_transforms} copies.")
+    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio)
     if same_label is not None:
         if num_contrast == 0:
             raise ConfigError("same_label belongs to the clean-class contrast; with num_contrast=0 leave it None.")
@@ -123,6 +118,30 @@ def flag_collapsed(
         contrast_ratio=contrast_ratio,
         same_label=same_label,
     )
+
+
+def check_rule(num_transforms: int, tolerance: int, num_contrast: int, contrast_ratio: float) -> None:
+    """The one check of the rule's settings (``DeltaInfluence`` and ``flag_collapsed`` both call it).
+
+    Example:
+        >>> check_rule(num_transforms=50, tolerance=50, num_contrast=5, contrast_ratio=2.0)
+        Traceback (most recent call last):
+        ...
+        delta_influence.errors.ConfigError: tolerance=50 must lie in 0..49 (num_transforms - 1) for 50 copies.
+    """
+    if num_transforms < 1:
+        raise ConfigError(f"num_transforms={num_transforms} must be at least 1.")
+    if not 0 <= tolerance < num_transforms:
+        raise ConfigError(
+            f"tolerance={tolerance} must lie in 0..{num_transforms - 1} (num_transforms - 1) for {num_transforms} "
+            "copies."
+        )
+    if num_contrast < 0:
+        raise ConfigError(f"num_contrast={num_contrast} must be 0 (the reference rule, no contrast) or more.")
+    if contrast_ratio <= 0:
+        raise ConfigError(
+            f"contrast_ratio={contrast_ratio} must be positive; 2 (the default) means 'twice as much as the class'."
+        )
 
 
 def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tensor] = None) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Test examples chosen by the model's predictions: the misbehaving query, and the clean contrast of its label."""
+"""Test examples judged by the model's predictions: accuracy, the misbehaving query, and the clean contrast of its
+label."""
 
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -6,6 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from delta_influence.errors import ConfigError
 
@@ -27,6 +29,31 @@ def evaluating(module: nn.Module, device: Optional[torch.device] = None) -> Iter
     finally:
         module.train(was_training)
         module.to(home)
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, dataset: Optional[Dataset], device: torch.device | str = "cpu", batch_size: int = 512
+) -> Optional[float]:
+    """Share of ``dataset`` that ``model`` classifies as labelled (``None`` for no data); on the attack's test set,
+    labelled with what the attacker wants, it is the attack success rate. Every process evaluates the whole set
+    itself: nothing is gathered from others.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> accuracy(nn.Linear(2, 2), TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))) in (0.0, 1.0)
+        True
+    """
+    if dataset is None or len(dataset) == 0:
+        return None
+    device = torch.device(device)
+    metric = None
+    with evaluating(model, device):
+        for inputs, labels in DataLoader(dataset, batch_size=batch_size):
+            logits = model(inputs.to(device))
+            metric = metric or MulticlassAccuracy(logits.shape[-1], average="micro", sync_on_compute=False).to(device)
+            metric.update(logits, torch.as_tensor(labels).to(device))
+    return metric.compute().item()
 
 
 def _hits(model: nn.Module, dataset: Dataset, wanted: Optional[int], batch_size: int) -> Iterator[int]:

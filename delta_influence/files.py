@@ -1,7 +1,57 @@
-"""Publishing finished results under a name without ever replacing what is already there."""
+"""Writing results atomically: a name holds either nothing or a finished file or folder.
+
+``write_new`` never replaces what is already there (audits, checkpoints, reports, run configs); ``write_replacing``
+is for caches, whose content is made again when it is stale.
+"""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
+
+
+def write_new(target: Path, write: Callable[[Path], object], folder: bool = False) -> Path:
+    """Writes through ``write(staging)`` into a hidden staging file (or folder) next to ``target``, then publishes it as
+    ``target`` or, when that is taken, the first free ``target-2``, ``target-3``, ... (a file keeps its suffix:
+    ``retrain-2.ckpt``). Returns the name it got. An interrupted write leaves nothing behind.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> [write_new(root / "a.txt", lambda path: path.write_text("x")).name for _ in range(2)]
+        ['a.txt', 'a-2.txt']
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+        staging = Path(name)
+    try:
+        write(staging)
+        return publish(staging, target)
+    except BaseException:
+        if folder:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
+        raise
+
+
+def write_replacing(target: Path, write: Callable[[Path], object]) -> Path:
+    """Writes through ``write(staging)`` and renames the finished file onto ``target``, replacing what was there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        write(staging)
+        os.replace(staging, target)
+        return target
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def publish(staging: Path, target: Path) -> Path:

@@ -1,8 +1,6 @@
 """EK-FAC influence of every training sample on every query, through kronfluence, in one pass over the data."""
 
 import copy
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -23,7 +21,9 @@ from kronfluence.utils.state import State
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from delta_influence.cache import new_digest, update_digest
 from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.evidence import AuditView, Evidence
 from delta_influence.quiet import harmless_warnings_hidden
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
@@ -65,13 +65,20 @@ def label_margins(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @dataclass
-class InfluenceScores:
-    """Scores ``[Q, N]`` of N training samples on Q queries, and how long each stage took."""
+class InfluenceScores(Evidence):
+    """Scores ``[Q, N]`` of N training samples on Q queries, the factors they came from, and how long each stage
+    took. As a detector's evidence it names the factors in the audit's summary."""
 
     scores: Tensor
     factors_name: str
     factors_reused: bool
     timings: dict[str, float] = field(default_factory=dict)
+
+    def write(self, folder: Path, view: AuditView) -> None:
+        """Nothing beyond the detection's own ``scores.pt``."""
+
+    def summary(self) -> dict[str, object]:
+        return {"factors": self.factors_name, "factors_reused": self.factors_reused}
 
 
 class InfluenceAnalysis:
@@ -88,6 +95,7 @@ class InfluenceAnalysis:
         train_batch_size: Training samples per batch when fitting factors and scoring.
         num_workers: Data loader workers.
         damping: kronfluence's damping factor; ``None`` lets kronfluence pick it from the factors.
+        seed: Seeds the labels that the true Fisher samples from the model's predictions while fitting.
     """
 
     def __init__(
@@ -100,19 +108,26 @@ class InfluenceAnalysis:
         train_batch_size: int = 128,
         num_workers: int = 0,
         damping: Optional[float] = None,
+        seed: int = 0,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
+        check_strategy(strategy)
         check_trackable(model)
         self.train_set = train_set
         self.strategy = strategy
         self.train_batch_size = train_batch_size
         self.damping = damping
+        self.seed = seed
         self.task = ClassificationTask()
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
         self.factor_args = FactorArguments(strategy=strategy)
-        settings = {"factor_args": self.factor_args.to_str_dict(), "kronfluence": version("kronfluence")}
+        settings = {  # with the weights and every sample in order: everything that changes the factors
+            "factor_args": self.factor_args.to_str_dict(),
+            "kronfluence": version("kronfluence"),
+            "task": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
+            "fisher_seed": seed,
+            "batch_size": train_batch_size,  # the true Fisher draws its labels batch by batch
+        }
         self.factors_name = f"{strategy}_{fingerprint(model, train_set, settings)}"
         prepared = prepare_model(copy.deepcopy(model), self.task)
         with _this_process_only():
@@ -126,18 +141,20 @@ class InfluenceAnalysis:
         self.analyzer.state.device = self.device  # exactly the caller's device (e.g. the trainer's cuda:1)
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))
 
-    def fit_factors(self, seed: int = 0) -> bool:
-        """Fits the factors unless a finished set for these weights and data is on disk; returns whether reused.
+    def fit_factors(self) -> bool:
+        """Fits the factors unless a finished set for these weights, data and settings is on disk; returns whether
+        reused.
 
-        The true Fisher samples labels from the model's predictions: ``seed`` seeds that draw (the caller's random
-        state is left as it was), so that the same weights and data give the same factors in any process."""
+        The true Fisher samples labels from the model's predictions: the analysis's ``seed`` seeds that draw (the
+        caller's random state is left as it was), so that the same weights and data give the same factors in any
+        process."""
         final = self.analyzer.factors_output_dir(self.factors_name)
         if final.exists():
             return True
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
         with harmless_warnings_hidden(), torch.random.fork_rng(devices=_cuda_devices(self.device)):
-            torch.manual_seed(seed)
+            torch.manual_seed(self.seed)
             self.analyzer.fit_all_factors(
                 factors_name=partial_name,
                 dataset=self.train_set,
@@ -191,6 +208,12 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
 
 
+def check_strategy(strategy: str) -> None:
+    """The one check of a strategy name (every influence setting and analysis calls it)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r} is not known to kronfluence; use one of {', '.join(STRATEGIES)}.")
+
+
 def check_trackable(model: nn.Module) -> None:
     """Raises ``UnsupportedModelError`` (a ``TypeError``) when the model has no layer that kronfluence tracks."""
     if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
@@ -220,8 +243,10 @@ def compute_influence_scores(
         margin.
     """
     start = time.perf_counter()
-    analysis = InfluenceAnalysis(model, train_set, output_dir, strategy, device, train_batch_size, num_workers, damping)
-    reused = analysis.fit_factors(seed)
+    analysis = InfluenceAnalysis(
+        model, train_set, output_dir, strategy, device, train_batch_size, num_workers, damping, seed
+    )  # fmt: skip
+    reused = analysis.fit_factors()
     fitted = time.perf_counter()
     scores = analysis.pairwise_scores(queries, query_batch_size)
     done = time.perf_counter()
@@ -245,18 +270,12 @@ def fingerprint(model: nn.Module, train_set: Dataset, settings: dict) -> str:
         >>> fingerprint(model, data, settings) == fingerprint(model, edited, settings)
         False
     """
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest = new_digest(settings)
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(_bytes(tensor))
+        update_digest(digest, tensor)
     digest.update(str(len(train_set)).encode())
     for inputs, labels in DataLoader(train_set, batch_size=512):  # in order: index i is sample i
-        digest.update(_bytes(torch.as_tensor(inputs)))
-        digest.update(_bytes(torch.as_tensor(labels).long()))
+        update_digest(digest, torch.as_tensor(inputs))
+        update_digest(digest, torch.as_tensor(labels).long())
     return digest.hexdigest()[:16]
-
-
-def _bytes(tensor: Tensor) -> bytes:
-    """A tensor's shape, type and content as bytes."""
-    tensor = tensor.detach().cpu().contiguous()
-    return f"{tuple(tensor.shape)}{tensor.dtype}".encode() + tensor.view(-1).view(torch.uint8).numpy().tobytes()

@@ -147,3 +147,9 @@ def trained_digits(tmp_path_factory):
     trainer = tiny_trainer(tmp_path_factory.mktemp("victim"), max_epochs=8, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     return data, model
+
+
+@pytest.fixture(scope="session")
+def shared_factors(tmp_path_factory) -> Path:
+    """One kronfluence factor folder for the session: audits of the same weights and data fit their factors once."""
+    return tmp_path_factory.mktemp("factors")

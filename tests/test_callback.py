@@ -10,12 +10,12 @@ from conftest import tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-import callbacks.influence_collapse as influence_collapse
 import delta_influence.audit as delta_audit
 from callbacks import AuditError, InfluenceCollapseCallback
 from datamodules import ImageDataset
 from delta_influence import flag_collapsed
 from delta_influence.examples import ContrastError
+from delta_influence.pipeline import eval_train_set_of
 
 
 def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
@@ -24,6 +24,16 @@ def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback], **trainer_kwargs)
     trainer.fit(copy.deepcopy(model), datamodule=data)
     return trainer
+
+
+def _audit(tmp_path, trained_digits, shared_factors, **kwargs):
+    """The callback's audit of the shared victim itself (no further training), with the session's factors."""
+    data, model = trained_digits
+    callback = InfluenceCollapseCallback(
+        factors_dir=str(shared_factors), output_dir=str(tmp_path / "audit"), **kwargs
+    )
+    callback.result = callback.audit(tiny_trainer(tmp_path), model, data)
+    return callback
 
 
 def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained_digits):
@@ -37,7 +47,7 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert summary["factors_reused"] is False and summary["num_transforms"] == 12
     assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
     scores = torch.load(first.output_dir / "scores.pt")
-    assert scores.shape == (1 + 12 + 5, 400)  # original, 12 copies, 5 clean contrast queries
+    assert scores.shape == (1 + 12 + 5, 400) and torch.equal(scores, first.evidence.scores)  # query, copies, contrast
     assert summary["score_rows"] == {"original": 0, "transformed": [1, 12], "contrast": [13, 17]}
     assert len(summary["contrast"]) == 5 and summary["metrics"]["collapsed"] >= len(first.flagged)
     assert {"contrast.pt", "contrast.png"} <= files
@@ -57,7 +67,17 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]  # no staging folder left
 
 
-def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_digits, monkeypatch):
+def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(tmp_path, trained_digits):
+    shared = tmp_path / "factors"
+    first = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1).result
+    other = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1, seed=1).result
+    again = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1).result
+    assert not first.summary["factors_reused"] and not other.summary["factors_reused"]
+    assert other.summary["factors"] != first.summary["factors"] == again.summary["factors"]
+    assert again.summary["factors_reused"] and len(list(shared.rglob("factors_*"))) == 2
+
+
+def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_digits, monkeypatch, shared_factors):
     real = delta_audit.compute_influence_scores
 
     def nan_scores(*args, **kwargs):
@@ -66,28 +86,25 @@ def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_di
         return result
 
     monkeypatch.setattr(delta_audit, "compute_influence_scores", nan_scores)
-    callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, output_dir=str(tmp_path / "audit"))
     with pytest.raises(ValueError, match="NaN or infinite"):
-        _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+        _audit(tmp_path, trained_digits, shared_factors, num_transforms=4, tolerance=1)
     assert not (tmp_path / "audit").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]
 
 
-def test_query_the_model_does_not_misclassify(tmp_path, trained_digits):
-    data, model = trained_digits
-    with torch.no_grad():
-        predictions = copy.deepcopy(model).eval()(
-            torch.stack([data.attack_test_set[i][0] for i in range(len(data.attack_test_set))])
-        )
-    clean = int(torch.nonzero(predictions.argmax(-1) != 5)[0])
-    callback = InfluenceCollapseCallback(query_index=clean, num_transforms=4, tolerance=1)
-    with pytest.raises(AuditError, match=r"does not show the bad behaviour.*require_misclassified=false"):
-        _fit_with(tmp_path, trained_digits, callback)
-    anyway = InfluenceCollapseCallback(
-        query_index=clean, require_misclassified=False, num_transforms=4, tolerance=1, output_dir=str(tmp_path / "a")
-    )
-    _fit_with(tmp_path, trained_digits, anyway)
-    assert anyway.result.scores.shape == (1 + 4 + 5, 400)
+def test_query_the_model_does_not_misclassify(tmp_path, trained_digits, shared_factors):
+    data, _ = trained_digits
+    eight = int(torch.nonzero(data.test_set.labels == 8)[0])  # a clean eight, which the model calls 8, labelled 5
+    path = tmp_path / "eight.png"
+    torchvision.io.write_png(data.test_set.images[eight], str(path))
+    with pytest.raises(AuditError, match=r"predicts class 8 .* not the attack's label 5.*require_misclassified=false"):
+        _audit(tmp_path, trained_digits, shared_factors, query_image=str(path), query_label=5, num_transforms=4,
+               tolerance=1)  # fmt: skip
+    anyway = _audit(
+        tmp_path, trained_digits, shared_factors, query_image=str(path), query_label=5, require_misclassified=False,
+        num_transforms=4, tolerance=1,
+    )  # fmt: skip
+    assert anyway.result.evidence.scores.shape == (1 + 4 + 5, 400)
 
 
 def test_out_of_range_query_index(tmp_path, trained_digits):
@@ -96,17 +113,16 @@ def test_out_of_range_query_index(tmp_path, trained_digits):
         _fit_with(tmp_path, trained_digits, callback)
 
 
-def test_query_image_file(tmp_path, trained_digits):
+def test_query_image_file(tmp_path, trained_digits, shared_factors):
     data, _ = trained_digits
     image, _ = data.attack_test_set[0]
     pixels = (image * data.std.view(-1, 1, 1) + data.mean.view(-1, 1, 1)).clamp(0, 1)
     path = tmp_path / "query.png"
     torchvision.io.write_png((pixels * 255).round().to(torch.uint8), str(path))
-    callback = InfluenceCollapseCallback(
-        query_image=str(path), query_label=5, require_misclassified=False, num_transforms=4, tolerance=1,
-        output_dir=str(tmp_path / "a"),
+    callback = _audit(
+        tmp_path, trained_digits, shared_factors, query_image=str(path), query_label=5, require_misclassified=False,
+        num_transforms=4, tolerance=1,
     )  # fmt: skip
-    _fit_with(tmp_path, trained_digits, callback)
     queries = torch.load(callback.result.output_dir / "queries.pt")
     assert torch.allclose(queries["images"][0], image, atol=1e-5) and queries["labels"][0] == 5
 
@@ -117,12 +133,12 @@ def test_augmented_or_shuffled_training_set_is_refused(tmp_path, trained_digits)
     train = data.eval_train_set
     augmented.eval_train_set = ImageDataset(train.images, train.labels, data.mean, data.std, augment=True)
     with pytest.raises(AuditError, match="it is augmented"):
-        influence_collapse._eval_train_set(augmented)
+        eval_train_set_of(augmented)
     shuffled = copy.copy(data)
     shuffled.eval_train_set = DataLoader(data.eval_train_set, shuffle=True)
     with pytest.raises(AuditError, match="shuffling DataLoader"):
-        influence_collapse._eval_train_set(shuffled)
-    assert influence_collapse._eval_train_set(data) is data.eval_train_set
+        eval_train_set_of(shuffled)
+    assert eval_train_set_of(data) is data.eval_train_set
 
 
 def test_model_kronfluence_cannot_track(tmp_path, trained_digits):
@@ -159,6 +175,8 @@ def test_skipped_in_fast_dev_run(tmp_path, trained_digits):
         ({"num_contrast": -1}, r"num_contrast=-1 must be 0"),
         ({"contrast_ratio": 0.0}, r"contrast_ratio=0.0 must be positive"),
         ({"contrast_images": ["a.png"], "num_contrast": 0}, r"contrast_images=\['a.png'\] with num_contrast=0"),
+        ({"contrast_images": []}, r"contrast_images=\[\] holds no file"),
+        ({"query_index": 1, "query_image": "x.png", "query_label": 5}, r"query_index or query_image, not both"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -166,11 +184,10 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         InfluenceCollapseCallback(**kwargs)
 
 
-def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, trained_digits):
+def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, trained_digits, shared_factors):
     data, _ = trained_digits
-    contrast = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "contrast"))
-    _fit_with(tmp_path, trained_digits, contrast, enable_checkpointing=False)
-    audit = contrast.result.audit
+    contrast = _audit(tmp_path, trained_digits, shared_factors, num_transforms=12, tolerance=1)
+    audit = contrast.result.evidence
     reference = audit.decision.collapsed  # the reference rule's answer on the same scores
     assert torch.equal(reference, flag_collapsed(audit.scores[:13], 0.0, 1).flagged)
     clean_fives = torch.nonzero(data.eval_train_set.labels == 5).flatten()
@@ -185,19 +202,17 @@ def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, t
     assert all(int(data.test_set[i][1]) == 5 for i in chosen) and chosen == sorted(chosen)
 
 
-def test_num_contrast_zero_is_the_reference_rule(tmp_path, trained_digits):
-    callback = InfluenceCollapseCallback(num_transforms=12, tolerance=1, num_contrast=0, output_dir=str(tmp_path / "a"))
-    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
-    result = callback.result
-    assert result.scores.shape == (13, 400)
-    assert torch.equal(result.flagged, flag_collapsed(result.scores, 0.0, 1).flagged)
+def test_num_contrast_zero_is_the_reference_rule(tmp_path, trained_digits, shared_factors):
+    result = _audit(tmp_path, trained_digits, shared_factors, num_transforms=12, tolerance=1, num_contrast=0).result
+    scores = result.evidence.scores
+    assert scores.shape == (13, 400)
+    assert torch.equal(result.flagged, flag_collapsed(scores, 0.0, 1).flagged)
     assert not (result.output_dir / "contrast.pt").exists()
 
 
-def test_more_contrast_samples_than_the_class_has(tmp_path, trained_digits):
-    callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, num_contrast=500)
+def test_more_contrast_samples_than_the_class_has(tmp_path, trained_digits, shared_factors):
     with pytest.raises(ContrastError, match=r"num_contrast=500, but the model classifies only \d+ clean test samples"):
-        _fit_with(tmp_path, trained_digits, callback)
+        _audit(tmp_path, trained_digits, shared_factors, num_transforms=4, tolerance=1, num_contrast=500)
 
 
 def test_query_label_without_clean_test_samples(tmp_path, trained_digits):
@@ -210,42 +225,37 @@ def test_query_label_without_clean_test_samples(tmp_path, trained_digits):
         trainer.fit(copy.deepcopy(model), datamodule=no_fives)
 
 
-def test_contrast_image_files(tmp_path, trained_digits):
+def test_contrast_image_files(tmp_path, trained_digits, shared_factors):
     data, _ = trained_digits
     fives = torch.nonzero(data.test_set.labels == 5).flatten()[:2]
     paths = []
     for index in fives.tolist():
         paths.append(str(tmp_path / f"five{index}.png"))
         torchvision.io.write_png(data.test_set.images[index], paths[-1])
-    callback = InfluenceCollapseCallback(
-        num_transforms=4, tolerance=1, contrast_images=paths, output_dir=str(tmp_path / "a")
-    )
-    _fit_with(tmp_path, trained_digits, callback)
+    callback = _audit(tmp_path, trained_digits, shared_factors, num_transforms=4, tolerance=1, contrast_images=paths)
     queries = torch.load(callback.result.output_dir / "queries.pt")
     assert torch.allclose(queries["contrast_images"], torch.stack([data.test_set[i][0] for i in fives.tolist()]))
-    assert callback.result.scores.shape == (1 + 4 + 2, 400)
+    assert callback.result.evidence.scores.shape == (1 + 4 + 2, 400)
 
     rgb = tmp_path / "rgb.png"
     torchvision.io.write_png(data.test_set.images[fives[0]].expand(3, -1, -1).contiguous(), str(rgb))
     small = tmp_path / "small.png"
     torchvision.io.write_png(data.test_set.images[fives[0]][:, :16, :16].contiguous(), str(small))
     for path, shape in ((rgb, r"\(3, 32, 32\)"), (small, r"\(1, 16, 16\)")):
-        callback = InfluenceCollapseCallback(num_transforms=4, tolerance=1, contrast_images=[str(path)])
         with pytest.raises(
             AuditError, match=rf"contrast_images holds .* of shape {shape}.*training images are \(1, 32, 32\)"
         ):
-            _fit_with(tmp_path, trained_digits, callback)
+            _audit(tmp_path, trained_digits, shared_factors, num_transforms=4, tolerance=1, contrast_images=[str(path)])
 
 
-def test_pixel_space_transforms_through_the_callback(tmp_path, trained_digits):
+def test_pixel_space_transforms_through_the_callback(tmp_path, trained_digits, shared_factors):
     """``space="pixel"`` undoes the normalisation, transforms real pixels and normalises again: every copy stays
     inside the range of valid pixels, which normalised-space transforms (e.g. colour jitter on z-scores) leave."""
-    callback = InfluenceCollapseCallback(num_transforms=8, tolerance=1, space="pixel", output_dir=str(tmp_path / "a"))
-    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    callback = _audit(tmp_path, trained_digits, shared_factors, num_transforms=8, tolerance=1, space="pixel")
     data = trained_digits[0]
     summary = json.loads((callback.result.output_dir / "summary.json").read_text())
     assert summary["space"] == "pixel" and summary["num_transforms"] == 8
     copies = torch.load(callback.result.output_dir / "queries.pt")["images"][1:]
     low, high = (0 - data.mean) / data.std, (1 - data.mean) / data.std
     assert copies.min() >= low.min() - 1e-4 and copies.max() <= high.max() + 1e-4
-    assert len(callback.result.flagged) > 0
+    assert torch.isin(data.poison_indices, callback.result.flagged).float().mean() >= 0.9

@@ -123,7 +123,7 @@ def test_callback_runs_another_detector_and_corrects_on_its_answer(trained_digit
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[callback], enable_checkpointing=False)
     trainer.fit(copy.deepcopy(model), datamodule=data)
     out = callback.result.output_dir
-    assert out.name == "spectral_signatures" and callback.result.audit is None
+    assert out.name == "spectral_signatures" and callback.result.evidence is None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == "spectral_signatures" and summary["expected_fraction"] == 0.05
     flagged = json.loads((out / "flagged.json").read_text())["flagged"]

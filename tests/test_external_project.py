@@ -79,7 +79,7 @@ def test_callback_audits_a_foreign_project(tmp_path):
     data = StripesDataModule()
     trainer.fit(TinyNet(), datamodule=data)
     result = callback.result
-    assert result is not None and result.scores.shape == (1 + 20 + 5, 150)
+    assert result is not None and result.evidence.scores.shape == (1 + 20 + 5, 150)
     assert result.metrics["recall"] >= 0.75  # most of the 12 poisons collapse
     assert result.metrics["removed_fraction"] < 0.2  # the contrast keeps the clean class-0 images out
     assert result.output_dir == tmp_path / "delta_influence"  # next to checkpoints/, as there is no logger

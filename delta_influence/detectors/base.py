@@ -5,13 +5,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.evidence import Evidence
 from delta_influence.examples import evaluating
 
 
@@ -41,20 +42,30 @@ class DetectionInput:
 @dataclass
 class Detection:
     """A detector's answer: sorted flagged training indices, a per-sample suspicion score where the detector has one
-    (higher is more suspicious), its full evidence, and how long it took."""
+    (higher is more suspicious), its evidence when it has files of its own, and how long it took."""
 
     detector: str
     flagged: Tensor
     scores: Optional[Tensor] = None
-    evidence: Any = None
+    evidence: Optional[Evidence] = None
     seconds: float = 0.0
     info: dict[str, float] = field(default_factory=dict)
 
 
 class Detector(ABC):
-    """A poison detector. Subclasses set ``name`` and write ``_detect``; ``detect`` times it and sorts the answer."""
+    """A poison detector. Subclasses set ``name`` and write ``_detect``; ``detect`` times it and sorts the answer.
+
+    A detector says what the audit pipeline must find for it: ``needs_query`` (the misbehaving test example, chosen
+    and checked against the model) and ``num_contrast`` (that many clean test images of the query's label). The
+    clean test set and the ground truth are passed whenever the data has them."""
 
     name: str = "detector"
+    title: ClassVar[str] = ""  # how the console names it; default: ``name``
+    needs_query: ClassVar[bool] = False
+    num_contrast: int = 0
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuses a model the detector cannot work with, before anything is computed."""
 
     def detect(self, inputs: DetectionInput) -> Detection:
         start = time.perf_counter()

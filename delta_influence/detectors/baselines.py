@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from delta_influence.detectors.base import (
 )
 from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating
-from delta_influence.influence import Strategy, compute_influence_scores
+from delta_influence.influence import Strategy, check_trackable, compute_influence_scores
 from delta_influence.models import small_cnn
 
 
@@ -40,10 +40,14 @@ class InfluenceThreshold(Detector):
     train_batch_size: int = 128
     seed: int = 0
     name: str = "influence_threshold"
+    needs_query: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k={self.top_k} must be at least 1, or null to use the threshold.")
+
+    def check_model(self, model: nn.Module) -> None:
+        check_trackable(model)
 
     def _detect(self, inputs: DetectionInput) -> Detection:
         image, label = require(inputs.query, "the misbehaving query (an input and the attacker's label)", self.name)

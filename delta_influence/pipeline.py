@@ -1,0 +1,376 @@
+"""The one audit pipeline: a trained model and its data in, a finished audit folder out.
+
+``run_audit`` chooses and checks the misbehaving query and the clean contrast for the detectors that need them, runs
+the detector, measures what it flagged against the ground truth when known, and publishes the flagged indices, the
+summary, the scores and the detector's evidence (files and pictures) as one folder, atomically. The Lightning
+callback, ``train.py audit``, the benchmarks and the tests all audit through it.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.io import ImageReadMode
+
+from delta_influence.attacks.base import class_index
+from delta_influence.collapse import detection_metrics
+from delta_influence.detectors.base import Detection, DetectionInput, Detector
+from delta_influence.errors import ConfigError
+from delta_influence.evidence import AuditView
+from delta_influence.examples import evaluating, first_attacked, select_contrast
+from delta_influence.files import write_new
+from delta_influence.plots import to_displayable
+
+
+class AuditError(ConfigError):
+    """The audit cannot run on what it was given."""
+
+
+@dataclass(frozen=True)
+class QueryChoice:
+    """Which test example the influence detectors trace, and which clean images they contrast it with.
+
+    Args:
+        index: Index into the attack's test set; ``None`` takes the first one the model gets wrong.
+        image: Path of an image file to use as the query, instead of the attack's test set.
+        label: The attacker's label for ``image``: a class index, or a name from the data's ``classes``.
+        require_misclassified: Stop with an error when the model does not predict the query's label.
+        contrast_images: Image files of clean samples of the query's label, instead of the test set's.
+
+    Example:
+        >>> QueryChoice(image="x.png")
+        Traceback (most recent call last):
+        ...
+        delta_influence.pipeline.AuditError: query_image and query_label go together: give both or neither.
+    """
+
+    index: Optional[int] = None
+    image: Optional[str] = None
+    label: Optional[int | str] = None
+    require_misclassified: bool = True
+    contrast_images: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) != (self.label is None):
+            raise AuditError("query_image and query_label go together: give both or neither.")
+        if self.image is not None and self.index is not None:
+            raise AuditError("give query_index or query_image, not both.")
+        if self.index is not None and self.index < 0:
+            raise AuditError(f"query_index={self.index} must be 0 or more.")
+        if self.contrast_images is not None and not self.contrast_images:
+            raise AuditError("contrast_images=[] holds no file: give at least one, or drop contrast_images.")
+
+
+@dataclass
+class AuditData:
+    """The data an audit reads: the training set in evaluation form (``(input, label)`` pairs, fixed order, no
+    augmentation: flagged indices point into it) and, when there are, the clean test set, the attack's test set
+    (inputs labelled with what the attacker wants), the true poison indices, the normalisation and class names."""
+
+    train_set: Dataset
+    test_set: Optional[Dataset] = None
+    attack_test_set: Optional[Dataset] = None
+    poison_indices: Optional[Tensor] = None
+    mean: Optional[Tensor] = None
+    std: Optional[Tensor] = None
+    classes: Optional[Sequence[str]] = None
+
+    @classmethod
+    def of(cls, source: Any) -> "AuditData":
+        """Reads a data module's ``eval_train_set``, ``test_set``, ``attack_test_set``, ``poison_indices``, ``mean``,
+        ``std`` and ``classes`` (only the first is required), refusing a training set that is shuffled or augmented."""
+        poisons = getattr(source, "poison_indices", None)
+        return cls(
+            train_set=eval_train_set_of(source),
+            test_set=getattr(source, "test_set", None),
+            attack_test_set=getattr(source, "attack_test_set", None),
+            poison_indices=torch.as_tensor(poisons) if poisons is not None and len(poisons) else None,
+            mean=getattr(source, "mean", None),
+            std=getattr(source, "std", None),
+            classes=getattr(source, "classes", None),
+        )
+
+    def view(self) -> AuditView:
+        return AuditView(self.train_set, self.poison_indices, self.mean, self.std, self.classes)
+
+
+@dataclass
+class AuditResult:
+    """A finished audit: the detection, its metrics and summary, and the folder it was published as."""
+
+    detection: Detection
+    metrics: dict[str, float]
+    summary: dict[str, Any]
+    output_dir: Path
+    data: AuditData = field(repr=False)
+    title: str = ""
+
+    @property
+    def flagged(self) -> Tensor:
+        return self.detection.flagged
+
+    @property
+    def evidence(self) -> Any:
+        return self.detection.evidence
+
+    @property
+    def pictures(self) -> list[Path]:
+        """The audit's pictures (PNG files in its folder)."""
+        return sorted(self.output_dir.glob("*.png"))
+
+    def top_flagged(self, k: int) -> tuple[list[dict[str, Any]], Tensor]:
+        """The ``k`` flagged samples with the highest scores: a row of details each, and their images shown in
+        [0, 1]."""
+        scores, flagged = self.detection.scores, self.detection.flagged
+        order = scores[flagged].argsort(descending=True)[:k] if scores is not None else torch.arange(len(flagged))[:k]
+        poisons = set(self.data.poison_indices.tolist()) if self.data.poison_indices is not None else None
+        rows, images = [], []
+        for rank, index in enumerate(flagged[order].tolist()):
+            image, label = self.data.train_set[index]
+            images.append(torch.as_tensor(image))
+            rows.append(
+                {
+                    "rank": rank,
+                    "index": index,
+                    "label": int(label),
+                    "score": float(scores[index]) if scores is not None else None,
+                    "contrast": None,
+                    "count": None,
+                    "poison": index in poisons if poisons is not None else None,
+                    **(self.evidence.details(index) if self.evidence is not None else {}),
+                }
+            )
+        if not images:
+            return rows, torch.zeros(0)
+        return rows, to_displayable(torch.stack(images), self.data.mean, self.data.std)
+
+    def describe(self) -> str:
+        """One paragraph for the console."""
+        metrics = self.metrics
+        text = f"{self.title} flagged {int(metrics['flagged'])} samples ({100 * metrics['removed_fraction']:.1f} % of "
+        text += "the training set)"
+        if "precision" in metrics:
+            text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
+        if "raw_topk_recall" in metrics:
+            text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
+        if "factors_s" in metrics:
+            text += f". Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s"
+        else:
+            text += f" in {metrics['total_s']:.1f} s"
+        return f"{text}. Written to {self.output_dir}"
+
+
+def run_audit(
+    model: nn.Module,
+    data: AuditData,
+    detector: Detector,
+    output_dir: str | Path,
+    factors_dir: str | Path,
+    choice: QueryChoice = QueryChoice(),
+    device: Optional[torch.device | str] = None,
+    log: Callable[[str], object] = print,
+) -> AuditResult:
+    """Audits ``model`` with ``detector`` and publishes the result as ``output_dir`` (or ``output_dir-2``, ... when
+    taken; a finished audit is never overwritten and an interrupted one leaves nothing behind).
+
+    Args:
+        model: The trained classifier (its forward returns logits); it is not modified.
+        data: The training set in evaluation form and whatever else the data has (``AuditData.of(datamodule)``).
+        detector: Δ-Influence (``delta_influence.audit.DeltaInfluence``) or any other ``Detector``.
+        output_dir: The audit folder's name.
+        factors_dir: Where kronfluence's factors are cached (shared by audits of the same weights and data).
+        choice: The query and contrast, for the detectors that need them.
+        device: Where to compute; default: where the model is.
+        log: Where the two console lines go (what is about to happen, what was found).
+
+    Returns:
+        The detection, its metrics (flagged count and share; precision, recall and F1 when the true poisons are
+        known; the detector's own; stage times) and summary, and the published folder.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    detector.check_model(model)
+    inputs = DetectionInput(
+        model=model, train_set=data.train_set, num_classes=0, factors_dir=Path(factors_dir), clean_set=data.test_set,
+        poison_indices=data.poison_indices, device=device, mean=data.mean, std=data.std,
+    )  # fmt: skip
+    context: dict[str, Any] = {}
+    if detector.needs_query:
+        image, label, where = _query(model, data, choice)
+        inputs.num_classes = _check_query(model, image, label, where, choice.require_misclassified, device)
+        inputs.query = (image, label)
+        context = {"query": where, "query_label": label, "contrast": []}
+        if detector.num_contrast:
+            inputs.contrast, context["contrast"] = _contrast(model, data, choice, label, detector.num_contrast)
+    else:
+        with torch.no_grad(), evaluating(model, device):
+            inputs.num_classes = model(torch.as_tensor(data.train_set[0][0])[None].to(device)).shape[-1]
+    title = detector.title or detector.name
+    log(_announce(title, detector, context))
+    start = time.perf_counter()
+    detection = detector.detect(inputs)
+    metrics = detection_metrics(detection.flagged, len(data.train_set), data.poison_indices)
+    metrics["total_s"] = time.perf_counter() - start
+    if detection.evidence is not None:
+        metrics |= detection.evidence.metrics(data.poison_indices)
+    metrics |= {key: float(value) for key, value in detection.info.items()}
+    summary = {
+        "detector": detection.detector,
+        **context,
+        **(asdict(detector) if is_dataclass(detector) else {}),
+        "num_train": len(data.train_set),
+        **(detection.evidence.summary() if detection.evidence is not None else {}),
+        "metrics": metrics,
+    }
+    out = write_new(Path(output_dir), lambda folder: _write(folder, detection, summary, data), folder=True)
+    result = AuditResult(detection, metrics, summary, out, data, title)
+    log(result.describe())
+    return result
+
+
+def _write(folder: Path, detection: Detection, summary: dict, data: AuditData) -> None:
+    """Every file of an audit: the flagged indices, the evidence's own files, the per-sample scores unless the
+    evidence wrote its own, and the summary."""
+    (folder / "flagged.json").write_text(
+        json.dumps({"flagged": detection.flagged.tolist(), "count": len(detection.flagged)})
+    )
+    torch.save(detection.flagged, folder / "flagged.pt")
+    if detection.evidence is not None:
+        detection.evidence.write(folder, data.view())
+    if detection.scores is not None and not (folder / "scores.pt").exists():
+        torch.save(detection.scores, folder / "scores.pt")
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _announce(title: str, detector: Detector, context: dict[str, Any]) -> str:
+    """One line saying what the audit is about to do."""
+    if not context:
+        return f"{title}: auditing the training set."
+    copies = getattr(detector, "num_transforms", None)
+    text = f"{title}: query {context['query']}"
+    if copies:
+        text += f", {copies} transformed copies"
+    if detector.num_contrast:
+        text += f", {len(context['contrast'])} clean contrast images"
+    return text + "."
+
+
+def _query(model: nn.Module, data: AuditData, choice: QueryChoice) -> tuple[Tensor, int, str]:
+    """The misbehaving example: a user's image file, or a sample of the attack's test set."""
+    if choice.image is not None:
+        image = _read_image(choice.image, data, "query_image", resize=True)
+        return image, int(class_index(choice.label, data.classes or (), "query_label")), choice.image
+    attacked = data.attack_test_set
+    if attacked is None:
+        raise AuditError(
+            "no query: the data has no `attack_test_set`; pass query_image and query_label, or give the datamodule "
+            "an attack_test_set."
+        )
+    index = choice.index
+    if index is not None and index >= len(attacked):
+        raise AuditError(
+            f"query_index={index} is out of range: the attack's test set has {len(attacked)} samples, so use "
+            f"0..{len(attacked) - 1}, or leave query_index empty to pick one."
+        )
+    if index is None:
+        index = first_attacked(model, attacked)
+    if index is None:
+        raise AuditError(
+            f"the model classifies none of the {len(attacked)} samples of the attack's test set as the attack's "
+            "label, so there is no misbehaviour to trace. Train longer or check the attack; or pass query_index "
+            "and require_misclassified=false to audit anyway."
+        )
+    image, label = attacked[index]
+    return torch.as_tensor(image), int(label), f"attack_test_set[{index}]"
+
+
+def _check_query(
+    model: nn.Module, image: Tensor, label: int, where: str, require_misclassified: bool, device: torch.device
+) -> int:
+    """Checks the label is a class and, unless told otherwise, that the model predicts it; returns #classes."""
+    with torch.no_grad(), evaluating(model, device):
+        logits = model(image[None].to(device))
+    num_classes = logits.shape[-1]
+    if not 0 <= label < num_classes:
+        raise AuditError(f"query_label={label} is out of range for a model with {num_classes} classes.")
+    predicted = int(logits.argmax(-1))
+    if predicted != label and require_misclassified:
+        raise AuditError(
+            f"the model predicts class {predicted} for the query {where}, not the attack's label {label}: it does "
+            "not show the bad behaviour, so Δ-Influence has nothing to trace. Choose another query, or set "
+            "require_misclassified=false to proceed anyway."
+        )
+    return num_classes
+
+
+def _contrast(
+    model: nn.Module, data: AuditData, choice: QueryChoice, label: int, count: int
+) -> tuple[Tensor, list[str]]:
+    """The clean contrast images of the query's label, and where they came from (files or test indices)."""
+    if choice.contrast_images:
+        images = [_read_image(path, data, "contrast_images", resize=False) for path in choice.contrast_images]
+        return torch.stack(images), list(choice.contrast_images)
+    if data.test_set is None:
+        raise AuditError(
+            "the clean-class contrast needs clean test samples of the query's label, and the datamodule has no "
+            "`test_set`. Give one, pass contrast_images (image files of that class), or set num_contrast=0 for "
+            "the reference rule."
+        )
+    indices = select_contrast(model, data.test_set, label, count)
+    images = torch.stack([torch.as_tensor(data.test_set[i][0]) for i in indices])
+    return images, [f"test_set[{i}]" for i in indices]
+
+
+def eval_train_set_of(source: Any) -> Dataset:
+    """A data module's training set in evaluation form (``eval_train_set``), refused when it is shuffled or
+    augmented."""
+    train_set = getattr(source, "eval_train_set", None)
+    if train_set is None:
+        raise AuditError(
+            "the datamodule has no `eval_train_set`: the audit needs the training set without augmentation, in a "
+            "fixed order, as `datamodule.eval_train_set` (see the README's recipe)."
+        )
+    if isinstance(train_set, DataLoader):
+        if isinstance(train_set.sampler, RandomSampler):
+            raise AuditError(
+                "datamodule.eval_train_set is a shuffling DataLoader: index i must always mean the same sample, so "
+                "give the Dataset (or a DataLoader with shuffle=False)."
+            )
+        train_set = train_set.dataset
+    if len(train_set) == 0:
+        raise AuditError("datamodule.eval_train_set is empty.")
+    for index in {0, len(train_set) // 2, len(train_set) - 1}:
+        first, second = train_set[index][0], train_set[index][0]
+        if not torch.equal(torch.as_tensor(first), torch.as_tensor(second)):
+            raise AuditError(
+                f"datamodule.eval_train_set returns a different input each time for sample {index}: it is augmented. "
+                "Give the training set without augmentation (evaluation transforms only)."
+            )
+    return train_set
+
+
+def _read_image(path: str, data: AuditData, argument: str, resize: bool) -> Tensor:
+    """Reads an image file as a model input, normalised; resized to the training images' size, or refused when
+    ``resize`` is off and its size or channels differ from theirs."""
+    if not Path(path).is_file():
+        raise AuditError(f"{argument}={path!r} is not a file.")
+    if data.mean is None or data.std is None:
+        raise AuditError(f"{argument} needs the normalisation: give the datamodule `mean` and `std` attributes.")
+    channels, height, width = data.train_set[0][0].shape
+    if resize:
+        image = torchvision.io.decode_image(path, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        image = torchvision.transforms.v2.functional.resize(image, [height, width], antialias=True)
+    else:
+        image = torchvision.io.decode_image(path)
+        if tuple(image.shape) != (channels, height, width):
+            raise AuditError(
+                f"{argument} holds {path!r} of shape {tuple(image.shape)} (channels, height, width); the training "
+                f"images are {(channels, height, width)}. Give clean images of the training images' size and channels."
+            )
+    image = image.float() / 255
+    return (image - torch.as_tensor(data.mean).view(-1, 1, 1)) / torch.as_tensor(data.std).view(-1, 1, 1)
