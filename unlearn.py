@@ -25,7 +25,7 @@ from datamodules import PoisonedDataModule
 from delta_influence.errors import ConfigError
 from delta_influence.quiet import hide_harmless_warnings
 from lightning_modules import PoisonClassifier
-from lightning_modules.unlearning import Unlearning, UnlearningError, run_corrective_fit
+from lightning_modules.unlearning import CorrectiveFit, Unlearning, UnlearningError
 from lightning_modules.weights import load_weights
 from train import DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
 
@@ -127,23 +127,9 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
     data = cli.datamodule
     data.prepare_data()
     data.setup("fit")
-    accelerator = "gpu" if cli.trainer.strategy.root_device.type == "cuda" else "cpu"
-    report = run_corrective_fit(
-        cli.model,
-        config.unlearning,
-        read_indices(config.indices),
-        train_set=data.train_set,
-        eval_train_set=data.eval_train_set,
-        test_set=data.test_set,
-        attack_test_set=data.attack_test_set,
-        batch_size=data.batch_size,
-        max_epochs=cli.trainer.max_epochs,
-        out_dir=Path(config.out_dir) if config.out_dir else Path(config.victim).resolve().parent.parent / "unlearn",
-        accelerator=accelerator,
-        seed=config.seed_everything or 0,
-        val_dataloaders=data.val_dataloader(),
-        progress_bar=cli.trainer.progress_bar_callback is not None,
-    )
+    out_dir = Path(config.out_dir) if config.out_dir else Path(config.victim).resolve().parent.parent / "unlearn"
+    fit = CorrectiveFit.of(data, cli.trainer, out_dir)
+    report = fit.run(cli.model, config.unlearning, read_indices(config.indices))
     if report is not None:
         print(json.dumps(report, indent=2))
     return report

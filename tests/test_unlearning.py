@@ -15,21 +15,22 @@ from wandb_records import logged_keys, read_run
 
 import unlearn
 from callbacks import InfluenceCollapseCallback
-from delta_influence.examples import evaluating
+from delta_influence.examples import accuracy, evaluating
 from delta_influence.unlearning import bad_teacher_loss, diagonal_fisher, distillation_kl, scrub_forget_loss
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import (
     SCRUB,
     SSD,
     BadTeacher,
+    CorrectiveFit,
     FineTune,
+    FitSettings,
     Retrain,
+    UnlearningData,
     UnlearningError,
-    _reinitialised,
-    evaluate,
     retain_loader,
-    run_corrective_fit,
 )
+from lightning_modules.unlearning.methods import _reinitialised
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +72,11 @@ def test_diagonal_fisher_is_the_mean_squared_gradient():
 
 def _run(method, trained_digits, tmp_path, flagged=None):
     data, victim = trained_digits
-    return run_corrective_fit(
-        victim, method, data.poison_indices if flagged is None else flagged, data.train_set, data.eval_train_set,
-        data.test_set, data.attack_test_set, batch_size=32, max_epochs=1, out_dir=tmp_path / "unlearn",
+    fit = CorrectiveFit(
+        data.train_set, data.eval_train_set, data.test_set, data.attack_test_set, tmp_path / "unlearn",
+        FitSettings(batch_size=32, max_epochs=1),
     )  # fmt: skip
+    return fit.run(victim, method, data.poison_indices if flagged is None else flagged)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,7 @@ def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_p
         assert report["asr"] <= 0.2
     corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
     assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
-    assert evaluate(corrected, data.test_set) == pytest.approx(report["acc"])
+    assert accuracy(corrected, data.test_set) == pytest.approx(report["acc"])
 
 
 def test_reinitialising_refuses_partial_models_and_leaves_the_global_random_state_alone():
@@ -118,6 +120,20 @@ def test_reinitialising_refuses_partial_models_and_leaves_the_global_random_stat
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), again.parameters()))  # seeded
     with pytest.raises(UnlearningError, match=r"cannot re-initialise Partly .*: scale belong to no layer"):
         _reinitialised(Partly(), seed=0)
+
+
+def test_retrain_trains_as_long_as_the_victim_in_steps_or_epochs(trained_digits, tmp_path):
+    data, victim = trained_digits
+    by_steps = CorrectiveFit.of(data, tiny_trainer(tmp_path, max_epochs=None, max_steps=3), tmp_path)
+    assert (by_steps.settings.max_epochs, by_steps.settings.max_steps) == (None, 3)
+    retain = torch.utils.data.Subset(data.train_set, range(200))
+    for length, steps in (({"max_epochs": None, "max_steps": 3}, 3), ({"max_epochs": 2, "max_steps": -1}, 12)):
+        corrected = Retrain(seed=1).run(victim, UnlearningData(retain, retain, retain, FitSettings(32, **length)))
+        assert corrected.trainer.global_step == steps  # 200 = 6 x 32 + 8: 6 batches an epoch (the 8 dropped)
+    once = Retrain(max_epochs=1).run(victim, UnlearningData(retain, retain, retain, FitSettings(32, max_epochs=5)))
+    assert once.trainer.global_step == 6  # the method's own length wins
+    with pytest.raises(UnlearningError, match="max_epochs=0 must be at least 1"):
+        Retrain(max_epochs=0)
 
 
 def test_checkpoints_are_never_overwritten(trained_digits, tmp_path):
@@ -188,7 +204,7 @@ def test_unlearn_script_from_a_checkpoint_and_an_index_file(trained_digits, tmp_
         _unlearn_args(tmp_path, victim_path, indices, "--unlearning", "lightning_modules.unlearning.SSD")
     )
     assert report["method"] == "ssd" and report["forgotten"] == 20
-    assert report["before_asr"] == pytest.approx(evaluate(victim, data.attack_test_set))
+    assert report["before_asr"] == pytest.approx(accuracy(victim, data.attack_test_set))
     assert Path(report["checkpoint"]) == tmp_path / "out" / "ssd.ckpt"
 
 

@@ -1,0 +1,30 @@
+"""Corrective fits after an audit: the methods (retrain from scratch, fine-tune, SSD, SCRUB, Bad Teacher), the
+distillation modules some of them train, and ``CorrectiveFit``, which runs any of them on a flagged set."""
+
+from lightning_modules.unlearning.methods import (
+    SCRUB,
+    SSD,
+    BadTeacher,
+    FineTune,
+    FitSettings,
+    Retrain,
+    Unlearning,
+    UnlearningData,
+    UnlearningError,
+    retain_loader,
+)
+from lightning_modules.unlearning.runner import CorrectiveFit
+
+__all__ = [
+    "SCRUB",
+    "SSD",
+    "BadTeacher",
+    "CorrectiveFit",
+    "FineTune",
+    "FitSettings",
+    "Retrain",
+    "Unlearning",
+    "UnlearningData",
+    "UnlearningError",
+    "retain_loader",
+]
