@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+import delta_influence.influence as influence
 from delta_influence.influence import ClassificationTask, compute_influence_scores, label_margins
 
 
@@ -66,7 +67,7 @@ def test_factors_are_keyed_by_the_weights(tmp_path):
     assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
 
 
-def test_factors_are_refitted_when_anything_that_made_them_changes(tmp_path):
+def test_factors_are_refitted_when_anything_that_made_them_changes(tmp_path, monkeypatch):
     model, train = _model(), _data()
     queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
     first = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
@@ -76,14 +77,24 @@ def test_factors_are_refitted_when_anything_that_made_them_changes(tmp_path):
     one_label = labels.clone()
     one_label[17] = (one_label[17] + 1) % 3
     changes = {
-        "one input": (TensorDataset(one_input, labels), "ekfac"),
-        "one label": (TensorDataset(images, one_label), "ekfac"),
-        "the order": (TensorDataset(images.flip(0), labels.flip(0)), "ekfac"),
-        "the strategy": (train, "kfac"),
+        "one input": (TensorDataset(one_input, labels), {}),
+        "one label": (TensorDataset(images, one_label), {}),
+        "the order": (TensorDataset(images.flip(0), labels.flip(0)), {}),
+        "the strategy": (train, {"strategy": "kfac"}),
+        "the Fisher-sampling seed": (train, {"seed": 1}),
+        "the batch size": (train, {"train_batch_size": 16}),
     }
-    for change, (data, strategy) in changes.items():
-        again = compute_influence_scores(model, data, queries, tmp_path, strategy, train_batch_size=8)
+    for change, (data, settings) in changes.items():
+        again = compute_influence_scores(model, data, queries, tmp_path, **{"train_batch_size": 8, **settings})
         assert again.factors_name != first.factors_name and not again.factors_reused, change
+
+    class OtherTask(influence.ClassificationTask):
+        """Another training loss or measurement: other factors."""
+
+    monkeypatch.setattr(influence, "ClassificationTask", OtherTask)
+    other = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    assert other.factors_name != first.factors_name and not other.factors_reused
+    monkeypatch.undo()
     same = compute_influence_scores(model, _data(), queries, tmp_path, train_batch_size=8)
     assert same.factors_reused and same.factors_name == first.factors_name
 
