@@ -1,21 +1,40 @@
-"""Shared set-up of the CPU CIFAR-10 benchmarks: extract the JPEG tree, poison it, train the small CNN."""
+"""Shared set-up of the CPU CIFAR-10 benchmarks: each runs a config of configs/benchmarks/ through train.py.
+
+The victim, its data, the attack and the audit are the config's (``--attack`` picks BadNets or the Smooth Trigger);
+a flag given here becomes the matching command-line override, so every table is
+``python train.py fit --config configs/benchmarks/<attack>.yaml`` plus the overrides the script prints.
+"""
 
 import argparse
 import json
+import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Optional
 
-import pytorch_lightning as pl
 import torch
 
-from datamodules import PoisonedDataModule
-from delta_influence.attacks import Attack, BadNets, SmoothTrigger
-from lightning_modules import PoisonClassifier
+import train
+from callbacks import InfluenceCollapseCallback
+from delta_influence.examples import accuracy
 
-ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CACHE = Path(__file__).resolve().parent / "results" / "cache"
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "badnets": ROOT / "configs" / "benchmarks" / "cifar10_badnets_cpu.yaml",
+    "smooth": ROOT / "configs" / "benchmarks" / "cifar10_smooth_cpu.yaml",
+}
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cache"
+# flag -> the config key it overrides (None: keep the config's value)
+OVERRIDES = {
+    "per_class": "data.per_class",
+    "poisons": "data.attack.init_args.num_poisons",
+    "magnitude": "data.attack.init_args.magnitude",
+    "epochs": "trainer.max_epochs",
+    "crop_padding": "data.crop_padding",
+}
 
 
 def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
@@ -23,17 +42,31 @@ def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="cifar10-jpeg.tar.gz (image-folder tree)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the tree is extracted once")
-    parser.add_argument("--per-class", type=int, default=1000, help="training images per class")
-    parser.add_argument("--attack", choices=["badnets", "smooth"], default="badnets", help="the attack, ship -> dog")
-    parser.add_argument("--poisons", type=int, default=250, help="poisons (ships relabelled as dogs)")
-    parser.add_argument("--magnitude", type=float, default=0.2, help="smooth trigger's range in [0, 1] pixel units")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--crop-padding", type=int, default=0, help="random-crop padding; 0: no cropping")
-    parser.add_argument("--flip", action="store_true", help="random horizontal flips")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attack", choices=sorted(CONFIGS), default="badnets", help="the config: ship -> dog")
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything and data.seed")
+    parser.add_argument("--per-class", type=int, help="training images per class (config: 1,000)")
+    parser.add_argument("--poisons", type=int, help="poisons, ships relabelled as dogs (config: 250)")
+    parser.add_argument("--magnitude", type=float, help="smooth trigger's range in [0, 1] pixel units (config: 0.2)")
+    parser.add_argument("--epochs", type=int, help="victim's epochs (config: 15)")
+    parser.add_argument("--crop-padding", type=int, help="random-crop padding (config: 0, no cropping)")
+    parser.add_argument("--flip", action="store_true", help="random horizontal flips (config: none)")
     for flag, kind, default, text in extra:
         parser.add_argument(flag, type=kind, default=default, help=text)
-    return parser.parse_args()
+    args = parser.parse_args()
+    sys.argv[1:] = []  # train.py's LightningCLI gets its arguments as ``args``, not from the command line too
+    return args
+
+
+def config_args(args: argparse.Namespace, config: Optional[str] = None) -> list[str]:
+    """The benchmark's config (``--attack``'s, or ``config``) and the overrides ``args`` asks for, as train.py's
+    command line."""
+    config = config or CONFIGS[args.attack].relative_to(ROOT)
+    command = ["--config", str(ROOT / config), "--data.root", str(extract(args.archive, args.cache))]
+    command += ["--seed_everything", str(args.seed), "--data.seed", str(args.seed)]
+    for flag, key in OVERRIDES.items():
+        if getattr(args, flag) is not None:
+            command += [f"--{key}", str(getattr(args, flag))]
+    return command + (["--data.flip", "true"] if args.flip else [])
 
 
 def extract(archive: Path, cache: Path) -> Path:
@@ -46,103 +79,59 @@ def extract(archive: Path, cache: Path) -> Path:
     return root
 
 
-def attack(args: argparse.Namespace) -> Attack:
-    """The benchmark's attack: ships (8) relabelled as dogs (5)."""
-    if args.attack == "smooth":
-        return SmoothTrigger(victim=8, target=5, num_poisons=args.poisons, magnitude=args.magnitude)
-    return BadNets(victim=8, target=5, num_poisons=args.poisons)
-
-
-def cifar_datamodule(args: argparse.Namespace) -> PoisonedDataModule:
-    """The poisoned CIFAR-10 subset; ``data.prepare_seconds`` is how long the attack's preparation took (a smooth
-    trigger's surrogate and perturbation, when not cached yet under results/attack_cache)."""
-    data = PoisonedDataModule(
-        dataset="folder",
-        root=str(extract(args.archive, args.cache)),
-        attack=attack(args),
-        per_class=args.per_class,
-        batch_size=128,
-        crop_padding=args.crop_padding,
-        flip=args.flip,
-        seed=args.seed,
-        cache_dir=str(RESULTS / "attack_cache"),
-    )
-    start = time.perf_counter()
-    data.prepare_data()
-    data.prepare_seconds = time.perf_counter() - start
-    data.setup()
-    return data
-
-
-def small_cnn(data: PoisonedDataModule, epochs: int) -> PoisonClassifier:
-    """The small CNN with a step schedule scaled to ``epochs``."""
-    return PoisonClassifier(
-        arch="small_cnn",
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        lr=0.05,
-        milestones=[int(epochs * 0.6), int(epochs * 0.85)],
-    )
-
-
-def trainer(epochs: int, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def evaluate(model: pl.LightningModule, data: PoisonedDataModule) -> dict[str, float]:
-    """Clean accuracy and ASR of ``model`` on the data module's test sets."""
-    results = trainer(1).validate(model, dataloaders=data.val_dataloader(), verbose=False)
-    merged = {key: value for result in results for key, value in result.items()}
-    return {"clean_acc": merged["val/acc"], "asr": merged["val/asr"]}
-
-
-def train_victim(args: argparse.Namespace, data: PoisonedDataModule, callbacks=()) -> tuple[PoisonClassifier, dict]:
-    """Trains the small CNN on the poisoned set; returns it with clean accuracy, ASR and wall time. The victim is
-    saved under results/ so that the other benchmarks audit the same model."""
-    pl.seed_everything(args.seed, verbose=False)
-    model = small_cnn(data, args.epochs)
-    start = time.perf_counter()
-    run = trainer(args.epochs, callbacks=list(callbacks), num_sanity_val_steps=0, check_val_every_n_epoch=args.epochs)
-    run.fit(model, datamodule=data)
-    seconds = time.perf_counter() - start
-    metrics = {**evaluate(model, data), "epochs": args.epochs, "train_s": seconds}
-    torch.save({"state_dict": model.state_dict(), "metrics": metrics}, victim_path(args))
-    return model, metrics
-
-
-def load_victim(args: argparse.Namespace, data: PoisonedDataModule) -> tuple[PoisonClassifier, dict]:
-    """The victim saved by an earlier benchmark with the same settings, else a newly trained one."""
-    path = victim_path(args)
-    if not path.exists():
-        return train_victim(args, data)
-    saved = torch.load(path)
-    model = small_cnn(data, args.epochs)
-    model.load_state_dict(saved["state_dict"])
-    return model, saved["metrics"]
-
-
 def run_tag(args: argparse.Namespace) -> str:
-    """What keeps a seed's results apart: nothing for seed 0 (the README's tables), else ``_s<seed>``."""
+    """What keeps a seed's results apart: nothing for seed 0 (the tables), else ``_s<seed>``."""
     return f"_s{args.seed}" if args.seed else ""
 
 
+def train_victim(args: argparse.Namespace, overrides: list[str] = ()) -> train.DeltaInfluenceCLI:
+    """``train.py fit`` on the benchmark's config (the audit included, with ``overrides``); saves the victim under
+    results/ so that the other benchmarks read the same model, and returns the finished CLI with
+    ``cli.victim_metrics`` (clean accuracy, ASR, epochs, training seconds, attack preparation seconds)."""
+    command = ["fit", *config_args(args), *overrides]
+    print("train.py", " ".join(command), flush=True)
+    start = time.perf_counter()
+    cli = train.main(command)
+    data, model = cli.datamodule, cli.model
+    audit = audit_callback(cli)
+    total = time.perf_counter() - start
+    audit_s = audit.result.metrics["total_s"] if audit is not None and audit.result is not None else 0.0
+    cli.victim_metrics = {**evaluate(model, data), "epochs": cli.trainer.max_epochs, "train_s": total - audit_s}
+    torch.save({"state_dict": model.state_dict(), "metrics": cli.victim_metrics}, victim_path(args))
+    return cli
+
+
+def load_victim(args: argparse.Namespace) -> train.DeltaInfluenceCLI:
+    """The victim an earlier benchmark saved for the same settings (its model, data and trainer as configured), else
+    a newly trained one."""
+    path = victim_path(args)
+    if not path.exists():
+        return train_victim(args)
+    cli = train.main(config_args(args), run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    saved = torch.load(path)
+    cli.model.load_state_dict(saved["state_dict"])
+    cli.victim_metrics = saved["metrics"]
+    return cli
+
+
+def audit_callback(cli: train.DeltaInfluenceCLI) -> Optional[InfluenceCollapseCallback]:
+    """The config's audit callback."""
+    return next((c for c in cli.trainer.callbacks if isinstance(c, InfluenceCollapseCallback)), None)
+
+
+def evaluate(model: torch.nn.Module, data) -> dict[str, float]:
+    """Clean accuracy and ASR of ``model`` on the data module's test sets."""
+    return {"clean_acc": accuracy(model, data.test_set), "asr": accuracy(model, data.attack_test_set)}
+
+
 def victim_path(args: argparse.Namespace) -> Path:
+    """Where the victim of these settings is saved: named by the config and every override."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    attack = "" if args.attack == "badnets" else f"{args.attack}{args.magnitude:g}_"
-    flags = (
-        f"{attack}{args.per_class}pc_{args.poisons}p_{args.epochs}e_crop{args.crop_padding}_flip{int(args.flip)}"
-        f"_s{args.seed}"
-    )
-    return RESULTS / f"victim_{flags}.pt"
+    overrides = [f"{flag}{getattr(args, flag)}" for flag in OVERRIDES if getattr(args, flag) is not None]
+    name = "_".join([CONFIGS[args.attack].stem, *overrides, *(["flip"] if args.flip else []), f"s{args.seed}"])
+    return RESULTS / f"victim_{name}.pt"
 
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:

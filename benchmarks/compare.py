@@ -4,34 +4,33 @@
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
     python benchmarks/compare.py --only "default rule" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
 
-Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it). The influence
-detectors share one factor fit (Δ-Influence fits them, the threshold baselines reuse them, so their time is the
+Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it, through train.py on the
+config of configs/benchmarks/). Every detector runs through the audit pipeline (its folder under
+results/compare_<attack>/), and every retrain is the config's own corrective fit. The influence detectors share one
+factor fit (Δ-Influence fits them, the threshold baselines reuse them, so their time is the
 scoring pass alone). The table is printed, written as JSON and markdown under benchmarks/results/, and logged as the
 W&B table ``compare/<attack>`` (offline unless a W&B key is configured).
 """
 
+import dataclasses
 import os
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 import wandb
-from common import RESULTS, cifar_datamodule, load_victim, parse_args, report
+from common import RESULTS, config_args, load_victim, parse_args, report
 
-from delta_influence import detection_metrics
 from delta_influence.audit import DeltaInfluence
 from delta_influence.detectors import (
     ActivationClustering,
-    DetectionInput,
     FrequencyAnalysis,
     InfluenceThreshold,
     Oracle,
     RandomSubset,
     SpectralSignatures,
 )
-from delta_influence.examples import first_attacked, select_contrast
-from lightning_modules.unlearning import Retrain, run_corrective_fit
+from delta_influence.pipeline import AuditData, run_audit
+from lightning_modules.unlearning import CorrectiveFit, Retrain
 
 COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
 
@@ -45,13 +44,12 @@ def main() -> None:
             ("--retrains", int, 1, "retrains per row (seeds seed, seed + 1, ...); the table shows their mean"),
         ],
     )
-    data = cifar_datamodule(args)
-    victim, victim_metrics = load_victim(args, data)
+    cli = load_victim(args)
+    data, victim, victim_metrics = cli.datamodule, cli.model, cli.victim_metrics
     poisons = data.poison_indices
     target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
-    image, label = data.attack_test_set[first_attacked(victim, data.attack_test_set)]
-    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(victim, data.test_set, int(label), 5)])
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    retrain = CorrectiveFit.of(data, cli.trainer, RESULTS / "compare_unlearn")  # the config's corrective fit ...
+    retrain.settings = dataclasses.replace(retrain.settings, val_dataloaders=None, progress_bar=False)  # ... quiet
     detectors = [
         ("Δ-Influence (default rule)", DeltaInfluence(train_batch_size=256)),
         ("Δ-Influence (reference rule)", DeltaInfluence(num_contrast=0, train_batch_size=256)),
@@ -72,26 +70,16 @@ def main() -> None:
     rows = [{"detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
              "asr": victim_metrics["asr"]}]  # fmt: skip
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once
-        inputs = DetectionInput(
-            victim, data.eval_train_set, data.num_classes, Path(factors), query=(image, int(label)), contrast=contrast,
-            clean_set=data.test_set, poison_indices=poisons, device="cuda" if accelerator == "gpu" else "cpu",
-            mean=data.mean, std=data.std,
-        )  # fmt: skip
         for title, detector in detectors:
-            start = time.perf_counter()
-            detection = detector.detect(inputs)
-            seconds = time.perf_counter() - start
-            metrics = detection_metrics(detection.flagged, len(data.eval_train_set), poisons)
-            row = {"detector": title, "flagged": len(detection.flagged), "precision": metrics["precision"],
-                   "recall": metrics["recall"], "f1": metrics["f1"], "detect_s": seconds}  # fmt: skip
+            folder = RESULTS / name / detector.name
+            result = run_audit(victim, AuditData.of(data), detector, folder, factors)
+            metrics = result.metrics
+            row = {"detector": title, "flagged": len(result.flagged), "precision": metrics["precision"],
+                   "recall": metrics["recall"], "f1": metrics["f1"], "detect_s": metrics["total_s"]}  # fmt: skip
             retrains = []
             for seed in range(args.seed, args.seed + args.retrains):
                 torch.manual_seed(seed)
-                retrained = run_corrective_fit(
-                    victim, Retrain(), detection.flagged, data.train_set, data.eval_train_set, data.test_set,
-                    data.attack_test_set, batch_size=data.batch_size, max_epochs=args.epochs,
-                    out_dir=RESULTS / "compare_unlearn", accelerator=accelerator, seed=seed, progress_bar=False,
-                )  # fmt: skip
+                retrained = retrain.run(victim, Retrain(seed=seed), result.flagged)
                 if retrained is not None:
                     retrains.append((retrained["acc"], retrained["asr"]))
             if retrains:
@@ -123,8 +111,8 @@ def _markdown(rows: list[dict], args) -> str:
 
     header = ["detector", "flagged", "precision", "recall", "F1", "detection (s)", "clean acc after", "ASR after"]
     lines = [
-        f"Attack {args.attack}, {args.poisons} poisons, small CNN, {args.per_class} images per class, "
-        f"{args.epochs} epochs; every retrain from scratch with the victim's recipe"
+        f"Attack {args.attack} (train.py {' '.join(config_args(args))}); every retrain from scratch with the "
+        "victim's recipe"
         + (f", {args.retrains} seeds each (mean, min–max)" if args.retrains > 1 else "")
         + ". The first row is the victim.",
         "",

@@ -1,32 +1,29 @@
 """Δ-Influence on the CPU CIFAR-10 setting: detection quality against the true poisons, and stage times.
 
-python benchmarks/detection.py                  # small CNN, 1,000 images per class, 250 BadNets poisons, 15 epochs
-python benchmarks/detection.py --attack smooth  # the same with the Smooth Trigger (250 poisons, magnitude 0.2)
+python benchmarks/detection.py                  # configs/benchmarks/cifar10_badnets_cpu.yaml: train, then audit
+python benchmarks/detection.py --attack smooth  # configs/benchmarks/cifar10_smooth_cpu.yaml
 
-One audit, one scoring pass; both decision rules are read off the same scores: the reference rule (collapse alone,
-as in the paper) and the project's default (collapse plus the clean-class contrast).
+The victim is trained and audited by ``train.py fit`` on the config, with fresh factors (so that their cost is
+measured) and the audit written to results/detection_audit_<attack>[_s<seed>]. One audit, one scoring pass; both
+decision rules are read off the same scores: the reference rule (collapse alone, as in the paper) and the project's
+default (collapse plus the clean-class contrast).
 """
 
 import tempfile
 
-from common import RESULTS, cifar_datamodule, parse_args, report, run_tag, train_victim
+from common import RESULTS, audit_callback, parse_args, report, run_tag, train_victim
 
-from callbacks import InfluenceCollapseCallback
 from delta_influence import detection_metrics
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    data = cifar_datamodule(args)
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured
-        audit = InfluenceCollapseCallback(
-            num_transforms=50, threshold=0.0, tolerance=2, factors_dir=factors, train_batch_size=256,
-            output_dir=str(RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"),
-        )  # fmt: skip
-        _, victim = train_victim(args, data, callbacks=[audit])
-    result = audit.result
-    generation = data.attack_info  # the smooth trigger's surrogate and generation times, as recorded when made
-    decision, timings = result.audit.decision, result.metrics
+        output = RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"
+        cli = train_victim(args, [f"--trainer.callbacks.init_args.{key}={value}" for key, value in
+                                  (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
+    data, victim, result = cli.datamodule, cli.victim_metrics, audit_callback(cli).result
+    decision, timings = result.evidence.decision, result.metrics
     rows = []
     for rule, flagged in (("reference rule", decision.collapsed), ("with contrast", decision.flagged)):
         m = detection_metrics(flagged, len(data.eval_train_set), data.poison_indices)
@@ -42,8 +39,7 @@ def main() -> None:
                 "recall": m["recall"],
                 "f1": m["f1"],
                 "raw_topk_recall": timings["raw_topk_recall"],
-                "attack_prep_s": data.prepare_seconds,
-                **generation,
+                **data.attack_info,  # the smooth trigger's surrogate and generation times, as recorded when made
                 "train_s": victim["train_s"],
                 "factors_s": timings["factors_s"],
                 "scores_s": timings["scores_s"],

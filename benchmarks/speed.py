@@ -1,54 +1,46 @@
 """Scoring all Δ-Influence queries in one pass over the training set versus one pass per query (the reference).
 
-    python benchmarks/speed.py                 # the detection benchmark's victim, data and factors
-    python benchmarks/speed.py --per-query 51  # time every per-query pass instead of a sample of them
+    python benchmarks/speed.py                 # the detection benchmark's victim, data and audit settings
+    python benchmarks/speed.py --per-query 56  # time every per-query pass instead of a sample of them
 
-Per-query passes cost the same each, so by default a sample of ``--per-query`` of them is timed and the total for
-all queries is projected from their mean; the table says which.
+The audit pipeline runs the config's Δ-Influence (fresh factors, then all queries and contrast images in one pass);
+then, on the same factors and queries, passes of one query each are timed. They cost the same each, so by default a
+sample of ``--per-query`` of them is timed and the total for all queries is projected from their mean; the table
+says which.
 """
 
 import tempfile
 import time
 
-from common import cifar_datamodule, load_victim, parse_args, report
-from torch.utils.data import Subset, TensorDataset
+from common import RESULTS, audit_callback, load_victim, parse_args, report
+from torch.utils.data import Subset
 
-from delta_influence import make_queries
-from delta_influence.examples import first_attacked
 from delta_influence.influence import InfluenceAnalysis
+from delta_influence.pipeline import AuditData, run_audit
 
 
 def main() -> None:
     args = parse_args(__doc__, extra=[("--per-query", int, 5, "per-query passes to time")])
-    data = cifar_datamodule(args)
-    model, victim = load_victim(args, data)
-    model.eval()
-    index = first_attacked(model, data.attack_test_set)
-    image, label = data.attack_test_set[index]
-    queries = make_queries(image, int(label), data.num_classes, num_transforms=50, seed=0)
-    query_set = TensorDataset(queries.images, queries.labels)
-
-    # fresh factors in a temporary folder, so that their cost is measured too
-    with tempfile.TemporaryDirectory() as cache:
-        analysis = InfluenceAnalysis(model, data.eval_train_set, cache, train_batch_size=256)
-        start = time.perf_counter()
-        analysis.fit_factors()
-        factors_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        together = analysis.pairwise_scores(query_set)
-        one_pass_s = time.perf_counter() - start
-
+    cli = load_victim(args)
+    data, model, victim = cli.datamodule, cli.model, cli.victim_metrics
+    settings = audit_callback(cli).delta_influence
+    with tempfile.TemporaryDirectory() as cache:  # fresh factors, so that their cost is measured too
+        result = run_audit(model, AuditData.of(data), settings, RESULTS / "speed_audit", cache)
+        audit = result.evidence
+        query_set = audit.scored_queries()  # the rows of the one pass: the query, its copies, the contrast images
+        analysis = InfluenceAnalysis(
+            model, data.eval_train_set, cache, settings.strategy, train_batch_size=settings.train_batch_size,
+            seed=settings.seed,
+        )  # fmt: skip
         timed = min(args.per_query, len(query_set))
         per_query_s, alone = [], []
         for k in range(timed):
             start = time.perf_counter()
             alone.append(analysis.pairwise_scores(Subset(query_set, [k]), query_batch_size=1)[0])
             per_query_s.append(time.perf_counter() - start)
+    together, one_pass_s, factors_s = audit.scores, result.metrics["scores_s"], result.metrics["factors_s"]
     per_query_total = sum(per_query_s) / timed * len(query_set)
     max_diff = max((a - together[k]).abs().max().item() for k, a in enumerate(alone))
-    scale = together.abs().max().item()
-
     row = {
         "queries": len(query_set),
         "train": len(data.eval_train_set),
@@ -57,7 +49,7 @@ def main() -> None:
         "per_query_total_s": per_query_total,
         "per_query_total": "measured" if timed == len(query_set) else f"projected from {timed}",
         "speedup": per_query_total / one_pass_s,
-        "max_rel_diff": max_diff / scale,
+        "max_rel_diff": max_diff / together.abs().max().item(),
         "factors_s": factors_s,
         "train_s": victim["train_s"],
         "audit_over_train": (factors_s + one_pass_s) / victim["train_s"],

@@ -6,12 +6,13 @@ the flagged set's size.
     python benchmarks/unlearning.py
 """
 
+import dataclasses
 import sys
 
 import torch
-from common import RESULTS, cifar_datamodule, load_victim, parse_args, report, run_tag
+from common import RESULTS, load_victim, parse_args, report, run_tag
 
-from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Retrain, run_corrective_fit
+from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, CorrectiveFit, FineTune, Retrain
 
 
 def main() -> None:
@@ -21,30 +22,27 @@ def main() -> None:
         sys.exit(f"No audit in {audit}: run benchmarks/detection.py --attack {args.attack} --seed {args.seed} first.")
     flagged = torch.load(audit / "flagged.pt")  # the default rule: collapse plus clean-class contrast
     reference = torch.load(audit / "contrast.pt")["collapsed"]  # the reference rule on the same scores
-    data = cifar_datamodule(args)
-    victim, metrics = load_victim(args, data)
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    cli = load_victim(args)
+    data, victim, metrics = cli.datamodule, cli.model, cli.victim_metrics
+    fit = CorrectiveFit.of(data, cli.trainer, RESULTS / "unlearn")  # the config's corrective fit ...
+    fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None)  # ... without validation passes
     generator = torch.Generator().manual_seed(args.seed)
     random_set = torch.randperm(len(data.eval_train_set), generator=generator)[: len(flagged)].sort().values
     runs = [
-        ("Δ-Influence, with contrast", flagged, Retrain()),
+        ("Δ-Influence, with contrast", flagged, Retrain(seed=args.seed)),
         ("Δ-Influence, with contrast", flagged, FineTune()),
         ("Δ-Influence, with contrast", flagged, SSD()),
         ("Δ-Influence, with contrast", flagged, SCRUB()),
-        ("Δ-Influence, with contrast", flagged, BadTeacher()),
-        ("Δ-Influence, reference rule", reference, Retrain()),
-        ("true poisons", data.poison_indices, Retrain()),
-        ("random, flagged size", random_set, Retrain()),
+        ("Δ-Influence, with contrast", flagged, BadTeacher(seed=args.seed)),
+        ("Δ-Influence, reference rule", reference, Retrain(seed=args.seed)),
+        ("true poisons", data.poison_indices, Retrain(seed=args.seed)),
+        ("random, flagged size", random_set, Retrain(seed=args.seed)),
     ]
     rows = [{"forget": "nothing (victim)", "method": "-", "removed": 0, "clean_acc": metrics["clean_acc"],
              "asr": metrics["asr"], "time_s": metrics["train_s"]}]  # fmt: skip
     for forget, indices, method in runs:
         torch.manual_seed(args.seed)
-        result = run_corrective_fit(
-            victim, method, indices, data.train_set, data.eval_train_set, data.test_set, data.attack_test_set,
-            batch_size=data.batch_size, max_epochs=args.epochs, out_dir=RESULTS / "unlearn", accelerator=accelerator,
-            seed=args.seed,
-        )  # fmt: skip
+        result = fit.run(victim, method, indices)
         rows.append({"forget": forget, "method": method.name, "removed": len(indices), "clean_acc": result["acc"],
                      "asr": result["asr"], "time_s": result["time_s"]})  # fmt: skip
         print(rows[-1], flush=True)

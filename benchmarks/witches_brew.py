@@ -4,32 +4,35 @@ from scratch on them, and audit every success with Δ-Influence, then retrain wi
     python benchmarks/witches_brew.py                                   # 4 pairs, budget 5 %, 3 restarts of 80 steps
     python benchmarks/witches_brew.py --pairs 8 --budget 0.1 --restarts 4
 
+The victim, the attack and the audit are configs/benchmarks/cifar10_witches_brew_cpu.yaml; each pair overrides the
+attack's target and intended class (and the flags below), and is run through train.py as that config.
+
 Targets are drawn with --seed among the test images that the surrogate (the clean model the attacker trains, as in the
 attack) classifies correctly, the paper's practice; each target's intended class is drawn uniformly among the other
 classes. Every pair has its own brew (cached under results/attack_cache) and its own victim (the small CNN, trained
-from scratch as in the other benchmarks). Success: the victim classifies the target as the intended class. On each
-success, one scoring pass gives both decision rules (the default with the clean-class contrast and the reference rule
-without it); the victim is then retrained from scratch without the default rule's flagged samples. The table is
-printed and written to results/witches_brew.json.
+from scratch from another seed than the surrogate). Success: the victim classifies the target as the intended class.
+On each success, the config's audit (through the audit pipeline, one scoring pass) gives both decision rules (the
+default with the clean-class contrast and the reference rule without it); the victim is then retrained from scratch
+without the default rule's flagged samples, by the config's corrective fit. The table is printed and written to
+results/witches_brew.json.
 """
 
+import dataclasses
 import tempfile
 import time
-from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from common import RESULTS, evaluate, extract, parse_args, report, small_cnn, trainer
+from common import RESULTS, audit_callback, config_args, evaluate, parse_args, report
 
-from datamodules import PoisonedDataModule
+import train
 from delta_influence import detection_metrics
-from delta_influence.attacks import WitchesBrew
-from delta_influence.audit import DeltaInfluence
-from delta_influence.detectors import DetectionInput
-from delta_influence.examples import evaluating, select_contrast
+from delta_influence.devices import device_of
+from delta_influence.examples import evaluating
+from delta_influence.pipeline import AuditData, run_audit
 from delta_influence.surrogate import SurrogateRecipe, cached_surrogate
-from lightning_modules.unlearning import Retrain, run_corrective_fit
+from lightning_modules.unlearning import CorrectiveFit, Retrain
 
+CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
     "pair", "target", "true", "intended", "surrogate_p", "brew_loss", "brew_s", "train_s", "clean_acc", "victim_p",
     "success", "flagged", "precision", "recall", "ref_flagged", "ref_precision", "ref_recall", "retrain_acc",
@@ -48,32 +51,28 @@ def main() -> None:
             ("--restarts", int, 3, "restarts per brew (lowest loss kept)"),
         ],
     )
-    root = str(extract(args.archive, args.cache))
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    device = "cuda" if accelerator == "gpu" else "cpu"
-    recipe = SurrogateRecipe()
-    pairs = draw_pairs(root, args, recipe, device)
+    command = _command(args)
+    configured = train.main(command, run=False)  # the config as set: its surrogate recipe and its audit
+    clean = train.main([*command, "--data.attack=null"], run=False).datamodule  # what the surrogate trains on
+    pairs = draw_pairs(clean, configured.datamodule.attack.surrogate, args.pairs, args.seed)
     print("pairs (test index, true class -> intended class):", [(t, c, i) for t, c, i, _ in pairs])
     rows = []
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
-        attack = WitchesBrew(
-            target=target, intended=intended, budget=args.budget, eps=args.eps, steps=args.steps,
-            restarts=args.restarts, surrogate=recipe, seed=args.seed,
-        )  # fmt: skip
-        data = datamodule(root, args, attack)
-        row = {"pair": number, "target": target, "true": true, "intended": intended, "surrogate_p": surrogate_p,
-               "brew_loss": data.attack_info["loss"], "brew_s": data.attack_info["brew_s"]}  # fmt: skip
-        pl.seed_everything(args.seed + 1, verbose=False)  # the victim starts from another seed than the surrogate
-        victim = small_cnn(data, args.epochs)
+        pair = ["--data.attack.init_args.target", str(target), "--data.attack.init_args.intended", str(intended)]
         start = time.perf_counter()
-        trainer(args.epochs, num_sanity_val_steps=0, limit_val_batches=0).fit(victim, datamodule=data)
-        row |= {"train_s": time.perf_counter() - start, "clean_acc": evaluate(victim, data)["clean_acc"]}
+        cli = train.main(["fit", *command, *pair, "--trainer.callbacks=[]"])  # the victim; the audit follows
+        data, victim = cli.datamodule, cli.model
+        row = {"pair": number, "target": target, "true": true, "intended": intended, "surrogate_p": surrogate_p,
+               "brew_loss": data.attack_info["loss"], "brew_s": data.attack_info["brew_s"],
+               "train_s": time.perf_counter() - start - data.attack_info["brew_s"],
+               "clean_acc": evaluate(victim, data)["clean_acc"]}  # fmt: skip
         image, label = data.attack_test_set[0]
-        probabilities = class_probabilities(victim, image)
+        with torch.no_grad(), evaluating(victim):
+            probabilities = victim(image[None]).softmax(1)[0]
         row["victim_p"] = float(probabilities[int(label)])
         row["success"] = int(probabilities.argmax()) == int(label)
         if row["success"]:
-            row |= audit(victim, data, image, int(label), args, accelerator, device)
+            row |= audit(cli, audit_callback(configured), number, args.seed)
         rows.append(row)
         report("witches_brew", rows, COLUMNS)  # kept up to date after every pair
     successes = [row for row in rows if row["success"]]
@@ -84,69 +83,58 @@ def main() -> None:
         print(f"Δ-Influence (default rule) mean recall on the successes: {mean_recall:.1%}")
 
 
-def draw_pairs(root: str, args, recipe: SurrogateRecipe, device: str) -> list[tuple[int, int, int, float]]:
-    """``args.pairs`` (test index, true class, intended class, surrogate's probability of the intended class): targets
+def _command(args) -> list[str]:
+    """The config with the shared overrides and this script's attack flags; the victim's seed follows the data's."""
+    command = config_args(args, CONFIG) + ["--seed_everything", str(args.seed + 1)]
+    command += ["--data.attack.init_args.seed", str(args.seed)]
+    for flag in ("budget", "eps", "steps", "restarts"):
+        command += [f"--data.attack.init_args.{flag}", str(getattr(args, flag))]
+    return command
+
+
+def draw_pairs(clean, recipe: SurrogateRecipe, count: int, seed: int) -> list[tuple[int, int, int, float]]:
+    """``count`` (test index, true class, intended class, surrogate's probability of the intended class): targets
     drawn among the test images the surrogate classifies correctly, intended classes among the other classes."""
-    clean = PoisonedDataModule(
-        dataset="folder", root=root, attack=None, per_class=args.per_class, seed=args.seed,
-        cache_dir=str(RESULTS / "attack_cache"),
-    )  # fmt: skip
-    clean.setup()
-    train, test = clean.eval_train_set, clean.test_set
+    clean.prepare_data()
+    clean.setup("fit")
+    clean_train, clean_test = clean.eval_train_set, clean.test_set
+    device = device_of("auto")
     model, _ = cached_surrogate(
-        train.images, train.labels, clean.num_classes, recipe, args.seed, device, clean.cache_dir
+        clean_train.images, clean_train.labels, clean.num_classes, recipe, seed, device, clean.cache_dir
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     pairs = []
-    for index in torch.randperm(len(test.labels), generator=generator).tolist():
-        pixels = test.images[index].float().div(255)[None].to(device)
+    for index in torch.randperm(len(clean_test.labels), generator=generator).tolist():
+        pixels = clean_test.images[index].float().div(255)[None].to(device)
         with torch.no_grad():
             probabilities = model(pixels).softmax(1)[0].cpu()
-        true = int(test.labels[index])
+        true = int(clean_test.labels[index])
         if int(probabilities.argmax()) != true:
             continue
         others = [c for c in range(clean.num_classes) if c != true]
         intended = others[int(torch.randint(len(others), (1,), generator=generator))]
         pairs.append((index, true, intended, float(probabilities[intended])))
-        if len(pairs) == args.pairs:
+        if len(pairs) == count:
             return pairs
     return pairs
 
 
-def datamodule(root: str, args, attack: WitchesBrew) -> PoisonedDataModule:
-    data = PoisonedDataModule(
-        dataset="folder", root=root, attack=attack, per_class=args.per_class, batch_size=128,
-        crop_padding=args.crop_padding, flip=args.flip, seed=args.seed, cache_dir=str(RESULTS / "attack_cache"),
-    )  # fmt: skip
-    data.prepare_data()
-    data.setup()
-    return data
-
-
-def class_probabilities(model, image: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), evaluating(model):
-        return model(image[None]).softmax(1)[0]
-
-
-def audit(victim, data: PoisonedDataModule, image, label: int, args, accelerator: str, device: str) -> dict:
-    """Δ-Influence on the target (one scoring pass, both rules), then retraining without the default rule's set."""
-    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(victim, data.test_set, label, 5)])
+def audit(cli, configured, number: int, seed: int) -> dict:
+    """The config's Δ-Influence on the target (one scoring pass, both rules), then retraining without the default
+    rule's set."""
+    data, victim = cli.datamodule, cli.model
     with tempfile.TemporaryDirectory() as factors:
-        inputs = DetectionInput(
-            victim, data.eval_train_set, data.num_classes, Path(factors), query=(image, label), contrast=contrast,
-            device=device,
+        result = run_audit(
+            victim, AuditData.of(data), configured.delta_influence, RESULTS / f"witches_brew_audit_{number}", factors,
+            configured.choice,
         )  # fmt: skip
-        detection = DeltaInfluence(train_batch_size=256).detect(inputs)
     total, poisons = len(data.eval_train_set), data.poison_indices
-    default = detection_metrics(detection.flagged, total, poisons)
-    reference = detection_metrics(detection.evidence.decision.collapsed, total, poisons)
-    torch.manual_seed(args.seed)
-    retrained = run_corrective_fit(
-        victim, Retrain(), detection.flagged, data.train_set, data.eval_train_set, data.test_set, data.attack_test_set,
-        batch_size=data.batch_size, max_epochs=args.epochs, out_dir=RESULTS / "witches_brew_unlearn",
-        accelerator=accelerator, seed=args.seed, progress_bar=False,
-    )  # fmt: skip
-    retrained = retrained or {"acc": None, "asr": None}  # None: nothing flagged, nothing retrained
+    default = result.metrics
+    reference = detection_metrics(result.evidence.decision.collapsed, total, poisons)
+    fit = CorrectiveFit.of(data, cli.trainer, RESULTS / "witches_brew_unlearn")
+    fit.settings = dataclasses.replace(fit.settings, progress_bar=False)
+    torch.manual_seed(seed)
+    retrained = fit.run(victim, Retrain(seed=seed), result.flagged) or {"acc": None, "asr": None}  # None: nothing
     return {
         "flagged": int(default["flagged"]), "precision": default["precision"], "recall": default["recall"],
         "ref_flagged": int(reference["flagged"]), "ref_precision": reference["precision"],

@@ -32,7 +32,7 @@ def _small(tmp_path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("config", sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_config_parses_and_prints(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["fit", "--config", config, "--print_config"])

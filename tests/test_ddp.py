@@ -1,14 +1,13 @@
 """The whole chain under Lightning's DDP: two CPU processes (gloo), as a user turns it on from the command line."""
 
 import json
-from pathlib import Path
 
 import torch
 import yaml
 from test_cli import DIGITS, _command
 
 import train
-from delta_influence.examples import first_attacked, select_contrast
+from delta_influence.pipeline import AuditData, run_audit
 
 
 def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
@@ -41,9 +40,6 @@ def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     data.setup("fit")
     model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
     (callback,) = [c for c in cli.trainer.callbacks if hasattr(c, "delta_influence")]
-    image, label = data.attack_test_set[first_attacked(model, data.attack_test_set)]
-    contrast = torch.stack([data.test_set[i][0] for i in select_contrast(model, data.test_set, int(label), 5)])
-    alone = callback.delta_influence.run(
-        model, data.eval_train_set, image, int(label), data.num_classes, Path(tmp_path) / "fresh", contrast
-    )
-    assert alone.decision.flagged.tolist() == flagged
+    data_view = AuditData.of(data)
+    alone = run_audit(model, data_view, callback.detector, tmp_path / "alone", tmp_path / "fresh", callback.choice)
+    assert alone.flagged.tolist() == flagged and not alone.summary["factors_reused"]
