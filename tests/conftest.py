@@ -1,6 +1,7 @@
 """Tiny data sets in the real on-disk formats, and a tiny CPU trainer."""
 
 import hashlib
+import os
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from torchvision.io import write_png
 from datamodules import PoisonedDataModule
 from delta_influence.attacks import BadNets
 from lightning_modules import PoisonClassifier
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: one thread each, as do their subprocesses
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

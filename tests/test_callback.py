@@ -29,16 +29,14 @@ def _fit_with(tmp_path, trained_digits, callback, **trainer_kwargs):
 def _audit(tmp_path, trained_digits, shared_factors, **kwargs):
     """The callback's audit of the shared victim itself (no further training), with the session's factors."""
     data, model = trained_digits
-    callback = InfluenceCollapseCallback(
-        factors_dir=str(shared_factors), output_dir=str(tmp_path / "audit"), **kwargs
-    )
+    callback = InfluenceCollapseCallback(factors_dir=str(shared_factors), output_dir=str(tmp_path / "audit"), **kwargs)
     callback.result = callback.audit(tiny_trainer(tmp_path), model, data)
     return callback
 
 
 def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained_digits):
     callback = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
-    _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
+    trainer = _fit_with(tmp_path, trained_digits, callback, enable_checkpointing=False)
     first = callback.result
     files = {p.name for p in first.output_dir.iterdir()}
     assert files >= {"flagged.json", "flagged.pt", "scores.pt", "counts.pt", "queries.pt", "summary.json"}
@@ -54,27 +52,28 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     poisons = trained_digits[0].poison_indices
     assert torch.isin(poisons, first.flagged).all() and first.metrics["recall"] == 1.0  # every poison found
 
-    # the same weights audited again: factors reused, the first audit left as it was
+    # the same weights audited again, by another callback and by the same one: factors reused, the first audit left
     rerun = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
-    data, _ = trained_digits
-    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
-    trainer.fit(copy.deepcopy(trained_digits[1]), datamodule=data)
-    rerun.audit(trainer, trainer.lightning_module)
+    second = rerun.audit(trainer, trainer.lightning_module)
     third = callback.audit(trainer, trainer.lightning_module)
     assert json.loads((third.output_dir / "summary.json").read_text())["factors_reused"] is True
-    assert third.output_dir.name == "audit-3" and first.output_dir.name == "audit"
+    assert torch.equal(second.flagged, first.flagged) and torch.equal(third.evidence.scores, first.evidence.scores)
+    assert (first.output_dir.name, second.output_dir.name, third.output_dir.name) == ("audit", "audit-2", "audit-3")
     assert json.loads((first.output_dir / "summary.json").read_text()) == summary
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]  # no staging folder left
 
 
-def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(tmp_path, trained_digits):
-    shared = tmp_path / "factors"
-    first = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1).result
-    other = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1, seed=1).result
-    again = _audit(tmp_path, trained_digits, shared, num_transforms=4, tolerance=1).result
-    assert not first.summary["factors_reused"] and not other.summary["factors_reused"]
+def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(
+    tmp_path, trained_digits, shared_factors
+):
+    settings = {"num_transforms": 4, "tolerance": 1, "strategy": "diagonal"}  # the cheapest fit: the key is the point
+    first = _audit(tmp_path, trained_digits, shared_factors, **settings).result
+    other = _audit(tmp_path, trained_digits, shared_factors, **settings, seed=1).result
+    again = _audit(tmp_path, trained_digits, shared_factors, **settings).result
+    assert not other.summary["factors_reused"] and again.summary["factors_reused"]
     assert other.summary["factors"] != first.summary["factors"] == again.summary["factors"]
-    assert again.summary["factors_reused"] and len(list(shared.rglob("factors_*"))) == 2
+    assert {first.summary["factors"], other.summary["factors"]} <= {p.name.removeprefix("factors_") for p in
+                                                                    shared_factors.rglob("factors_*")}  # fmt: skip
 
 
 def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_digits, monkeypatch, shared_factors):

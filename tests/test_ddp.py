@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 from test_cli import DIGITS, _command
@@ -10,9 +11,12 @@ import train
 from delta_influence.pipeline import AuditData, run_audit
 
 
+@pytest.mark.slow
 def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     result = _command(
-        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "8", "--data.per_class", "100",
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "8", "--data.per_class", "60",
+        "--data.attack.init_args.num_poisons", "30", "--trainer.callbacks.init_args.num_transforms", "16",
+        "--trainer.callbacks.init_args.unlearning.max_epochs", "3",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
     )  # fmt: skip

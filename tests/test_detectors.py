@@ -47,7 +47,7 @@ def test_activation_clustering_flags_the_small_cluster_only():
     inputs, planted = _planted()
     detection = ActivationClustering().detect(inputs)
     assert detection.flagged.tolist() == planted.tolist()  # label 1 splits in halves: neither is small enough
-    assert detection.detector == "activation_clustering" and detection.seconds > 0
+    assert detection.detector == "activation_clustering"
 
 
 def test_spectral_signatures_flag_the_outliers_of_each_label():

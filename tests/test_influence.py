@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import delta_influence.influence as influence
-from delta_influence.influence import ClassificationTask, compute_influence_scores, label_margins
+from delta_influence.influence import ClassificationTask, InfluenceAnalysis, compute_influence_scores, label_margins
 
 
 def _model() -> nn.Module:
@@ -67,48 +67,50 @@ def test_factors_are_keyed_by_the_weights(tmp_path):
     assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
 
 
-def test_factors_are_refitted_when_anything_that_made_them_changes(tmp_path, monkeypatch):
+def test_the_factor_key_covers_everything_that_makes_the_factors(tmp_path, monkeypatch):
+    """Each change gets factors of its own name, which ``fit_factors`` finds absent and fits afresh (the refit itself:
+    ``test_factors_are_keyed_by_the_weights``); the same weights, data and settings get the same name."""
     model, train = _model(), _data()
-    queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
-    first = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+
+    def name(data=train, **settings) -> str:
+        return InfluenceAnalysis(model, data, tmp_path, **{"train_batch_size": 8, **settings}).factors_name
+
+    first = name()
     images, labels = train.tensors
     one_input = images.clone()
     one_input[20, 0, 3, 3] += 0.5  # far from the start
     one_label = labels.clone()
     one_label[17] = (one_label[17] + 1) % 3
     changes = {
-        "one input": (TensorDataset(one_input, labels), {}),
-        "one label": (TensorDataset(images, one_label), {}),
-        "the order": (TensorDataset(images.flip(0), labels.flip(0)), {}),
-        "the strategy": (train, {"strategy": "kfac"}),
-        "the Fisher-sampling seed": (train, {"seed": 1}),
-        "the batch size": (train, {"train_batch_size": 16}),
+        "one input": name(TensorDataset(one_input, labels)),
+        "one label": name(TensorDataset(images, one_label)),
+        "the order": name(TensorDataset(images.flip(0), labels.flip(0))),
+        "the strategy": name(strategy="kfac"),
+        "the Fisher-sampling seed": name(seed=1),
+        "the batch size": name(train_batch_size=16),
     }
-    for change, (data, settings) in changes.items():
-        again = compute_influence_scores(model, data, queries, tmp_path, **{"train_batch_size": 8, **settings})
-        assert again.factors_name != first.factors_name and not again.factors_reused, change
 
     class OtherTask(influence.ClassificationTask):
-        """Another training loss or measurement: other factors."""
+        """Another training loss or measurement."""
 
     monkeypatch.setattr(influence, "ClassificationTask", OtherTask)
-    other = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
-    assert other.factors_name != first.factors_name and not other.factors_reused
+    changes["the task"] = name()
     monkeypatch.undo()
-    same = compute_influence_scores(model, _data(), queries, tmp_path, train_batch_size=8)
-    assert same.factors_reused and same.factors_name == first.factors_name
+    assert [change for change, other in changes.items() if other == first] == []
+    assert name(_data()) == first
 
 
 def test_factors_are_seeded(tmp_path):
     """The true Fisher samples labels; the fit is seeded, so two processes (or folders) get the same factors."""
     model, train = _model(), _data()
     queries = TensorDataset(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+    fit = {"train_batch_size": 8, "strategy": "diagonal"}  # the cheapest fit that samples labels
     torch.manual_seed(123)
-    first = compute_influence_scores(model, train, queries, tmp_path / "a", train_batch_size=8)
+    first = compute_influence_scores(model, train, queries, tmp_path / "a", **fit)
     torch.manual_seed(7)  # another random state: the same factors, the same scores
-    second = compute_influence_scores(model, train, queries, tmp_path / "b", train_batch_size=8)
+    second = compute_influence_scores(model, train, queries, tmp_path / "b", **fit)
     assert torch.equal(first.scores, second.scores)
-    other_seed = compute_influence_scores(model, train, queries, tmp_path / "c", train_batch_size=8, seed=1)
+    other_seed = compute_influence_scores(model, train, queries, tmp_path / "c", **fit, seed=1)
     assert not torch.equal(first.scores, other_seed.scores)  # the seed is what made them equal
 
 

@@ -15,6 +15,7 @@ from wandb_records import logged_keys, read_run
 
 import unlearn
 from callbacks import InfluenceCollapseCallback
+from delta_influence.detectors import Oracle
 from delta_influence.examples import accuracy, evaluating
 from delta_influence.unlearning import bad_teacher_loss, diagonal_fisher, distillation_kl, scrub_forget_loss
 from lightning_modules import PoisonClassifier
@@ -97,8 +98,12 @@ def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_p
     if method.name == "retrain":  # trained without the poisons, the model has no backdoor
         assert report["asr"] <= 0.2
     corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
-    assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
-    assert accuracy(corrected, data.test_set) == pytest.approx(report["acc"])
+    if method.name != "ssd":  # the methods that train move the weights (what SSD dampens is reported on its own)
+        assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
+    clean_images, labels = zip(*(data.test_set[i] for i in range(len(data.test_set))))
+    with torch.no_grad():  # the saved model's clean accuracy, counted by hand: the report's number
+        right = (corrected.eval()(torch.stack(clean_images)).argmax(1) == torch.stack(labels)).sum().item()
+    assert report["acc"] == pytest.approx(right / len(labels))
 
 
 def test_reinitialising_refuses_partial_models_and_leaves_the_global_random_state_alone():
@@ -163,7 +168,9 @@ def test_corrective_fit_after_fit_leaves_the_outer_run_intact(trained_digits, tm
     data, victim = trained_digits
     logger = WandbLogger(project="test", save_dir=str(tmp_path))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")
-    callback = InfluenceCollapseCallback(num_transforms=8, tolerance=1, unlearning=Retrain(max_epochs=1))
+    # the oracle audits at no cost (what the corrective fit does after a fit is the point here), through the same
+    # pipeline and W&B media as Δ-Influence
+    callback = InfluenceCollapseCallback(detector=Oracle(), unlearning=Retrain(max_epochs=1))
     trainer = tiny_trainer(
         tmp_path, max_epochs=1, logger=logger, callbacks=[checkpoint, callback], num_sanity_val_steps=0
     )
@@ -180,7 +187,8 @@ def test_corrective_fit_after_fit_leaves_the_outer_run_intact(trained_digits, tm
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
     run = read_run(run_dir)
-    assert {"val/acc", "audit/recall", "unlearn/acc", "unlearn/asr", "unlearn/time_s"} <= logged_keys(run)
+    assert {"val/acc", "audit/oracle/recall", "unlearn/acc", "unlearn/asr", "unlearn/time_s"} <= logged_keys(run)
+    assert "audit/top_flagged" in logged_keys(run) and report["forgotten"] == len(data.poison_indices)
     assert run["summary"]["comparison/after_asr"] == pytest.approx(report["asr"])
     assert run["summary"]["unlearn/method"] == "retrain"
 
