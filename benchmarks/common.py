@@ -80,8 +80,11 @@ def extract(archive: Path, cache: Path) -> Path:
 
 
 def run_tag(args: argparse.Namespace) -> str:
-    """What keeps a seed's results apart: nothing for seed 0 (the tables), else ``_s<seed>``."""
-    return f"_s{args.seed}" if args.seed else ""
+    """What keeps a run's results (victim, audit folder, tables) apart: nothing for the config as it is with seed 0
+    (the tables), else its overrides and seed, e.g. ``_s1`` or ``_epochs4_s1``."""
+    parts = [f"{flag}{getattr(args, flag)}" for flag in OVERRIDES if getattr(args, flag) is not None]
+    parts += (["flip"] if args.flip else []) + ([f"s{args.seed}"] if args.seed else [])
+    return "".join(f"_{part}" for part in parts)
 
 
 def train_victim(args: argparse.Namespace, overrides: list[str] = ()) -> train.DeltaInfluenceCLI:
@@ -127,11 +130,9 @@ def evaluate(model: torch.nn.Module, data) -> dict[str, float]:
 
 
 def victim_path(args: argparse.Namespace) -> Path:
-    """Where the victim of these settings is saved: named by the config and every override."""
+    """Where the victim of these settings is saved: named by the config, its overrides and seed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    overrides = [f"{flag}{getattr(args, flag)}" for flag in OVERRIDES if getattr(args, flag) is not None]
-    name = "_".join([CONFIGS[args.attack].stem, *overrides, *(["flip"] if args.flip else []), f"s{args.seed}"])
-    return RESULTS / f"victim_{name}.pt"
+    return RESULTS / f"victim_{CONFIGS[args.attack].stem}{run_tag(args)}.pt"
 
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:

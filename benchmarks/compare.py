@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 import wandb
-from common import RESULTS, config_args, load_victim, parse_args, report
+from common import RESULTS, config_args, load_victim, parse_args, report, run_tag
 
 from delta_influence.audit import DeltaInfluence
 from delta_influence.detectors import (
@@ -66,7 +66,7 @@ def main() -> None:
         detectors = [(title, detector) for title, detector in detectors if any(part in title for part in wanted)]
         if not detectors:
             raise SystemExit(f"--only {args.only!r} matches no detector.")
-    name = f"compare_{args.attack}" + ("_only" if args.only else "")
+    name = f"compare_{args.attack}{run_tag(args)}" + ("_only" if args.only else "")
     rows = [{"detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
              "asr": victim_metrics["asr"]}]  # fmt: skip
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once

@@ -12,7 +12,7 @@ says which.
 import tempfile
 import time
 
-from common import RESULTS, audit_callback, load_victim, parse_args, report
+from common import RESULTS, audit_callback, load_victim, parse_args, report, run_tag
 from torch.utils.data import Subset
 
 from delta_influence.influence import InfluenceAnalysis
@@ -25,7 +25,7 @@ def main() -> None:
     data, model, victim = cli.datamodule, cli.model, cli.victim_metrics
     settings = audit_callback(cli).delta_influence
     with tempfile.TemporaryDirectory() as cache:  # fresh factors, so that their cost is measured too
-        result = run_audit(model, AuditData.of(data), settings, RESULTS / "speed_audit", cache)
+        result = run_audit(model, AuditData.of(data), settings, RESULTS / f"speed_audit{run_tag(args)}", cache)
         audit = result.evidence
         query_set = audit.scored_queries()  # the rows of the one pass: the query, its copies, the contrast images
         analysis = InfluenceAnalysis(
@@ -54,7 +54,7 @@ def main() -> None:
         "train_s": victim["train_s"],
         "audit_over_train": (factors_s + one_pass_s) / victim["train_s"],
     }
-    report("speed", [row], list(row))
+    report(f"speed{run_tag(args)}", [row], list(row))
 
 
 if __name__ == "__main__":

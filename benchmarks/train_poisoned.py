@@ -3,7 +3,7 @@
 python benchmarks/train_poisoned.py   # configs/benchmarks/cifar10_badnets_cpu.yaml without its audit
 """
 
-from common import parse_args, report, train_victim
+from common import parse_args, report, run_tag, train_victim
 
 
 def main() -> None:
@@ -11,7 +11,7 @@ def main() -> None:
     cli = train_victim(args, ["--trainer.callbacks=[]"])
     data = cli.datamodule
     row = {"train": len(data.train_set), "poisons": len(data.poison_indices), **cli.victim_metrics}
-    report("train_poisoned", [row], ["train", "poisons", "epochs", "clean_acc", "asr", "train_s"])
+    report(f"train_poisoned{run_tag(args)}", [row], ["train", "poisons", "epochs", "clean_acc", "asr", "train_s"])
 
 
 if __name__ == "__main__":
