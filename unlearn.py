@@ -2,8 +2,9 @@
 
     python unlearn.py --run runs/delta-influence/<run> --unlearning lightning_modules.unlearning.SCRUB
 
-takes everything from the run's folder: its saved config.yaml, its checkpoint and its audit's flagged.json (any of
-them can still be given: --config, --victim, --indices). Without a run folder:
+takes everything from the run's folder: its saved config.yaml, its checkpoint, its audit's flagged.json and the
+corrective fit its config names (Retrain when none; any of them can still be given: --config, --victim, --indices,
+--unlearning). It finishes a corrective fit that was interrupted. Without a run folder:
 
     python unlearn.py --config configs/digits_badnets.yaml \\
         --victim runs/delta-influence/<run>/checkpoints/<epoch>.ckpt \\
@@ -20,14 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from datamodules import PoisonedDataModule
 from delta_influence.errors import ConfigError
 from delta_influence.quiet import hide_harmless_warnings
+from delta_influence.stages import run_stage
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import CorrectiveFit, Unlearning, UnlearningError
 from lightning_modules.weights import load_weights
-from train import DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
+from train import AUDIT, DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
 
 
 class UnlearnCLI(DeltaInfluenceCLI):
@@ -95,7 +98,16 @@ def from_run_folder(args: list[str]) -> list[str]:
         if not audits:
             raise UnlearningError(f"--run={folder!r} holds no audit (delta_influence/flagged.json); pass --indices.")
         found += ["--indices", str(audits[-1])]  # the latest audit
+    if "--unlearning" not in rest and (configured := _configured_unlearning(run / "config.yaml")) is not None:
+        found += ["--unlearning", configured]  # the run's own corrective fit, as its config says
     return found + rest
+
+
+def _configured_unlearning(config: Path) -> Optional[str]:
+    """The corrective fit a run's saved config names in its audit section (as a YAML string), if any."""
+    audit = (yaml.safe_load(config.read_text()) or {}).get(AUDIT) or {}
+    unlearning = (audit.get("init_args") or audit).get("unlearning")
+    return yaml.safe_dump(unlearning, default_flow_style=True).strip() if unlearning else None
 
 
 def _one(run: Path, pattern: str, what: str, option: str = "--config") -> Path:
@@ -127,11 +139,14 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
     data = cli.datamodule
     data.prepare_data()
     data.setup("fit")
-    out_dir = Path(config.out_dir) if config.out_dir else Path(config.victim).resolve().parent.parent / "unlearn"
+    victim = Path(config.victim).resolve()
+    run = victim.parent.parent if victim.parent.name == "checkpoints" else None  # a run folder of this project
+    out_dir = Path(config.out_dir) if config.out_dir else victim.parent.parent / "unlearn"
     fit = CorrectiveFit.of(data, cli.trainer, out_dir)
-    report = fit.run(cli.model, config.unlearning, read_indices(config.indices))
+    with run_stage(run, "corrective fit", "Run the same command again to finish it."):
+        report = fit.run(cli.model, config.unlearning, read_indices(config.indices))
     if report is not None:
-        print(json.dumps(report, indent=2))
+        print(Path(report["report"]).read_text())  # as stored: the checkpoint named beside the report
     return report
 
 

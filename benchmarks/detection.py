@@ -20,7 +20,7 @@ def main() -> None:
     args = parse_args(__doc__)
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured
         output = RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"
-        cli = train_victim(args, [f"--trainer.callbacks.init_args.{key}={value}" for key, value in
+        cli = train_victim(args, [f"--delta_influence.{key}={value}" for key, value in
                                   (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
     data, victim, result = cli.datamodule, cli.victim_metrics, audit_callback(cli).result
     decision, timings = result.evidence.decision, result.metrics

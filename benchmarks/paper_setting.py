@@ -24,10 +24,10 @@ from callbacks import InfluenceCollapseCallback  # noqa: E402
 
 TINY = [
     "--data.per_class", "20", "--data.attack.init_args.num_poisons", "10", "--model.arch", "small_cnn",
-    "--trainer.max_epochs", "2", "--data.num_workers", "0", "--trainer.callbacks.init_args.num_workers", "0",
-    "--trainer.callbacks.init_args.num_transforms", "8", "--trainer.callbacks.init_args.tolerance", "1",
-    "--trainer.callbacks.init_args.query_index", "0", "--trainer.callbacks.init_args.require_misclassified", "false",
-    "--trainer.callbacks.init_args.num_contrast", "0", "--trainer.enable_progress_bar", "false",
+    "--trainer.max_epochs", "2", "--data.num_workers", "0", "--delta_influence.num_workers", "0",
+    "--delta_influence.num_transforms", "8", "--delta_influence.tolerance", "1",
+    "--delta_influence.query_index", "0", "--delta_influence.require_misclassified", "false",
+    "--delta_influence.num_contrast", "0", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
 
 

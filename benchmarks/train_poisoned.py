@@ -8,7 +8,7 @@ from common import parse_args, report, run_tag, train_victim
 
 def main() -> None:
     args = parse_args(__doc__)
-    cli = train_victim(args, ["--trainer.callbacks=[]"])
+    cli = train_victim(args, ["--delta_influence=null"])
     data = cli.datamodule
     row = {"train": len(data.train_set), "poisons": len(data.poison_indices), **cli.victim_metrics}
     report(f"train_poisoned{run_tag(args)}", [row], ["train", "poisons", "epochs", "clean_acc", "asr", "train_s"])

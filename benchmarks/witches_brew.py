@@ -60,7 +60,7 @@ def main() -> None:
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
         pair = ["--data.attack.init_args.target", str(target), "--data.attack.init_args.intended", str(intended)]
         start = time.perf_counter()
-        cli = train.main(["fit", *command, *pair, "--trainer.callbacks=[]"])  # the victim; the audit follows
+        cli = train.main(["fit", *command, *pair, "--delta_influence=null"])  # the victim; the audit follows
         data, victim = cli.datamodule, cli.model
         row = {"pair": number, "target": target, "true": true, "intended": intended, "surrogate_p": surrogate_p,
                "brew_loss": data.attack_info["loss"], "brew_s": data.attack_info["brew_s"],

@@ -13,12 +13,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from callbacks import media
-from callbacks.run_folder import run_dir
+from callbacks.run_folder import RunConfigCallback, run_dir
 from delta_influence.audit import DeltaInfluence
 from delta_influence.detectors import Detector
 from delta_influence.errors import ConfigError
+from delta_influence.files import shown
 from delta_influence.influence import Strategy
 from delta_influence.pipeline import AuditData, AuditResult, QueryChoice, run_audit
+from delta_influence.stages import record, run_stage
 from lightning_modules.unlearning import CorrectiveFit, Unlearning
 
 
@@ -125,14 +127,23 @@ class InfluenceCollapseCallback(Callback):
         self.run_folder: Optional[Path] = None  # set by `train.py audit`: the audited checkpoint's run folder
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            record(self._run_folder(trainer), "fit", "running")
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
+        _close_epoch_bar(trainer, pl_module)  # the audit's own bars follow, not under the last epoch's
         # one process audits (the same answer as a single-process run of these weights); the others wait here
         flagged = None
         try:
             if trainer.is_global_zero:
-                self.result = self.audit(trainer, pl_module)
+                folder = self._run_folder(trainer)
+                record(folder, "fit", "finished")
+                with run_stage(folder, "audit", _finish_audit(trainer, folder)):
+                    self.result = self.audit(trainer, pl_module)
                 flagged = self.result.flagged
         finally:  # an audit that fails still releases the waiting processes, which then stop with it
             if trainer.world_size > 1:
@@ -154,7 +165,8 @@ class InfluenceCollapseCallback(Callback):
         """The audit and, when one is configured, the corrective fit of a model trained elsewhere (``train.py
         audit``), on one process; written into ``run_folder`` when given."""
         self.run_folder = run_folder
-        self.result = self.audit(trainer, pl_module, data)
+        with run_stage(run_folder, "audit", "Run the same command again to finish it."):
+            self.result = self.audit(trainer, pl_module, data)
         self._flagged = self.result.flagged
         if self.unlearning is not None:
             self.corrective = self.correct(trainer, pl_module, distributed=False, data=data)
@@ -189,8 +201,11 @@ class InfluenceCollapseCallback(Callback):
         ``distributed``: every process of the victim's DDP run takes part, under the same strategy; otherwise the
         global rank 0 runs it alone on one device."""
         data = data if data is not None else trainer.datamodule
-        fit = CorrectiveFit.of(data, trainer, self._run_folder(trainer) / "unlearn", distributed)
-        report = fit.run(pl_module, self.unlearning, self._flagged)
+        folder = self._run_folder(trainer)
+        fit = CorrectiveFit.of(data, trainer, folder / "unlearn", distributed)
+        finish = f"Finish it with: python unlearn.py --run {shown(folder)}"
+        with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
+            report = fit.run(pl_module, self.unlearning, self._flagged)
         if report is None:
             return None
         metrics = {f"unlearn/{key}": value for key, value in report.items() if isinstance(value, (int, float))}
@@ -205,6 +220,22 @@ class InfluenceCollapseCallback(Callback):
     def _run_folder(self, trainer: pl.Trainer) -> Path:
         """Where the audit and the corrective fit go: the run's folder (or the audited checkpoint's run folder)."""
         return self.run_folder if self.run_folder is not None else run_dir(trainer)
+
+
+def _finish_audit(trainer: pl.Trainer, folder: Path) -> str:
+    """How to finish an interrupted audit: ``train.py audit`` on the run's saved config and checkpoint."""
+    checkpoint = trainer.checkpoint_callback
+    saved = checkpoint is not None and (getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path)
+    configs = [callback.path for callback in trainer.callbacks if isinstance(callback, RunConfigCallback)]
+    if not (saved and configs and configs[0] is not None):
+        return "Train with checkpoints and a saved config to be able to finish it with `python train.py audit`."
+    return f"Finish it with: python train.py audit --config {shown(configs[0])} --ckpt_path {shown(saved)}"
+
+
+def _close_epoch_bar(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Closes the last epoch's progress bar (its own ``on_train_end``; closing again later changes nothing)."""
+    if trainer.progress_bar_callback is not None:
+        trainer.progress_bar_callback.on_train_end(trainer, pl_module)
 
 
 def _relaunchable(trainer: pl.Trainer) -> bool:
@@ -225,5 +256,5 @@ def _compare(report: dict) -> str:
         f"            clean acc   ASR\n"
         f"  before      {pct(report['before_acc'])}  {pct(report['before_asr'])}\n"
         f"  after       {pct(report['acc'])}  {pct(report['asr'])}\n"
-        f"  corrected model: {report['checkpoint']}"
+        f"  corrected model: {shown(report['checkpoint'])}"
     )

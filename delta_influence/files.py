@@ -40,6 +40,20 @@ def write_new(target: Path, write: Callable[[Path], object], folder: bool = Fals
         raise
 
 
+def shown(path: Path | str) -> str:
+    """A path as the project prints it: relative to the working folder when it lies inside it, else absolute.
+
+    Example:
+        >>> shown(Path.cwd() / "runs" / "x"), shown("/elsewhere/y")
+        ('runs/x', '/elsewhere/y')
+    """
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_replacing(target: Path, write: Callable[[Path], object]) -> Path:
     """Writes through ``write(staging)`` and renames the finished file onto ``target``, replacing what was there."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from delta_influence.detectors.base import Detection, DetectionInput, Detector
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView
 from delta_influence.examples import evaluating, first_attacked, select_contrast
-from delta_influence.files import write_new
+from delta_influence.files import shown, write_new
 from delta_influence.plots import to_displayable
 
 
@@ -157,13 +157,15 @@ class AuditResult:
         text += "the training set)"
         if "precision" in metrics:
             text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
+        if "collapsed" in metrics:
+            text += f"; the paper's rule alone (collapse, no contrast) flags {int(metrics['collapsed'])}"
         if "raw_topk_recall" in metrics:
             text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
         if "factors_s" in metrics:
             text += f". Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s"
         else:
             text += f" in {metrics['total_s']:.1f} s"
-        return f"{text}. Written to {self.output_dir}"
+        return f"{text}. Written to {shown(self.output_dir)}"
 
 
 def run_audit(

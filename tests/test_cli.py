@@ -2,18 +2,21 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 from wandb_records import logged_keys, read_run
 
 import train
 import unlearn
 from delta_influence.errors import ConfigError
+from delta_influence.stages import read_stages
 from lightning_modules import PoisonClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,33 +104,41 @@ def _command(tmp_path, script: str, *args: str, **env: str) -> subprocess.Comple
 
 
 @pytest.mark.slow
-def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path):
+def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeypatch):
     """The offline default, run as a user would, is quiet; its run folder holds the resolved config, the victim
-    checkpoint, the audit and the corrective fit's report; unlearn.py runs from that folder alone."""
+    checkpoint, the audit, the corrective fit's report and the stages' record; moved elsewhere, it still serves
+    unlearn.py and an audit that logs into the same W&B run."""
     fit = _command(
         tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "4", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--trainer.callbacks.init_args.num_transforms", "16",
-        "--trainer.callbacks.init_args.unlearning", "lightning_modules.unlearning.SCRUB",
-        "--trainer.callbacks.init_args.unlearning.steps", "3",
-        "--trainer.callbacks.init_args.unlearning.batch_size", "64",
+        "--data.attack.init_args.num_poisons", "30", "--delta_influence.num_transforms", "16",
+        "--delta_influence.unlearning", "lightning_modules.unlearning.SCRUB", "--delta_influence.unlearning.steps", "3",
+        "--delta_influence.unlearning.batch_size", "64",
     )  # fmt: skip
     output = fit.stdout + fit.stderr
     assert fit.returncode == 0, output[-3000:]
     assert [message for message in NOISE if message in output] == []
     assert "Δ-Influence flagged" in output and "Corrective fit 'scrub'" in output  # the project's own summaries stay
+    assert "the paper's rule alone (collapse, no contrast) flags" in output
+    assert "Written to runs/delta-influence/" in output and "corrected model: runs/delta-influence/" in output
 
     (run,) = (tmp_path / "runs" / "delta-influence").iterdir()
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "delta_influence", "unlearn"]
+    names = ["checkpoints", "config.yaml", "delta_influence", "stages.json", "unlearn"]
+    assert sorted(p.name for p in run.iterdir()) == names
+    assert {stage: entry["status"] for stage, entry in read_stages(run).items()} == dict.fromkeys(
+        ["fit", "audit", "corrective fit"], "finished"
+    )
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["per_class"] == 60 and config["trainer"]["max_epochs"] == 4
     assert config["data"]["attack"]["class_path"] == "delta_influence.attacks.BadNets"
+    assert config["delta_influence"]["init_args"]["unlearning"]["class_path"] == "lightning_modules.unlearning.SCRUB"
     (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["config"] == config
     report = json.loads((run / "unlearn" / "scrub.json").read_text())
-    assert report["method"] == "scrub" and report["forgotten"] > 0 and Path(report["checkpoint"]).is_file()
+    assert report["method"] == "scrub" and report["forgotten"] > 0 and report["checkpoint"] == "scrub.ckpt"
     assert {"before_acc", "before_asr", "acc", "asr", "time_s"} <= set(report)
 
     (wandb_run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    assert wandb_run.name.endswith(run.name)  # the run folder is named by the W&B run's id
     records = read_run(wandb_run)
     assert records["config"]["config"] == config and records["config"]["run_config"].endswith("config.yaml")
     keys = logged_keys(records)
@@ -140,25 +151,78 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path):
     assert any(name.startswith("flagged-") for name in records["artifacts"])
     assert [row["val/asr"] for row in records["history"] if "val/asr" in row][-1] >= 0.5  # the attack took hold
 
-    # unlearn.py from the run folder alone, then the model audited again, without training, by another detector, into
-    # the same run folder (in this process: the fit above ran the command line as a user does)
-    assert unlearn.main(["--run", str(run), "--trainer.max_epochs", "1", "--trainer.logger", "false"]) is not None
+    # the run folder moved as a whole; from it alone, unlearn.py runs the corrective fit its config names (in this
+    # process: the fit above ran the command line as a user does) ...
+    moved = tmp_path / "elsewhere" / run.name
+    moved.parent.mkdir()
+    run.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    again = unlearn.main(["--run", str(moved), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
+    assert again["method"] == "scrub" and Path(again["checkpoint"]) == moved / "unlearn" / "scrub-2.ckpt"
+    # ... and the model is audited again by another detector, into the same folder and the same W&B run
     train.main(
-        ["audit", "--config", str(run / "config.yaml"), "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
-         "--trainer.callbacks.init_args.detector", "delta_influence.detectors.SpectralSignatures",
-         "--trainer.callbacks.init_args.unlearning", "null"]
+        ["audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(moved / "checkpoints" / checkpoint.name),
+         "--delta_influence.detector", "delta_influence.detectors.SpectralSignatures",
+         "--delta_influence.unlearning", "null"]
     )  # fmt: skip
-    summary = json.loads((run / "spectral_signatures" / "summary.json").read_text())
-    flagged = json.loads((run / "spectral_signatures" / "flagged.json").read_text())["flagged"]
+    wandb.finish()
+    summary = json.loads((moved / "spectral_signatures" / "summary.json").read_text())
+    flagged = json.loads((moved / "spectral_signatures" / "flagged.json").read_text())["flagged"]
     assert summary["detector"] == "spectral_signatures" and summary["metrics"]["flagged"] == len(flagged) > 0
+    audit_runs = [path for path in (tmp_path / "runs" / "wandb").glob(f"offline-run-*-{run.name}") if path != wandb_run]
+    assert len(audit_runs) == 1 and "audit/spectral_signatures/flagged" in logged_keys(read_run(audit_runs[0]))
     other = tmp_path / "other.ckpt"  # weights of another architecture, without hyperparameters to rebuild it from
     torch.save({"state_dict": PoisonClassifier(arch="resnet18", in_channels=1).state_dict()}, other)
-    wrong = _command(tmp_path, "train.py", "audit", "--config", str(run / "config.yaml"), "--ckpt_path", str(other))
+    wrong = _command(tmp_path, "train.py", "audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(other))
     assert wrong.returncode == 2 and "does not match the configured model" in wrong.stderr
 
-    names = ["retrain.ckpt", "retrain.json", "scrub.ckpt", "scrub.json"]
-    assert sorted(p.name for p in (run / "unlearn").iterdir()) == names  # the first corrective fit's files are kept
-    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+    names = ["scrub-2.ckpt", "scrub-2.json", "scrub.ckpt", "scrub.json"]
+    assert sorted(p.name for p in (moved / "unlearn").iterdir()) == names  # the first corrective fit's files are kept
+    assert yaml.safe_load((moved / "config.yaml").read_text()) == config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "marker"),
+    [("audit", "Δ-Influence: query"), ("corrective fit", "Corrective fit: retrain, forgetting")],
+)
+def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_finish_it(
+    tmp_path, monkeypatch, stage, marker
+):
+    environment = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
+    longer = ["--delta_influence.unlearning.max_epochs", "40"]  # a retrain that lasts until the signal comes
+    command = [sys.executable, str(ROOT / "train.py"), "fit", *_small(tmp_path / "runs"), "--trainer.logger", "false"]
+    command += longer if stage == "corrective fit" else []
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=environment | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in process.stdout:  # a scheduler's time limit, as the stage starts
+        seen.append(line)
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    seen += process.stdout.readlines()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)[-3000:]
+    message = [line for line in seen if line.startswith("error: ")]
+    assert message and f"the {stage} was interrupted (SIGTERM) before it finished" in message[0]
+    run = tmp_path / "runs"
+    entry = read_stages(run)[stage]
+    assert entry["status"] == "interrupted" and entry["finish"] in message[0]
+    # nothing half-made: no audit folder when the audit stopped, no corrected model when the corrective fit did
+    assert not (run / "unlearn").exists() and (stage == "corrective fit") == (run / "delta_influence").is_dir()
+
+    # the printed command finishes it from the run folder
+    monkeypatch.chdir(tmp_path)
+    finish = entry["finish"].removeprefix("Finish it with: python ").split()
+    if finish[0] == "unlearn.py":  # the run's own corrective fit (its config's Retrain), shortened for the test
+        unlearn.main([*finish[1:], "--trainer.logger", "false", "--unlearning.max_epochs", "1"])
+    else:
+        train.main([*finish[1:], "--trainer.logger", "false"])
+    stages = read_stages(run)
+    assert stages[stage]["status"] == "finished" and stages["corrective fit"]["status"] == "finished"
+    assert (run / "delta_influence" / "flagged.json").is_file() and (run / "unlearn" / "retrain.json").is_file()
 
 
 def test_a_bad_value_ends_the_command_with_its_message_alone(tmp_path, capsys, monkeypatch):

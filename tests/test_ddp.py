@@ -15,8 +15,8 @@ from delta_influence.pipeline import AuditData, run_audit
 def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     result = _command(
         tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "8", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--trainer.callbacks.init_args.num_transforms", "16",
-        "--trainer.callbacks.init_args.unlearning.max_epochs", "3",
+        "--data.attack.init_args.num_poisons", "30", "--delta_influence.num_transforms", "16",
+        "--delta_influence.unlearning.max_epochs", "3",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
     )  # fmt: skip
@@ -24,7 +24,8 @@ def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert "Starting with 2 processes" in output
     (run,) = (tmp_path / "runs" / "delta-influence").iterdir()  # one run folder, one audit, one corrective fit
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "delta_influence", "unlearn"]
+    names = ["checkpoints", "config.yaml", "delta_influence", "stages.json", "unlearn"]
+    assert sorted(p.name for p in run.iterdir()) == names
     assert sorted(p.name for p in (run / "unlearn").iterdir()) == ["retrain.ckpt", "retrain.json"]
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
     report = json.loads((run / "unlearn" / "retrain.json").read_text())

@@ -82,7 +82,8 @@ class CorrectiveFit:
         ``<method>.json`` (the first free name); the victim is neither modified nor overwritten.
 
         Returns:
-            The report (on the saving process), or ``None``: nothing flagged (said on the console), or not the
+            The report (on the saving process) with the absolute paths of the checkpoint and the report (the file
+            itself names the checkpoint beside it), or ``None``: nothing flagged (said on the console), or not the
             saving process.
         """
         flagged = torch.as_tensor(flagged, dtype=torch.long)
@@ -130,7 +131,6 @@ class CorrectiveFit:
             "unlearning": report,
         }
         saved = write_new(self.out_dir / f"{method.name}.ckpt", lambda path: torch.save(checkpoint, path))
-        report["checkpoint"] = str(saved.resolve())
-        written = write_new(saved.with_suffix(".json"), lambda path: path.write_text(json.dumps(report, indent=2)))
-        report["report"] = str(written.resolve())
-        return report
+        stored = report | {"checkpoint": saved.name}  # beside the report: the folder stays valid when moved
+        written = write_new(saved.with_suffix(".json"), lambda path: path.write_text(json.dumps(stored, indent=2)))
+        return report | {"checkpoint": str(saved.resolve()), "report": str(written.resolve())}
