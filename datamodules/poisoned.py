@@ -5,6 +5,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -157,6 +158,9 @@ class PoisonedDataModule(pl.LightningDataModule):
             nothing, everything = torch.zeros(0, dtype=torch.long), torch.ones(len(test.labels), dtype=torch.bool)
             poisoned = PoisonedData(train, nothing, None, everything)
         else:
+            height, width = train.images.shape[-2:]
+            for warning in self.attack.augmentation_warnings(height, width, self.crop_padding, self.flip):
+                rank_zero_warn(warning)
             generator = torch.Generator()
             generator.set_state(state)  # the seeded stream goes on from the subset's draws to the attack's
             poisoned = self.attack.poison(train, test, generator, self._context())

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from datamodules import PoisonedDataModule
 from delta_influence.attacks import BadNets
 
 
@@ -44,3 +45,19 @@ def test_too_many_poisons_names_the_argument_and_the_fix():
 def test_trigger_outside_the_image_is_refused():
     with pytest.raises(ValueError, match=r"\(28, 30\), outside the 16x16 images"):
         BadNets().apply_trigger(torch.zeros(1, 16, 16))
+
+
+def test_a_trigger_the_augmentation_cuts_or_mirrors_is_warned_about_at_set_up():
+    pixels = tuple((row, col) for row in (1, 2, 3) for col in (10, 11, 12))  # a 3x3 patch at rows 1-3
+    patch = BadNets(victim=8, target=5, num_poisons=10, pixels=pixels, value=1.0)
+    (crop,) = patch.augmentation_warnings(32, 32, crop_padding=2, flip=False)
+    assert "(1, 10), (1, 11), (1, 12) lie within data.crop_padding=2" in crop and "(2, 10)" not in crop
+    assert "Move the trigger at least 2 pixels from the edges, or lower data.crop_padding" in crop
+    assert patch.augmentation_warnings(32, 32, crop_padding=1, flip=False) == []
+    (mirror,) = patch.augmentation_warnings(32, 32, crop_padding=0, flip=True)
+    assert "not mirror-symmetric and data.flip is on" in mirror and "set data.flip false" in mirror
+    symmetric = BadNets(pixels=((10, 15), (10, 16)))  # columns 15 and 16 swap under a flip of 32 columns
+    assert symmetric.augmentation_warnings(32, 32, crop_padding=4, flip=True) == []
+    data = PoisonedDataModule("digits", attack=patch, per_class=20, crop_padding=2, flip=False)
+    with pytest.warns(UserWarning, match=r"attack.pixels \(1, 10\).*data.crop_padding=2"):
+        data.setup()

@@ -191,8 +191,10 @@ def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_fin
 ):
     environment = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
     longer = ["--delta_influence.unlearning.max_epochs", "40"]  # a retrain that lasts until the signal comes
+    quick = ["--trainer.max_epochs", "2", "--delta_influence.num_transforms", "8", "--delta_influence.num_contrast",
+             "0", "--delta_influence.query_index", "0", "--delta_influence.require_misclassified", "false"]  # fmt: skip
     command = [sys.executable, str(ROOT / "train.py"), "fit", *_small(tmp_path / "runs"), "--trainer.logger", "false"]
-    command += longer if stage == "corrective fit" else []
+    command += quick + (longer if stage == "corrective fit" else [])
     process = subprocess.Popen(
         command, cwd=tmp_path, env=environment | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,

@@ -48,6 +48,33 @@ class BadNets(TriggerAttack):
             out[..., row, col] = self.value
         return out
 
+    def augmentation_warnings(self, height: int, width: int, crop_padding: int, flip: bool) -> list[str]:
+        """Trigger pixels within ``crop_padding`` of an edge (a random crop can cut them off) and, with flips, a
+        trigger that is not mirror-symmetric (half the training images then show it mirrored).
+
+        Example:
+            >>> BadNets(pixels=((1, 5), (1, 6))).augmentation_warnings(32, 32, crop_padding=2, flip=False)[0][:60]
+            'attack.pixels (1, 5), (1, 6) lie within data.crop_padding=2 '
+        """
+        warnings = []
+        pad = crop_padding
+        edge = [(r, c) for r, c in self.pixels if min(r, c) < pad or r >= height - pad or c >= width - pad]
+        if edge:
+            warnings.append(
+                f"attack.pixels {', '.join(map(str, edge))} lie within data.crop_padding={pad} pixels of the "
+                f"{height}x{width} image's edge: the random crop shifts the trigger and cuts these pixels off in some "
+                f"training images, which weakens the backdoor. Move the trigger at least {pad} pixels from the edges, "
+                "or lower data.crop_padding."
+            )
+        mirrored = {(r, width - 1 - c) for r, c in self.pixels}
+        if flip and mirrored != set(self.pixels):
+            warnings.append(
+                f"attack.pixels {', '.join(map(str, self.pixels))} are not mirror-symmetric and data.flip is on: half "
+                "the training images show the trigger mirrored (columns c -> "
+                f"{width - 1} - c). Use a mirror-symmetric trigger, or set data.flip false."
+            )
+        return warnings
+
     def make_trigger(self, train: LabeledImages, context: AttackContext) -> Trigger:
         grey = torch.full(train.images.shape[1:], 0.5)
         return Trigger(self.apply_trigger, media={"trigger": self.apply_trigger(grey)})

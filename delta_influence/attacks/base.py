@@ -74,6 +74,11 @@ class Attack(ABC):
         """The attack with every class given by name replaced by its index in ``classes``. Nothing by default."""
         return self
 
+    def augmentation_warnings(self, height: int, width: int, crop_padding: int, flip: bool) -> list[str]:
+        """What the victim's augmentation (random crops after ``crop_padding`` pixels of zero padding, horizontal
+        flips) does to the attack's trigger, one sentence each with the choices; empty when it leaves it alone."""
+        return []
+
     def prepare(self, train: LabeledImages, test: LabeledImages, context: AttackContext) -> None:
         """Makes and caches what is expensive to make (a trigger, a surrogate's product). Nothing by default."""
 
