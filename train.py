@@ -1,8 +1,9 @@
 """Entry point: ``python train.py fit --config configs/cifar10_badnets.yaml``.
 
-Poisons a data set, trains a classifier on it and, when the config adds ``InfluenceCollapseCallback``, audits the
-trained model with Δ-Influence and runs the corrective fit. Any option can be overridden on the command line
-(``--trainer.max_epochs 2``); ``--print_config`` prints the full configuration.
+Poisons a data set, trains a classifier on it, audits the trained model with Δ-Influence (the ``delta_influence``
+section: ``InfluenceCollapseCallback``, on unless ``--delta_influence=null``) and runs the corrective fit it names.
+Any option can be overridden on the command line (``--trainer.max_epochs 2``); ``--print_config`` prints the full
+configuration.
 
 ``python train.py audit --config <config> --ckpt_path <model.ckpt>`` audits an existing model instead: the
 configured detector, then the corrective fit when one is configured, written into the checkpoint's run folder.
@@ -60,8 +61,8 @@ class AuditingTrainer(pl.Trainer):
         audits = [callback for callback in self.callbacks if isinstance(callback, InfluenceCollapseCallback)]
         if len(audits) != 1 or datamodule is None:
             raise ConfigError(
-                f"`audit` needs a data module and exactly one InfluenceCollapseCallback in trainer.callbacks; the "
-                f"config has {len(audits)}. Use a config of configs/ (they all add one)."
+                f"`audit` needs a data module and the audit callback (the `{AUDIT}` section); the config has "
+                f"{len(audits)} InfluenceCollapseCallback. Leave `{AUDIT}` set (not null), as the configs of configs/."
             )
         (callback,) = audits
         load_weights(model, ckpt_path, "--ckpt_path")
@@ -99,6 +100,10 @@ class DeltaInfluenceCLI(LightningCLI):
         if run is not None and getattr(logger, "class_path", "").endswith("WandbLogger"):
             logger.init_args.id = run.name
             logger.init_args.resume = "allow"
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # `delta_influence: null` leaves None among the sections' callbacks: no callback, not a None one
+        return super()._instantiate_trainer(config, [callback for callback in callbacks if callback is not None])
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -30,7 +30,7 @@ from delta_influence.stages import run_stage
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import CorrectiveFit, Unlearning, UnlearningError
 from lightning_modules.weights import load_weights
-from train import AUDIT, DeltaInfluenceCLI, run_command, use_wandb_offline_without_account
+from train import AUDIT, DeltaInfluenceCLI, run_command, run_folder_of, use_wandb_offline_without_account
 
 
 class UnlearnCLI(DeltaInfluenceCLI):
@@ -98,7 +98,8 @@ def from_run_folder(args: list[str]) -> list[str]:
         if not audits:
             raise UnlearningError(f"--run={folder!r} holds no audit (delta_influence/flagged.json); pass --indices.")
         found += ["--indices", str(audits[-1])]  # the latest audit
-    if "--unlearning" not in rest and (configured := _configured_unlearning(run / "config.yaml")) is not None:
+    given = any(arg == "--unlearning" or arg.startswith("--unlearning=") for arg in rest)
+    if not given and (configured := _configured_unlearning(run / "config.yaml")) is not None:
         found += ["--unlearning", configured]  # the run's own corrective fit, as its config says
     return found + rest
 
@@ -140,7 +141,7 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
     data.prepare_data()
     data.setup("fit")
     victim = Path(config.victim).resolve()
-    run = victim.parent.parent if victim.parent.name == "checkpoints" else None  # a run folder of this project
+    run = run_folder_of(config.victim)  # a run folder of this project, whose stages.json records the fit
     out_dir = Path(config.out_dir) if config.out_dir else victim.parent.parent / "unlearn"
     fit = CorrectiveFit.of(data, cli.trainer, out_dir)
     with run_stage(run, "corrective fit", "Run the same command again to finish it."):

@@ -62,6 +62,7 @@ def config_args(args: argparse.Namespace, config: Optional[str] = None) -> list[
     command line."""
     config = config or CONFIGS[args.attack].relative_to(ROOT)
     command = ["--config", str(ROOT / config), "--data.root", str(extract(args.archive, args.cache))]
+    command += ["--data.cache_dir", str(RESULTS / "attack_cache"), "--trainer.default_root_dir", str(RESULTS / "runs")]
     command += ["--seed_everything", str(args.seed), "--data.seed", str(args.seed)]
     for flag, key in OVERRIDES.items():
         if getattr(args, flag) is not None:

@@ -132,7 +132,7 @@ def audit(cli, configured, number: int, seed: int) -> dict:
     default = result.metrics
     reference = detection_metrics(result.evidence.decision.collapsed, total, poisons)
     fit = CorrectiveFit.of(data, cli.trainer, RESULTS / "witches_brew_unlearn")
-    fit.settings = dataclasses.replace(fit.settings, progress_bar=False)
+    fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None, progress_bar=False)
     torch.manual_seed(seed)
     retrained = fit.run(victim, Retrain(seed=seed), result.flagged) or {"acc": None, "asr": None}  # None: nothing
     return {

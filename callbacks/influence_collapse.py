@@ -9,6 +9,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
@@ -20,7 +21,7 @@ from delta_influence.errors import ConfigError
 from delta_influence.files import shown
 from delta_influence.influence import Strategy
 from delta_influence.pipeline import AuditData, AuditResult, QueryChoice, run_audit
-from delta_influence.stages import record, run_stage
+from delta_influence.stages import read_stages, record, run_stage
 from lightning_modules.unlearning import CorrectiveFit, Unlearning
 
 
@@ -132,6 +133,14 @@ class InfluenceCollapseCallback(Callback):
             record(self._run_folder(trainer), "fit", "running")
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # training that stops early is recorded as such (the audit and the corrective fit record themselves)
+        folder = self._run_folder(trainer)
+        if trainer.is_global_zero and read_stages(folder).get("fit", {}).get("status") == "running":
+            stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+            record(folder, "fit", "interrupted" if stopped else "failed", error=f"{type(exception).__name__}")
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
@@ -186,7 +195,7 @@ class InfluenceCollapseCallback(Callback):
             log=rank_zero_info,
         )
         # Δ-Influence's metrics under audit/, another detector's under audit/<its name>/
-        prefix = "audit" if detector is self.delta_influence else f"audit/{detector.name}"
+        prefix = "audit" if isinstance(detector, DeltaInfluence) else f"audit/{detector.name}"
         for logger in trainer.loggers:
             logger.log_metrics({f"{prefix}/{key}": value for key, value in result.metrics.items()}, trainer.global_step)
             if isinstance(logger, WandbLogger):
@@ -203,7 +212,9 @@ class InfluenceCollapseCallback(Callback):
         data = data if data is not None else trainer.datamodule
         folder = self._run_folder(trainer)
         fit = CorrectiveFit.of(data, trainer, folder / "unlearn", distributed)
-        finish = f"Finish it with: python unlearn.py --run {shown(folder)}"
+        finish = f"Finish it with: python unlearn.py --run {folder.resolve()}"
+        if self.result is not None:  # the indices this audit flagged, whichever detector wrote them
+            finish += f" --indices {(self.result.output_dir / 'flagged.json').resolve()}"
         with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
             report = fit.run(pl_module, self.unlearning, self._flagged)
         if report is None:
@@ -225,11 +236,11 @@ class InfluenceCollapseCallback(Callback):
 def _finish_audit(trainer: pl.Trainer, folder: Path) -> str:
     """How to finish an interrupted audit: ``train.py audit`` on the run's saved config and checkpoint."""
     checkpoint = trainer.checkpoint_callback
-    saved = checkpoint is not None and (getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path)
+    saved = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
     configs = [callback.path for callback in trainer.callbacks if isinstance(callback, RunConfigCallback)]
     if not (saved and configs and configs[0] is not None):
         return "Train with checkpoints and a saved config to be able to finish it with `python train.py audit`."
-    return f"Finish it with: python train.py audit --config {shown(configs[0])} --ckpt_path {shown(saved)}"
+    return f"Finish it with: python train.py audit --config {configs[0].resolve()} --ckpt_path {Path(saved).resolve()}"
 
 
 def _close_epoch_bar(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -26,9 +26,8 @@ def write_new(target: Path, write: Callable[[Path], object], folder: bool = Fals
     if folder:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     else:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-        os.close(handle)
-        staging = Path(name)
+        staging = _staging_file(target)
+    _usual_mode(staging)
     try:
         write(staging)
         return publish(staging, target)
@@ -57,15 +56,28 @@ def shown(path: Path | str) -> str:
 def write_replacing(target: Path, write: Callable[[Path], object]) -> Path:
     """Writes through ``write(staging)`` and renames the finished file onto ``target``, replacing what was there."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
+    staging = _staging_file(target)
+    _usual_mode(staging)
     try:
         write(staging)
         os.replace(staging, target)
         return target
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _staging_file(target: Path) -> Path:
+    """A new, empty hidden file next to ``target``."""
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _usual_mode(path: Path) -> None:
+    """The permissions a plainly created file or folder gets (tempfile makes them private to the owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def publish(staging: Path, target: Path) -> Path:

@@ -22,7 +22,7 @@ from delta_influence.attacks.base import class_index
 from delta_influence.collapse import detection_metrics
 from delta_influence.detectors.base import Detection, DetectionInput, Detector
 from delta_influence.errors import ConfigError
-from delta_influence.evidence import AuditView
+from delta_influence.evidence import AuditView, Evidence
 from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.files import shown, write_new
 from delta_influence.plots import to_displayable
@@ -116,8 +116,10 @@ class AuditResult:
         return self.detection.flagged
 
     @property
-    def evidence(self) -> Any:
-        return self.detection.evidence
+    def evidence(self) -> Optional[Evidence]:
+        """The detector's evidence, when it is an ``Evidence`` (files of its own)."""
+        evidence = self.detection.evidence
+        return evidence if isinstance(evidence, Evidence) else None
 
     @property
     def pictures(self) -> list[Path]:
@@ -218,15 +220,16 @@ def run_audit(
     detection = detector.detect(inputs)
     metrics = detection_metrics(detection.flagged, len(data.train_set), data.poison_indices)
     metrics["total_s"] = time.perf_counter() - start
-    if detection.evidence is not None:
-        metrics |= detection.evidence.metrics(data.poison_indices)
+    evidence = detection.evidence if isinstance(detection.evidence, Evidence) else None  # others' stay in memory
+    if evidence is not None:
+        metrics |= evidence.metrics(data.poison_indices)
     metrics |= {key: float(value) for key, value in detection.info.items()}
     summary = {
         "detector": detection.detector,
         **context,
         **(asdict(detector) if is_dataclass(detector) else {}),
         "num_train": len(data.train_set),
-        **(detection.evidence.summary() if detection.evidence is not None else {}),
+        **(evidence.summary() if evidence is not None else {}),
         "metrics": metrics,
     }
     out = write_new(Path(output_dir), lambda folder: _write(folder, detection, summary, data), folder=True)
@@ -242,7 +245,7 @@ def _write(folder: Path, detection: Detection, summary: dict, data: AuditData) -
         json.dumps({"flagged": detection.flagged.tolist(), "count": len(detection.flagged)})
     )
     torch.save(detection.flagged, folder / "flagged.pt")
-    if detection.evidence is not None:
+    if isinstance(detection.evidence, Evidence):
         detection.evidence.write(folder, data.view())
     if detection.scores is not None and not (folder / "scores.pt").exists():
         torch.save(detection.scores, folder / "scores.pt")

@@ -37,25 +37,32 @@ def run_stage(folder: Optional[Path], stage: str, finish: str) -> Iterator[None]
     """Runs a block as ``stage`` of the run in ``folder`` (``None``: no record): ``stages.json`` says ``running`` while
     it runs, then ``finished``, ``interrupted`` (with ``finish``, how to finish it) or ``failed``; SIGTERM and SIGINT
     raise ``StageInterrupted`` inside it (in the main thread, where Python delivers signals)."""
-
-    def stop(signum: int, frame) -> None:
-        raise StageInterrupted(stage, signum, finish)
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS} if main else {}
-    for signum in previous:
-        signal.signal(signum, stop)
     record(folder, stage, "running")
     try:
-        yield
+        with _signals_interrupt(stage, finish):
+            yield
     except StageInterrupted as interrupted:
         record(folder, stage, "interrupted", finish=finish, exit_status=interrupted.exit_status)
         raise
     except BaseException as error:
         record(folder, stage, "failed", error=f"{type(error).__name__}: {error}")
         raise
-    else:
-        record(folder, stage, "finished")
+    record(folder, stage, "finished")
+
+
+@contextmanager
+def _signals_interrupt(stage: str, finish: str) -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``StageInterrupted`` inside the block; the previous handlers are back after it."""
+
+    def stop(signum: int, frame) -> None:
+        raise StageInterrupted(stage, signum, finish)
+
+    previous = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                previous[signum] = signal.signal(signum, stop)
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -15,6 +15,7 @@ from wandb_records import logged_keys, read_run
 
 import train
 import unlearn
+from callbacks import InfluenceCollapseCallback
 from delta_influence.errors import ConfigError
 from delta_influence.stages import read_stages
 from lightning_modules import PoisonClassifier
@@ -73,6 +74,28 @@ def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, override
     shown = str(error.value) + capsys.readouterr().err
     assert message in shown
     assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
+def test_the_audit_is_a_section_of_its_own(tmp_path, monkeypatch):
+    def audits(*extra: str) -> list:
+        cli = train.main([*_small(tmp_path, *extra), "--trainer.logger", "false"], run=False)
+        assert None not in cli.trainer.callbacks
+        return [callback for callback in cli.trainer.callbacks if isinstance(callback, InfluenceCollapseCallback)]
+
+    (callback,) = audits("--delta_influence.detector", "delta_influence.detectors.SpectralSignatures")
+    assert callback.detector.name == "spectral_signatures" and audits("--delta_influence=null") == []
+    (callback,) = audits("--trainer.callbacks=[]", "--delta_influence.contrast_ratio", "2.5")  # not in a list
+    assert callback.delta_influence.contrast_ratio == 2.5
+    with pytest.raises(
+        ConfigError, match=r"--trainer.callbacks.init_args.tolerance: .* use --delta_influence.tolerance"
+    ):
+        train.main([*_small(tmp_path), "--trainer.callbacks.init_args.tolerance", "1"], run=False)
+    twice = tmp_path / "twice.yaml"  # a config written for the old layout, audit callback in the list as well
+    twice.write_text(
+        yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "callbacks.InfluenceCollapseCallback"}]}})
+    )
+    with pytest.raises(ConfigError, match=r"as well as the `delta_influence` section: the audit would run twice"):
+        audits("--config", str(twice))
 
 
 def test_too_many_poisons_stops_before_training(tmp_path):
