@@ -1,6 +1,7 @@
 """InfluenceCollapseCallback: Δ-Influence after fit, then the corrective fit. Lightning glue over the audit pipeline
 (``delta_influence.pipeline``) and ``CorrectiveFit``."""
 
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -64,6 +65,7 @@ class InfluenceCollapseCallback(Callback):
         seed: Seed of the transformations and their labels.
         train_batch_size: Batch size of kronfluence's passes over the training set.
         num_workers: Data loader workers for kronfluence.
+        factor_examples: How many training samples the EK-FAC factor fits see (a seeded random sample); ``None``: all.
         output_dir: Where audits are written; default ``<run folder>/delta_influence``.
         factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
         top_k: Rows of the table of top flagged samples.
@@ -91,6 +93,7 @@ class InfluenceCollapseCallback(Callback):
         seed: int = 0,
         train_batch_size: int = 128,
         num_workers: int = 0,
+        factor_examples: Optional[int] = None,
         output_dir: Optional[str] = None,
         factors_dir: Optional[str] = None,
         top_k: int = 32,
@@ -114,6 +117,7 @@ class InfluenceCollapseCallback(Callback):
             seed=seed,
             train_batch_size=train_batch_size,
             num_workers=num_workers,
+            factor_examples=factor_examples,
         )
         contrast = tuple(contrast_images) if contrast_images is not None else None
         self.choice = QueryChoice(query_index, query_image, query_label, require_misclassified, contrast)
@@ -126,11 +130,21 @@ class InfluenceCollapseCallback(Callback):
         self.corrective: Optional[dict] = None
         self._flagged: Optional[Tensor] = None  # the audit's flagged indices, on every process
         self.run_folder: Optional[Path] = None  # set by `train.py audit`: the audited checkpoint's run folder
+        self._epoch_seconds: list[float] = []  # the fit's epochs, to state the audit's cost in epochs
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.fast_dev_run:
             record(self._run_folder(trainer), "fit", "running")
+        self._epoch_seconds = []
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -193,6 +207,7 @@ class InfluenceCollapseCallback(Callback):
             factors_dir=Path(self.factors_dir or Path(trainer.default_root_dir) / "influence_cache"),
             choice=self.choice,
             log=rank_zero_info,
+            epoch_seconds=sum(self._epoch_seconds) / len(self._epoch_seconds) if self._epoch_seconds else None,
         )
         # Δ-Influence's metrics under audit/, another detector's under audit/<its name>/
         prefix = "audit" if isinstance(detector, DeltaInfluence) else f"audit/{detector.name}"

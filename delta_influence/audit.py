@@ -14,7 +14,13 @@ from delta_influence.collapse import CollapseResult, check_rule, flag_collapsed,
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, labels_of, require
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView, Evidence
-from delta_influence.influence import Strategy, check_strategy, check_trackable, compute_influence_scores
+from delta_influence.influence import (
+    Strategy,
+    check_factor_examples,
+    check_strategy,
+    check_trackable,
+    compute_influence_scores,
+)
 from delta_influence.queries import QuerySet, make_queries
 
 
@@ -53,6 +59,9 @@ class DeltaInfluence(Detector):
     )
     seed: int = field(default=0, metadata={"help": "seed of the transformations and their labels"})
     train_batch_size: int = field(default=128, metadata={"help": "training samples per batch of kronfluence"})
+    factor_examples: Optional[int] = field(
+        default=None, metadata={"help": "training samples the factor fits see (a seeded sample); None: all"}
+    )
     num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
 
     def __post_init__(self) -> None:
@@ -60,6 +69,7 @@ class DeltaInfluence(Detector):
         check_strategy(self.strategy)
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
+        check_factor_examples(self.factor_examples)
         if self.train_batch_size < 1 or self.num_workers < 0:
             raise ConfigError(
                 f"train_batch_size={self.train_batch_size} must be at least 1 and num_workers={self.num_workers} "
@@ -101,7 +111,7 @@ class DeltaInfluence(Detector):
         )  # fmt: skip
         influence = compute_influence_scores(
             model, train_set, _scored(queries, contrast), factors_dir, self.strategy, device,
-            self.train_batch_size, num_workers=self.num_workers, seed=self.seed,
+            self.train_batch_size, num_workers=self.num_workers, seed=self.seed, factor_examples=self.factor_examples,
         )  # fmt: skip
         same_label = None
         if len(contrast) and self.same_label:

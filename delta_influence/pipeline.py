@@ -179,6 +179,7 @@ def run_audit(
     choice: QueryChoice = QueryChoice(),
     device: Optional[torch.device | str] = None,
     log: Callable[[str], object] = print,
+    epoch_seconds: Optional[float] = None,
 ) -> AuditResult:
     """Audits ``model`` with ``detector`` and publishes the result as ``output_dir`` (or ``output_dir-2``, ... when
     taken; a finished audit is never overwritten and an interrupted one leaves nothing behind).
@@ -192,6 +193,8 @@ def run_audit(
         choice: The query and contrast, for the detectors that need them.
         device: Where to compute; default: where the model is.
         log: Where the two console lines go (what is about to happen, what was found).
+        epoch_seconds: One training epoch of the audited run: every stage's time is then also given in epochs
+            (``<stage>_epochs``), the unit in which a user plans the audit's cost.
 
     Returns:
         The detection, its metrics (flagged count and share; precision, recall and F1 when the true poisons are
@@ -224,6 +227,10 @@ def run_audit(
     if evidence is not None:
         metrics |= evidence.metrics(data.poison_indices)
     metrics |= {key: float(value) for key, value in detection.info.items()}
+    if epoch_seconds:
+        metrics |= {
+            f"{key[:-2]}_epochs": value / epoch_seconds for key, value in list(metrics.items()) if key.endswith("_s")
+        }
     summary = {
         "detector": detection.detector,
         **context,

@@ -43,6 +43,9 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert files >= {"queries.png", "collapse_counts.png"}
     summary = json.loads((first.output_dir / "summary.json").read_text())
     assert summary["factors_reused"] is False and summary["num_transforms"] == 12
+    metrics = summary["metrics"]  # every stage's cost also in epochs of this run (one epoch here: 13 steps)
+    assert metrics["covariance_epochs"] / metrics["covariance_s"] == pytest.approx(1 / callback._epoch_seconds[0])
+    assert metrics["total_epochs"] >= metrics["factors_epochs"] + metrics["scores_epochs"] - 1e-9
     assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
     scores = torch.load(first.output_dir / "scores.pt")
     assert scores.shape == (1 + 12 + 5, 400) and torch.equal(scores, first.evidence.scores)  # query, copies, contrast

@@ -88,6 +88,7 @@ def test_the_factor_key_covers_everything_that_makes_the_factors(tmp_path, monke
         "the strategy": name(strategy="kfac"),
         "the Fisher-sampling seed": name(seed=1),
         "the batch size": name(train_batch_size=16),
+        "a sample for the factor fits": name(factor_examples=12),
     }
 
     class OtherTask(influence.ClassificationTask):
@@ -98,6 +99,25 @@ def test_the_factor_key_covers_everything_that_makes_the_factors(tmp_path, monke
     monkeypatch.undo()
     assert [change for change, other in changes.items() if other == first] == []
     assert name(_data()) == first
+
+
+def test_factors_fitted_on_a_sample_score_every_sample_and_time_each_stage(tmp_path):
+    model, train = _model(), _data()
+    queries = TensorDataset(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+    analysis = InfluenceAnalysis(model, train, tmp_path, train_batch_size=8, factor_examples=12, seed=3)
+    assert len(analysis.factor_set) == 12 and sorted(analysis.factor_set.indices) == analysis.factor_set.indices
+    again = InfluenceAnalysis(model, train, tmp_path, train_batch_size=8, factor_examples=12, seed=3)
+    assert again.factor_set.indices == analysis.factor_set.indices  # seeded
+    assert InfluenceAnalysis(model, train, tmp_path, factor_examples=100).factor_set is train  # more than there are
+    sampled = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8, factor_examples=12)
+    assert sampled.scores.shape == (2, 24) and torch.isfinite(sampled.scores).all()
+    assert {"covariance_s", "eigendecomposition_s", "lambda_s"} <= set(sampled.timings)
+    assert (
+        sum(sampled.timings[k] for k in ("covariance_s", "eigendecomposition_s", "lambda_s"))
+        <= sampled.timings["factors_s"]
+    )
+    with pytest.raises(ValueError, match="factor_examples=0 must be at least 1"):
+        InfluenceAnalysis(model, train, tmp_path, factor_examples=0)
 
 
 def test_factors_are_seeded(tmp_path):
