@@ -44,6 +44,7 @@ def main() -> None:
                 "factors_s": timings["factors_s"],
                 "scores_s": timings["scores_s"],
                 "audit_s": timings["total_s"],
+                "audit_epochs": timings["total_epochs"],  # the audit in epochs of this victim's training
             }
         )
     report(f"detection_{args.attack}{run_tag(args)}", rows, list(rows[0]))
