@@ -7,7 +7,6 @@ callback, ``train.py audit``, the benchmarks and the tests all audit through it.
 """
 
 import json
-import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -219,10 +218,9 @@ def run_audit(
             inputs.num_classes = model(torch.as_tensor(data.train_set[0][0])[None].to(device)).shape[-1]
     title = detector.title or detector.name
     log(_announce(title, detector, context))
-    start = time.perf_counter()
     detection = detector.detect(inputs)
     metrics = detection_metrics(detection.flagged, len(data.train_set), data.poison_indices)
-    metrics["total_s"] = time.perf_counter() - start
+    metrics["total_s"] = detection.seconds
     evidence = detection.evidence if isinstance(detection.evidence, Evidence) else None  # others' stay in memory
     if evidence is not None:
         metrics |= evidence.metrics(data.poison_indices)
@@ -239,21 +237,21 @@ def run_audit(
         **(evidence.summary() if evidence is not None else {}),
         "metrics": metrics,
     }
-    out = write_new(Path(output_dir), lambda folder: _write(folder, detection, summary, data), folder=True)
+    out = write_new(Path(output_dir), lambda folder: _write(folder, detection, evidence, summary, data), folder=True)
     result = AuditResult(detection, metrics, summary, out, data, title)
     log(result.describe())
     return result
 
 
-def _write(folder: Path, detection: Detection, summary: dict, data: AuditData) -> None:
+def _write(folder: Path, detection: Detection, evidence: Optional[Evidence], summary: dict, data: AuditData) -> None:
     """Every file of an audit: the flagged indices, the evidence's own files, the per-sample scores unless the
     evidence wrote its own, and the summary."""
     (folder / "flagged.json").write_text(
         json.dumps({"flagged": detection.flagged.tolist(), "count": len(detection.flagged)})
     )
     torch.save(detection.flagged, folder / "flagged.pt")
-    if isinstance(detection.evidence, Evidence):
-        detection.evidence.write(folder, data.view())
+    if evidence is not None:
+        evidence.write(folder, data.view())
     if detection.scores is not None and not (folder / "scores.pt").exists():
         torch.save(detection.scores, folder / "scores.pt")
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
