@@ -6,6 +6,7 @@ a flag given here becomes the matching command-line override, so every table is
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tarfile
@@ -18,6 +19,7 @@ import torch
 import train
 from callbacks import InfluenceCollapseCallback
 from delta_influence.examples import accuracy
+from lightning_modules.unlearning import CorrectiveFit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -111,13 +113,26 @@ def load_victim(args: argparse.Namespace) -> train.DeltaInfluenceCLI:
     path = victim_path(args)
     if not path.exists():
         return train_victim(args)
-    cli = train.main(config_args(args), run=False)
-    cli.datamodule.prepare_data()
-    cli.datamodule.setup("fit")
+    cli = configured(args)
     saved = torch.load(path)
     cli.model.load_state_dict(saved["state_dict"])
     cli.victim_metrics = saved["metrics"]
     return cli
+
+
+def configured(args: argparse.Namespace) -> train.DeltaInfluenceCLI:
+    """The benchmark's config as set (model, data, trainer, audit), without training; its data prepared."""
+    cli = train.main(config_args(args), run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    return cli
+
+
+def corrective_fit(cli: train.DeltaInfluenceCLI, out_dir: Path) -> CorrectiveFit:
+    """The config's corrective fit, without validation passes or progress bars (a table needs neither)."""
+    fit = CorrectiveFit.of(cli.datamodule, cli.trainer, out_dir)
+    fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None, progress_bar=False)
+    return fit
 
 
 def audit_callback(cli: train.DeltaInfluenceCLI) -> Optional[InfluenceCollapseCallback]:

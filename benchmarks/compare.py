@@ -12,13 +12,12 @@ scoring pass alone). The table is printed, written as JSON and markdown under be
 W&B table ``compare/<attack>`` (offline unless a W&B key is configured).
 """
 
-import dataclasses
 import os
 import tempfile
 
 import torch
 import wandb
-from common import RESULTS, config_args, load_victim, parse_args, report, run_tag
+from common import RESULTS, config_args, corrective_fit, load_victim, parse_args, report, run_tag
 
 from delta_influence.audit import DeltaInfluence
 from delta_influence.detectors import (
@@ -30,7 +29,7 @@ from delta_influence.detectors import (
     SpectralSignatures,
 )
 from delta_influence.pipeline import AuditData, run_audit
-from lightning_modules.unlearning import CorrectiveFit, Retrain
+from lightning_modules.unlearning import Retrain
 
 COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
 
@@ -48,8 +47,7 @@ def main() -> None:
     data, victim, victim_metrics = cli.datamodule, cli.model, cli.victim_metrics
     poisons = data.poison_indices
     target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
-    retrain = CorrectiveFit.of(data, cli.trainer, RESULTS / "compare_unlearn")  # the config's corrective fit ...
-    retrain.settings = dataclasses.replace(retrain.settings, val_dataloaders=None, progress_bar=False)  # ... quiet
+    retrain = corrective_fit(cli, RESULTS / "compare_unlearn")
     detectors = [
         ("Δ-Influence (default rule)", DeltaInfluence(train_batch_size=256)),
         ("Δ-Influence (reference rule)", DeltaInfluence(num_contrast=0, train_batch_size=256)),

@@ -13,9 +13,8 @@ import argparse
 import json
 
 import torch
-from common import RESULTS, config_args, parse_args, report, run_tag
+from common import RESULTS, configured, parse_args, report, run_tag
 
-import train
 from delta_influence import detection_metrics, flag_collapsed
 
 
@@ -37,9 +36,7 @@ def main() -> None:
             raise SystemExit(f"No audit in {audit}: run benchmarks/detection.py --attack {attack} --seed {seed} first.")
         summary = json.loads((audit / "summary.json").read_text())
         scores = torch.load(audit / "scores.pt")
-        data = train.main(config_args(settings), run=False).datamodule
-        data.prepare_data()
-        data.setup("fit")
+        data = configured(settings).datamodule
         same_label = data.eval_train_set.labels == summary["query_label"]
         for row in rows:
             decision = flag_collapsed(

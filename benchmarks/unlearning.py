@@ -6,13 +6,12 @@ the flagged set's size.
     python benchmarks/unlearning.py
 """
 
-import dataclasses
 import sys
 
 import torch
-from common import RESULTS, load_victim, parse_args, report, run_tag
+from common import RESULTS, corrective_fit, load_victim, parse_args, report, run_tag
 
-from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, CorrectiveFit, FineTune, Retrain
+from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Retrain
 
 
 def main() -> None:
@@ -24,8 +23,7 @@ def main() -> None:
     reference = torch.load(audit / "contrast.pt")["collapsed"]  # the reference rule on the same scores
     cli = load_victim(args)
     data, victim, metrics = cli.datamodule, cli.model, cli.victim_metrics
-    fit = CorrectiveFit.of(data, cli.trainer, RESULTS / "unlearn")  # the config's corrective fit ...
-    fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None)  # ... without validation passes
+    fit = corrective_fit(cli, RESULTS / "unlearn")
     generator = torch.Generator().manual_seed(args.seed)
     random_set = torch.randperm(len(data.eval_train_set), generator=generator)[: len(flagged)].sort().values
     runs = [

@@ -17,12 +17,11 @@ without the default rule's flagged samples, by the config's corrective fit. The 
 results/witches_brew.json.
 """
 
-import dataclasses
 import tempfile
 import time
 
 import torch
-from common import RESULTS, audit_callback, config_args, evaluate, parse_args, report
+from common import RESULTS, audit_callback, config_args, corrective_fit, evaluate, parse_args, report
 
 import train
 from delta_influence import detection_metrics
@@ -30,7 +29,7 @@ from delta_influence.devices import device_of
 from delta_influence.examples import evaluating
 from delta_influence.pipeline import AuditData, run_audit
 from delta_influence.surrogate import SurrogateRecipe, cached_surrogate
-from lightning_modules.unlearning import CorrectiveFit, Retrain
+from lightning_modules.unlearning import Retrain
 
 CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
@@ -131,8 +130,7 @@ def audit(cli, configured, number: int, seed: int) -> dict:
     total, poisons = len(data.eval_train_set), data.poison_indices
     default = result.metrics
     reference = detection_metrics(result.evidence.decision.collapsed, total, poisons)
-    fit = CorrectiveFit.of(data, cli.trainer, RESULTS / "witches_brew_unlearn")
-    fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None, progress_bar=False)
+    fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn")
     torch.manual_seed(seed)
     retrained = fit.run(victim, Retrain(seed=seed), result.flagged) or {"acc": None, "asr": None}  # None: nothing
     return {
