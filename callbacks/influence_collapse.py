@@ -23,6 +23,7 @@ from delta_influence.files import shown
 from delta_influence.influence import Strategy
 from delta_influence.pipeline import AuditData, AuditResult, QueryChoice, run_audit
 from delta_influence.stages import read_stages, record, run_stage
+from delta_influence.verification import Verification
 from lightning_modules.unlearning import CorrectiveFit, Unlearning
 
 
@@ -66,6 +67,9 @@ class InfluenceCollapseCallback(Callback):
         train_batch_size: Batch size of kronfluence's passes over the training set.
         num_workers: Data loader workers for kronfluence.
         factor_examples: How many training samples the EK-FAC factor fits see (a seeded random sample); ``None``: all.
+        verify: Test the rule's flagged set by unlearning its parts and recover the poisons the model no longer
+            feels (``delta_influence.verification``); ``None``: on whenever the contrast is (``num_contrast > 0``).
+        verification: The verification stage's settings.
         output_dir: Where audits are written; default ``<run folder>/delta_influence``.
         factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
         top_k: Rows of the table of top flagged samples.
@@ -94,6 +98,8 @@ class InfluenceCollapseCallback(Callback):
         train_batch_size: int = 128,
         num_workers: int = 0,
         factor_examples: Optional[int] = None,
+        verify: Optional[bool] = None,
+        verification: Verification = Verification(),
         output_dir: Optional[str] = None,
         factors_dir: Optional[str] = None,
         top_k: int = 32,
@@ -118,6 +124,7 @@ class InfluenceCollapseCallback(Callback):
             train_batch_size=train_batch_size,
             num_workers=num_workers,
             factor_examples=factor_examples,
+            verification=verification if (num_contrast > 0 if verify is None else verify) else None,
         )
         contrast = tuple(contrast_images) if contrast_images is not None else None
         self.choice = QueryChoice(query_index, query_image, query_label, require_misclassified, contrast)

@@ -1,5 +1,7 @@
 """The Δ-Influence pipeline: queries, one scoring pass over the training set, the decision rule."""
 
+import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,14 +9,16 @@ from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from delta_influence import plots
-from delta_influence.collapse import CollapseResult, check_rule, flag_collapsed, topk_recall
+from delta_influence.collapse import CollapseResult, check_rule, detection_metrics, flag_collapsed, topk_recall
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, labels_of, require
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView, Evidence
 from delta_influence.influence import (
+    InfluenceAnalysis,
+    InfluenceScores,
     Strategy,
     check_factor_examples,
     check_strategy,
@@ -22,6 +26,7 @@ from delta_influence.influence import (
     compute_influence_scores,
 )
 from delta_influence.queries import QuerySet, make_queries
+from delta_influence.verification import Verification, VerificationResult, head_data, head_of, verify
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,17 @@ class DeltaInfluence(Detector):
         default=None, metadata={"help": "training samples the factor fits see (a seeded sample); None: all"}
     )
     num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
+    verification: Optional[Verification] = field(
+        default=Verification(), metadata={"help": "the verification stage's settings; None: the rule's flagged set"}
+    )
 
     def __post_init__(self) -> None:
         check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio)
+        if self.verification is not None and self.num_contrast == 0:
+            raise ConfigError(
+                "the verification stage measures the query against the clean contrast, which num_contrast=0 turns off: "
+                "set verify=false with the reference rule, or num_contrast above 0."
+            )
         check_strategy(self.strategy)
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
@@ -119,10 +132,49 @@ class DeltaInfluence(Detector):
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label
         )  # fmt: skip
-        timings = {**influence.timings, "total_s": time.perf_counter() - start}
+        timings = dict(influence.timings)
+        verified = None
+        if self.verification is not None:
+            began = time.perf_counter()
+            verified = self._verify(model, train_set, queries, contrast, influence, decision, factors_dir, device)
+            timings["verify_s"] = time.perf_counter() - began
+        timings["total_s"] = time.perf_counter() - start
         return DeltaInfluenceAudit(
-            queries, contrast, influence.scores, decision, influence.factors_name, influence.factors_reused, timings
-        )
+            queries, contrast, influence.scores, decision, influence.factors_name, influence.factors_reused, timings,
+            verified,
+        )  # fmt: skip
+
+    def _verify(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        queries: QuerySet,
+        contrast: Tensor,
+        influence: InfluenceScores,
+        decision: CollapseResult,
+        factors_dir: str | Path,
+        device: torch.device | str,
+    ) -> VerificationResult:
+        """The verification stage on the rule's flagged set: the candidates for recovery are the training samples of
+        the query's label (any label without ``same_label``), their support EK-FAC scores with the audit's factors."""
+        image, label = queries.images[0], int(queries.labels[0])
+        data = head_data(model, train_set, image, label, contrast, device)
+        candidates = torch.nonzero(data.labels == label).flatten() if self.same_label else torch.arange(len(train_set))
+
+        def support(weight: Tensor, bias: Tensor, indices: Tensor) -> Tensor:
+            unlearned = copy.deepcopy(model)
+            with torch.no_grad():
+                head_of(unlearned).weight.copy_(weight)
+                head_of(unlearned).bias.copy_(bias)
+            analysis = InfluenceAnalysis(
+                unlearned, Subset(train_set, indices.tolist()), factors_dir, self.strategy, device,
+                self.train_batch_size, self.num_workers, seed=self.seed, factors_name=influence.factors_name,
+            )  # fmt: skip
+            scored = torch.cat([image[None], contrast.to(image.dtype)])
+            return analysis.pairwise_scores(TensorDataset(scored, torch.full((len(scored),), label)))
+
+        profiles = influence.scores[:, decision.flagged].T
+        return verify(data, decision.flagged, profiles, candidates, support, self.verification)
 
     name = "delta_influence"
 
@@ -169,10 +221,12 @@ class DeltaInfluenceAudit(Evidence):
     factors_name: str
     factors_reused: bool
     timings: dict[str, float]
+    verification: Optional[VerificationResult] = None  # None: the stage was off
 
     @property
     def flagged(self) -> Tensor:
-        return self.decision.flagged
+        """The verified set, or the rule's when the verification stage was off."""
+        return self.verification.flagged if self.verification is not None else self.decision.flagged
 
     def scored_queries(self) -> TensorDataset:
         """The rows of ``scores`` as a data set: the query, its copies and the contrast images, with their labels."""
@@ -200,6 +254,16 @@ class DeltaInfluenceAudit(Evidence):
                 folder / "contrast.pt",
             )  # fmt: skip
             plots.plot_contrast(self.scores[0], decision, folder / "contrast.png", view.poison_indices)
+        if self.verification is not None:
+            verified = self.verification
+            (folder / "verification.json").write_text(
+                json.dumps(
+                    {**verified.summary(), "rule_flagged": decision.flagged.tolist(), "kept": verified.kept.tolist(),
+                     "dropped": verified.dropped.tolist(), "recovered": verified.recovered.tolist(),
+                     "groups": verified.groups, "rounds": verified.rounds}
+                )
+            )  # fmt: skip
+            plots.plot_verification(verified, folder / "verification.png", view.poison_indices)
 
     def summary(self) -> dict[str, Any]:
         first = 1 + self.decision.num_transforms
@@ -212,19 +276,25 @@ class DeltaInfluenceAudit(Evidence):
                 "transformed": [1, self.decision.num_transforms],
                 "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
             },
+            "verification": self.verification.summary() if self.verification is not None else None,
         }
 
     def metrics(self, poisons: Optional[Tensor]) -> dict[str, float]:
         metrics = {"collapsed": float(len(self.decision.collapsed))}
         if poisons is not None:
             metrics["raw_topk_recall"] = topk_recall(self.scores[0], poisons)
+        if self.verification is not None:  # the rule's own answer beside the verified one
+            rule = detection_metrics(self.decision.flagged, self.scores.shape[1], poisons)
+            metrics |= {f"rule_{key}": value for key, value in rule.items() if key != "removed_fraction"}
+            metrics |= {key: float(len(getattr(self.verification, key))) for key in ("kept", "dropped", "recovered")}
         return metrics
 
     def details(self, index: int) -> dict[str, Any]:
-        contrast = self.decision.contrast
+        contrast, verified = self.decision.contrast, self.verification
         return {
             "contrast": float(contrast[index]) if contrast is not None else None,
             "count": int(self.decision.counts[index]),
+            **({"recovered": bool(torch.isin(index, verified.recovered))} if verified is not None else {}),
         }
 
 

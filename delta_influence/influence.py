@@ -99,6 +99,9 @@ class InfluenceAnalysis:
             sample of ``factor_examples``.
         factor_examples: How many training samples the factor fits (covariance, eigen-corrections) see: a seeded
             random sample; ``None``: all of them. Scores are always computed on every sample.
+        factors_name: Score with the factors fitted under this name (another analysis's ``factors_name``, in the same
+            ``output_dir``) instead of this model's own: an approximation for a model that differs from the one they
+            were fitted on only a little (e.g. in its last layer).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class InfluenceAnalysis:
         damping: Optional[float] = None,
         seed: int = 0,
         factor_examples: Optional[int] = None,
+        factors_name: Optional[str] = None,
     ) -> None:
         check_strategy(strategy)
         check_factor_examples(factor_examples)
@@ -140,7 +144,7 @@ class InfluenceAnalysis:
         }
         if self.factor_set is not train_set:
             settings["factor_examples"] = len(self.factor_set)
-        self.factors_name = f"{strategy}_{fingerprint(model, train_set, settings)}"
+        self.factors_name = factors_name or f"{strategy}_{fingerprint(model, train_set, settings)}"
         prepared = prepare_model(copy.deepcopy(model), self.task)
         with _this_process_only():
             self.analyzer = Analyzer(

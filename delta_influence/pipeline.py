@@ -158,12 +158,19 @@ class AuditResult:
         text += "the training set)"
         if "precision" in metrics:
             text += f": precision {100 * metrics['precision']:.1f} %, recall {100 * metrics['recall']:.1f} %"
+        if "kept" in metrics:
+            text += (
+                f"; verification kept {int(metrics['kept'])} of the rule's {int(metrics['rule_flagged'])}, dropped "
+                f"{int(metrics['dropped'])} and recovered {int(metrics['recovered'])}"
+            )
         if "collapsed" in metrics:
             text += f"; the paper's rule alone (collapse, no contrast) flags {int(metrics['collapsed'])}"
         if "raw_topk_recall" in metrics:
             text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"
         if "factors_s" in metrics:
             text += f". Factors {metrics['factors_s']:.1f} s, scores {metrics['scores_s']:.1f} s"
+            if "verify_s" in metrics:
+                text += f", verification {metrics['verify_s']:.1f} s"
         else:
             text += f" in {metrics['total_s']:.1f} s"
         return f"{text}. Written to {shown(self.output_dir)}"

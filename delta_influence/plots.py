@@ -116,3 +116,42 @@ def _linear_range(values) -> float:
     """The symlog axis's linear range: a small share of the values' spread, never zero."""
     spread = float(abs(values).max(initial=0))
     return max(spread * 1e-3, 1e-12)
+
+
+def plot_verification(result, path: Path, poisons: Optional[Tensor] = None) -> None:
+    """The verification stage: each tested group's effect on the query against the threshold (left), and the first
+    recovery round's support of each candidate against its threshold (right); poisons apart when known."""
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.subplots(1, 2)
+    known = set(poisons.tolist()) if poisons is not None else None
+    sizes = [len(group["indices"]) for group in result.groups]
+    effects = [group["effect"] for group in result.groups]
+    colours = ["tab:red" if group["guilty"] else "tab:blue" for group in result.groups]
+    left.scatter(sizes, effects, c=colours, s=18)
+    if known is not None:
+        for size, effect, group in zip(sizes, effects, result.groups):
+            share = sum(index in known for index in group["indices"]) / len(group["indices"])
+            left.annotate(f"{100 * share:.0f}%", (size, effect), fontsize=6, alpha=0.7)
+    left.axhline(result.threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    if sizes:
+        left.set_xscale("log")
+    left.set_xlabel("group size (red: guilty, kept or split; blue: dropped" + ("; % poisons" if known else "") + ")")
+    left.set_ylabel("query's loss rise over the contrast's")
+    left.set_title(f"prune: kept {len(result.kept)}, dropped {len(result.dropped)}", fontsize=9)
+    left.legend(fontsize=7)
+    if result.rounds:
+        first = result.rounds[0]
+        support = torch.tensor(first["support"])
+        if known is not None:
+            is_poison = torch.tensor([index in known for index in first["indices"]])
+            right.hist([support[~is_poison].numpy(), support[is_poison].numpy()], bins=50, stacked=True,
+                       label=["clean", "poison"], color=["tab:blue", "tab:red"])  # fmt: skip
+        else:
+            right.hist(support.numpy(), bins=50)
+        right.set_yscale("symlog")
+        right.axvline(first["threshold"], color="black", linestyle="--", linewidth=1, label="threshold")
+        right.legend(fontsize=7)
+    right.set_xlabel("support for the query after unlearning the kept set")
+    right.set_title(f"recover: {len(result.recovered)} added in {len(result.rounds)} round(s)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

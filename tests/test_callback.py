@@ -14,6 +14,7 @@ import delta_influence.audit as delta_audit
 from callbacks import AuditError, InfluenceCollapseCallback
 from datamodules import ImageDataset
 from delta_influence import flag_collapsed
+from delta_influence.errors import ConfigError
 from delta_influence.examples import ContrastError
 from delta_influence.pipeline import eval_train_set_of
 
@@ -54,6 +55,13 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert {"contrast.pt", "contrast.png"} <= files
     poisons = trained_digits[0].poison_indices
     assert torch.isin(poisons, first.flagged).all() and first.metrics["recall"] == 1.0  # every poison found
+    verified = json.loads((first.output_dir / "verification.json").read_text())  # the verification stage's evidence
+    assert "verification.png" in files and verified["rule_flagged"] == first.evidence.decision.flagged.tolist()
+    assert sorted(set(verified["rule_flagged"]) - set(verified["dropped"]) | set(verified["recovered"])) == (
+        first.flagged.tolist()
+    )
+    assert metrics["rule_flagged"] == len(verified["rule_flagged"]) and metrics["verify_s"] > 0
+    assert summary["verification"]["groups_tested"] == len(verified["groups"])
 
     # the same weights audited again, by another callback and by the same one: factors reused, the first audit left
     rerun = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))
@@ -64,6 +72,19 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert (first.output_dir.name, second.output_dir.name, third.output_dir.name) == ("audit", "audit-2", "audit-3")
     assert json.loads((first.output_dir / "summary.json").read_text()) == summary
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]  # no staging folder left
+
+
+def test_verification_is_switchable_and_off_leaves_the_rules_answer(tmp_path, trained_digits, shared_factors):
+    settings = {"num_transforms": 4, "tolerance": 1, "strategy": "diagonal"}
+    on = _audit(tmp_path, trained_digits, shared_factors, **settings).result
+    off = _audit(tmp_path, trained_digits, shared_factors, **settings, verify=False).result
+    assert off.evidence.verification is None and "verify_s" not in off.metrics
+    assert torch.equal(off.flagged, on.evidence.decision.flagged)  # the rule's answer, bit for bit
+    assert torch.equal(on.flagged, on.evidence.verification.flagged)
+    reference = _audit(tmp_path, trained_digits, shared_factors, **settings, num_contrast=0).result  # off with it
+    assert reference.evidence.verification is None
+    with pytest.raises(ConfigError, match="set verify=false with the reference rule"):
+        InfluenceCollapseCallback(num_contrast=0, verify=True)
 
 
 def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(

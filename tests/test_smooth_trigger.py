@@ -87,7 +87,7 @@ def test_tiny_run_learns_the_backdoor(tmp_path):
     model = PoisonClassifier(arch="small_cnn", num_classes=10, in_channels=1, lr=0.05, milestones=[])
     untrained_asr = _accuracy(model, data.attack_test_set)
     tiny_trainer(tmp_path, max_epochs=6, enable_checkpointing=False).fit(model, datamodule=data)
-    assert _accuracy(model, data.test_set) > 0.7
+    assert _accuracy(model, data.test_set) > 0.6  # chance is 0.1; 0.67 to 0.75 across machines
     assert _accuracy(model, data.attack_test_set) > 0.8 > untrained_asr + 0.5
 
 

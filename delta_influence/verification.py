@@ -1,0 +1,324 @@
+"""The verification stage: test a flagged set by unlearning its parts, then recover the poisons the model no longer
+feels.
+
+The test is Poison Forensics' (Shan et al., USENIX Security 2022): a group of training samples is responsible for a
+misbehaviour when unlearning the group weakens it. Unlearning here touches only the classifier head, the model's last
+linear layer, as theirs does: the features feeding the head are computed once, and each test trains a copy of the head
+on them (the group toward uniform predictions; every other sample of the query's label and as many others toward
+their labels), so that a test costs a fraction of a second, not a training run.
+
+- **Prune** (group testing). The flagged set is split in two by 2-means on the samples' influence profiles (their
+  scores on the query, its copies and the contrast, normalised: a poison's profile differs from a clean sample's of
+  the same label) and each part is unlearned alone. A part is guilty when its unlearning raises the query's loss,
+  over and above the clean contrast images' loss, by at least ``keep_fraction`` of what unlearning the whole flagged
+  set does in the same run. A part that is not holds no sample the query depends on and is dropped; a guilty part is
+  split again until it has at most ``min_group`` samples, then kept. Unlearning a group of clean images of the label
+  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them.
+- **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
+  scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
+  well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
+  as they do. Those that support it at least as much as the ``recover_quantile`` of the kept set are added; rounds
+  repeat on the grown set until nothing new is found.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from delta_influence.detectors.base import labels_of, penultimate_activations
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.examples import evaluating
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The settings of the verification stage (see the module's description); every threshold is a fraction of an
+    effect measured in the same run.
+
+    Example:
+        >>> Verification(keep_fraction=1.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        delta_influence.errors.ConfigError: verify_keep_fraction=1.5 must lie in (0, 1): the share of the whole ...
+    """
+
+    steps: int = field(default=100, metadata={"help": "gradient steps of the head per unlearning test"})
+    lr: float = field(default=0.03, metadata={"help": "learning rate of those steps (SGD, Nesterov momentum 0.9)"})
+    keep_fraction: float = field(default=0.1, metadata={"help": "share of the reference effect a group must reach"})
+    recover_quantile: float = field(
+        default=0.0, metadata={"help": "a recovered sample supports the query as much as this quantile of the kept"}
+    )
+    contrast_ratio: float = field(
+        default=2.0, metadata={"help": "a recovered sample supports the query this many times more than the contrast"}
+    )
+    min_group: int = field(default=32, metadata={"help": "a guilty group this small is kept without splitting it"})
+    rounds: int = field(default=3, metadata={"help": "recovery rounds at most; 0 turns recovery off"})
+    seed: int = field(default=0, metadata={"help": "seed of the 2-means splits"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"verify_steps={self.steps} must be at least 1.")
+        if self.lr <= 0:
+            raise ConfigError(f"verify_lr={self.lr} must be positive.")
+        if not 0 <= self.recover_quantile <= 1:
+            raise ConfigError(
+                f"verify_recover_quantile={self.recover_quantile} must lie in [0, 1]: the quantile of the kept "
+                "samples' support for the query that a recovered sample must reach."
+            )
+        if not 0 < self.keep_fraction < 1:
+            raise ConfigError(
+                f"verify_keep_fraction={self.keep_fraction} must lie in (0, 1): the share of the whole flagged set's "
+                "effect a group must reach."
+            )
+        if self.contrast_ratio <= 0:
+            raise ConfigError(f"verify_contrast_ratio={self.contrast_ratio} must be positive.")
+        if self.min_group < 1:
+            raise ConfigError(f"verify_min_group={self.min_group} must be at least 1 (1: test down to single samples).")
+        if self.rounds < 0:
+            raise ConfigError(f"verify_rounds={self.rounds} must be 0 (no recovery) or more.")
+
+
+@dataclass
+class HeadData:
+    """What the unlearning tests read: the features feeding the model's head for every training sample, the
+    query and the contrast images, with the head's weights."""
+
+    weight: Tensor  # [K, D]
+    bias: Tensor  # [K]
+    train: Tensor  # [N, D]
+    labels: Tensor  # [N]
+    query: Tensor  # [1, D]
+    query_label: int
+    contrast: Tensor  # [k, D]
+
+
+@dataclass
+class VerificationResult:
+    """The verified set and every decision behind it."""
+
+    flagged: Tensor  # sorted indices: the kept groups plus the recovered samples
+    kept: Tensor  # sorted indices of the flagged set the prune stage kept
+    dropped: Tensor  # sorted indices of the flagged set it dropped
+    recovered: Tensor  # sorted indices added by recovery
+    reference_effect: float  # the whole flagged set's effect, against which the groups are judged
+    threshold: float = 0.0  # the effect a group needed to be guilty
+    groups: list[dict] = field(default_factory=list)  # each test: indices, effect, verdict
+    rounds: list[dict] = field(default_factory=list)  # each recovery round: candidates' effects and what was added
+    query_loss: dict[str, float] = field(default_factory=dict)  # the query's loss before and after unlearning
+
+    def summary(self) -> dict:
+        return {
+            "reference_effect": self.reference_effect,
+            "threshold": self.threshold,
+            "kept": len(self.kept),
+            "dropped": len(self.dropped),
+            "recovered": len(self.recovered),
+            "groups_tested": len(self.groups),
+            "recovery_rounds": len(self.rounds),
+            "query_loss": self.query_loss,
+        }
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The model's last linear layer, which must turn the features into the logits."""
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no nn.Linear layer: the verification stage unlearns the classifier head (the "
+            "last linear layer). Turn it off (verify=false) for this model."
+        )
+    return heads[-1]
+
+
+@torch.no_grad()
+def head_data(
+    model: nn.Module, train_set: Dataset, query: Tensor, query_label: int, contrast: Tensor, device: torch.device | str
+) -> HeadData:
+    """The head's weights and the features feeding it for every training sample, the query and the contrast images,
+    checking that the head alone turns features into the model's logits."""
+    head = head_of(model)
+    images = torch.cat([query[None], contrast.to(query.dtype)])
+    features = penultimate_activations(model, TensorDataset(images, torch.zeros(len(images))), device)
+    with evaluating(model, torch.device(device)):
+        logits = model(images.to(device)).float().cpu()
+    if head.bias is None:
+        raise UnsupportedModelError(
+            f"the last linear layer of {type(model).__name__} has no bias; the verification stage unlearns a head with "
+            "one. Turn it off (verify=false) for this model."
+        )
+    weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
+    if not torch.allclose(features @ weight.T + bias, logits, atol=1e-4, rtol=1e-3):
+        raise UnsupportedModelError(
+            f"the last linear layer of {type(model).__name__} does not produce the logits on its own (something comes "
+            "after it): the verification stage unlearns that layer. Turn it off (verify=false) for this model."
+        )
+    train = penultimate_activations(model, train_set, device)
+    return HeadData(weight, bias, train, labels_of(train_set), features[:1], query_label, features[1:])
+
+
+def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verification) -> tuple[Tensor, Tensor]:
+    """A copy of the head trained for ``settings.steps`` full-batch steps: the ``forget`` samples toward uniform
+    predictions, the ``retain`` samples toward their labels. Returns its weight and bias."""
+    weight = data.weight.clone().requires_grad_(True)
+    bias = data.bias.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([weight, bias], lr=settings.lr, momentum=0.9, nesterov=True)
+    forget_x, retain_x, retain_y = data.train[forget], data.train[retain], data.labels[retain]
+    for _ in range(settings.steps):
+        optimizer.zero_grad()
+        loss = -F.log_softmax(forget_x @ weight.T + bias, dim=-1).mean()  # cross-entropy to the uniform label
+        loss = loss + F.cross_entropy(retain_x @ weight.T + bias, retain_y)
+        loss.backward()
+        optimizer.step()
+    return weight.detach(), bias.detach()
+
+
+class _Tester:
+    """Unlearns groups on a copy of the head and measures the query's loss rise over the contrast's."""
+
+    def __init__(self, data: HeadData, retain: Tensor, settings: Verification) -> None:
+        self.data, self.retain, self.settings = data, retain, settings
+        self.before = self.losses(data.weight, data.bias)
+
+    def losses(self, weight: Tensor, bias: Tensor) -> tuple[float, float]:
+        """The query's loss and the contrast images' mean loss (both against the query's label) under a head."""
+        label = torch.tensor([self.data.query_label])
+        query = F.cross_entropy(self.data.query @ weight.T + bias, label).item()
+        contrast = F.cross_entropy(self.data.contrast @ weight.T + bias, label.expand(len(self.data.contrast)))
+        return query, contrast.item()
+
+    def effect(self, group: Tensor) -> float:
+        """The query's loss rise minus the contrast's when ``group`` is unlearned."""
+        query, contrast = self.losses(*unlearn_head(self.data, group, self.retain, self.settings))
+        return (query - self.before[0]) - (contrast - self.before[1])
+
+
+Support = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``support(weight, bias, indices)``: ``[1 + k, len(indices)]``, each indexed training sample's influence on the query
+(row 0) and on the k clean contrast images, for the model with its head replaced by ``(weight, bias)``."""
+
+
+def verify(
+    data: HeadData,
+    flagged: Tensor,
+    profiles: Tensor,
+    candidates: Tensor,
+    support: Support,
+    settings: Verification = Verification(),
+    progress: bool = True,
+) -> VerificationResult:
+    """Prunes ``flagged`` by unlearning its parts, then recovers the ``candidates`` that support the query once the
+    kept set is unlearned.
+
+    Args:
+        data: The head's weights and the features of the training set, query and contrast (``head_data``).
+        flagged: Sorted indices the decision rule flagged.
+        profiles: ``[len(flagged), R]``, what the flagged set is split by: each sample's influence scores on the
+            query, its copies and the contrast.
+        candidates: Indices recovery may add (e.g. the training samples of the query's label); kept ones are skipped.
+        support: Scores training samples on the query under an unlearned head (see ``Support``).
+        settings: The stage's settings.
+        progress: Show a progress bar over the unlearning tests.
+
+    Returns:
+        The verified set, what was kept, dropped and recovered, and every test's evidence.
+    """
+    if len(profiles) != len(flagged):
+        raise ConfigError(f"profiles has {len(profiles)} rows for {len(flagged)} flagged samples; give one each.")
+    tester = _Tester(data, _retain(data, flagged, settings.seed), settings)
+    reference = tester.effect(flagged) if len(flagged) else 0.0
+    result = VerificationResult(flagged, flagged, flagged[:0], flagged[:0], reference)
+    result.query_loss = {"before": tester.before[0]}
+    if reference <= 0 or len(flagged) < 2:
+        return result  # unlearning the flagged set does not weaken the query: nothing to judge its parts against
+    with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
+        result.threshold = threshold = settings.keep_fraction * reference
+        result.kept = _prune(tester, flagged, F.normalize(profiles.float(), dim=1), threshold, result.groups, bar)
+        chosen = result.kept
+        for _ in range(settings.rounds):
+            pending = candidates[~torch.isin(candidates, chosen)]
+            added = _recover(data, chosen, pending, support, settings, result.rounds)
+            bar.update()
+            if not len(added):
+                break
+            chosen = torch.cat([chosen, added]).sort().values
+    result.dropped = flagged[~torch.isin(flagged, result.kept)]
+    result.recovered = chosen[~torch.isin(chosen, result.kept)]
+    result.flagged = chosen
+    unlearned = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
+    result.query_loss["after"] = tester.losses(*unlearned)[0]
+    return result
+
+
+def _prune(
+    tester: _Tester, flagged: Tensor, profiles: Tensor, threshold: float, groups: list[dict], bar: tqdm
+) -> Tensor:
+    """Group testing over 2-means splits of the flagged set: a part whose unlearning leaves the query as it was holds
+    no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then kept.
+    Returns the kept indices, sorted."""
+    kept: list[Tensor] = []
+    stack = [torch.arange(len(flagged))]  # positions in the flagged set; every node on it was found guilty
+    while stack:
+        node = stack.pop()
+        if len(node) <= tester.settings.min_group:
+            kept.append(node)
+            continue
+        for part in _split(profiles[node], tester.settings.seed):
+            effect = tester.effect(flagged[node[part]])
+            bar.update()
+            groups.append({"indices": flagged[node[part]].tolist(), "effect": effect, "guilty": effect >= threshold})
+            if effect >= threshold:
+                stack.append(node[part])
+    return flagged[torch.cat(kept).sort().values] if kept else flagged[:0]
+
+
+def _recover(
+    data: HeadData, chosen: Tensor, pending: Tensor, support: Support, settings: Verification, rounds: list[dict]
+) -> Tensor:
+    """One recovery round: unlearns ``chosen`` and returns the ``pending`` samples that now support the query at
+    least as much as the ``recover_quantile`` of the chosen ones."""
+    if not len(chosen) or not len(pending):
+        return pending[:0]
+    weight, bias = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
+    scores = support(weight, bias, torch.cat([pending, chosen]))
+    threshold = scores[0, len(pending) :].quantile(settings.recover_quantile).item()
+    query, contrast = scores[0, : len(pending)], scores[1:, : len(pending)].mean(dim=0)
+    specific = (
+        query > settings.contrast_ratio * contrast.abs()
+        if len(scores) > 1
+        else torch.ones_like(query, dtype=torch.bool)
+    )
+    added = pending[(query >= threshold) & specific]
+    rounds.append({"indices": pending.tolist(), "support": query.tolist(), "contrast": contrast.tolist(),
+                   "threshold": threshold, "added": added.tolist()})  # fmt: skip
+    return added
+
+
+def _retain(data: HeadData, forget: Tensor, seed: int) -> Tensor:
+    """What stays correct while ``forget`` is unlearned: every other training sample of the query's label, and as
+    many of the other labels, drawn at random (seeded)."""
+    outside = torch.ones(len(data.train), dtype=torch.bool)
+    outside[forget] = False
+    same = outside & (data.labels == data.query_label)
+    others = torch.nonzero(outside & ~same).flatten()
+    drawn = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[: int(same.sum())]
+    return torch.cat([torch.nonzero(same).flatten(), others[drawn]]).sort().values
+
+
+def _split(profiles: Tensor, seed: int) -> list[Tensor]:
+    """Two parts of a group by 2-means; a group 2-means cannot split (identical points) is halved in order."""
+    with warnings.catch_warnings():  # identical points: 2-means finds one cluster, and the group is halved below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = torch.as_tensor(KMeans(n_clusters=2, n_init=4, random_state=seed).fit_predict(profiles.numpy()))
+    parts = [torch.nonzero(labels == k).flatten() for k in (0, 1)]
+    if min(len(part) for part in parts) == 0:
+        half = len(profiles) // 2
+        parts = [torch.arange(half), torch.arange(half, len(profiles))]
+    return parts

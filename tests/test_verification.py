@@ -1,0 +1,106 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.verification import HeadData, Verification, head_data, verify
+
+CLEAN, TRIGGER, OTHER = 0, 1, 2  # feature directions: the attacker's class, the trigger, another class
+
+
+def toy() -> tuple[HeadData, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A head over 3 feature directions and 2 classes (0: the attacker's label, 1: another): 20 poisons are class-1
+    images with the trigger labelled 0, 40 clean samples of label 0, 40 of label 1. The query is a class-1 image with
+    the trigger, which the head maps to 0. Returns the head data, the rule's flagged set (poisons 1..19, missing poison
+    0, and the clean samples 20..27 of label 0), the true poisons and the candidates (every sample of label 0)."""
+    generator = torch.Generator().manual_seed(0)
+    noise = lambda n: 0.1 * torch.randn(n, 3, generator=generator)  # noqa: E731
+    poisons = noise(20) + torch.eye(3)[TRIGGER] + torch.eye(3)[OTHER]
+    clean = noise(45) + torch.eye(3)[CLEAN]
+    train = torch.cat([poisons, clean[:40], noise(40) + torch.eye(3)[OTHER]])
+    labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+    weight = torch.tensor([[4.0, 8.0, 0.0], [0.0, 0.0, 4.0]])  # the trigger maps to class 0
+    query = (torch.eye(3)[TRIGGER] + torch.eye(3)[OTHER])[None]
+    data = HeadData(weight, torch.zeros(2), train, labels, query, 0, clean[40:])
+    flagged = torch.cat([torch.arange(1, 20), torch.arange(20, 28)])
+    return data, flagged, torch.arange(20), torch.nonzero(labels == 0).flatten()
+
+
+def head_support(data: HeadData):
+    """Stands in for EK-FAC: each sample's head gradient dotted with the query's, under the unlearned head."""
+
+    def gradients(features, labels, weight, bias):
+        errors = F.softmax(features @ weight.T + bias, dim=-1) - F.one_hot(labels, weight.shape[0])
+        return (errors[:, :, None] * features[:, None, :]).flatten(1)
+
+    def support(weight, bias, indices):
+        queries = torch.cat([data.query, data.contrast])
+        scored = gradients(queries, torch.full((len(queries),), data.query_label), weight, bias)
+        return scored @ gradients(data.train[indices], data.labels[indices], weight, bias).T
+
+    return support
+
+
+def profiles_of(flagged: torch.Tensor, poisons: torch.Tensor) -> torch.Tensor:
+    """Influence profiles that tell poisons from clean samples, as the scores on the query's copies do."""
+    is_poison = torch.isin(flagged, poisons).float()[:, None]
+    return is_poison * torch.tensor([1.0, 0.2]) + (1 - is_poison) * torch.tensor([0.2, 1.0])
+
+
+def test_an_innocent_group_is_dropped_and_a_hidden_poison_is_recovered():
+    data, flagged, poisons, candidates = toy()
+    settings = Verification(min_group=4)
+    result = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), settings, False)
+    assert result.dropped.tolist() == list(range(20, 28))  # the clean samples of the attacker's label
+    assert result.kept.tolist() == list(range(1, 20))
+    assert result.recovered.tolist() == [0]  # the hidden poison, which the model fitted
+    assert result.flagged.tolist() == list(range(20))
+    assert result.reference_effect > 0 and result.query_loss["after"] > result.query_loss["before"]
+    dropped = [group for group in result.groups if not group["guilty"]]
+    assert dropped and all(set(group["indices"]) <= set(range(20, 28)) for group in dropped)
+    assert result.rounds[0]["added"] == [0]
+
+
+def test_without_recovery_the_hidden_poison_stays_missed():
+    data, flagged, poisons, candidates = toy()
+    settings = Verification(min_group=4, rounds=0)
+    result = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), settings, False)
+    assert result.flagged.tolist() == list(range(1, 20)) and not result.rounds
+
+
+def test_a_flagged_set_whose_unlearning_does_not_move_the_query_is_returned_as_it_is():
+    data, _, poisons, candidates = toy()
+    flagged = torch.arange(20, 28)  # clean samples only
+    result = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
+    assert result.reference_effect <= 0
+    assert torch.equal(result.flagged, flagged) and not result.groups and not len(result.dropped)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"steps": 0}, "verify_steps=0 must be at least 1"),
+        ({"lr": 0.0}, "verify_lr=0.0 must be positive"),
+        ({"keep_fraction": 1.0}, "verify_keep_fraction=1.0 must lie in \\(0, 1\\)"),
+        ({"recover_quantile": -0.1}, "verify_recover_quantile=-0.1 must lie in \\[0, 1\\]"),
+        ({"min_group": 0}, "verify_min_group=0 must be at least 1"),
+        ({"rounds": -1}, "verify_rounds=-1 must be 0"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Verification(**settings)
+
+
+def test_profiles_must_match_the_flagged_set():
+    data, flagged, _, candidates = toy()
+    with pytest.raises(ConfigError, match="profiles has 3 rows for 27 flagged samples"):
+        verify(data, flagged, torch.zeros(3, 2), candidates, head_support(data), progress=False)
+
+
+def test_a_head_that_does_not_produce_the_logits_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.Softmax(dim=-1))  # something after the last linear layer
+    train = torch.utils.data.TensorDataset(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(UnsupportedModelError, match="does not produce the logits on its own"):
+        head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu")
