@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
-    python benchmarks/compare.py --only "default rule" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
+    python benchmarks/compare.py --only "verified" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
 
 Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it, through train.py on the
 config of configs/benchmarks/). Every detector runs through the audit pipeline (its folder under
@@ -49,7 +49,8 @@ def main() -> None:
     target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
     retrain = corrective_fit(cli, RESULTS / "compare_unlearn")
     detectors = [
-        ("Δ-Influence (default rule)", DeltaInfluence(train_batch_size=256)),
+        ("Δ-Influence (verified, default)", DeltaInfluence(train_batch_size=256)),
+        ("Δ-Influence (contrast rule, unverified)", DeltaInfluence(train_batch_size=256, verification=None)),
         ("Δ-Influence (reference rule)", DeltaInfluence(num_contrast=0, train_batch_size=256)),
         ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
         (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),

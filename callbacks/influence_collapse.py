@@ -111,6 +111,12 @@ class InfluenceCollapseCallback(Callback):
                 f"contrast_images={contrast_images!r} with num_contrast=0: leave num_contrast above 0 (the number of "
                 "files sets it), or drop contrast_images."
             )
+        if verify and num_contrast == 0:
+            raise ConfigError(
+                "verify=true with num_contrast=0: the verification stage measures the query against the clean "
+                "contrast, which num_contrast=0 turns off; set verify=false with the reference rule, or num_contrast "
+                "above 0."
+            )
         self.delta_influence = DeltaInfluence(
             num_transforms=num_transforms,
             threshold=threshold,

@@ -69,16 +69,14 @@ class DeltaInfluence(Detector):
     )
     num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
     verification: Optional[Verification] = field(
-        default=Verification(), metadata={"help": "the verification stage's settings; None: the rule's flagged set"}
+        default=Verification(),
+        metadata={"help": "the verification stage's settings; None (and always with num_contrast=0): the rule's set"},
     )
 
     def __post_init__(self) -> None:
         check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio)
-        if self.verification is not None and self.num_contrast == 0:
-            raise ConfigError(
-                "the verification stage measures the query against the clean contrast, which num_contrast=0 turns off: "
-                "set verify=false with the reference rule, or num_contrast above 0."
-            )
+        if self.num_contrast == 0:  # the verification measures the query against the contrast: the reference rule
+            object.__setattr__(self, "verification", None)  # has none, and stays the paper's rule bit for bit
         check_strategy(self.strategy)
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
