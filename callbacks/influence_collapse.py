@@ -59,6 +59,8 @@ class InfluenceCollapseCallback(Callback):
         contrast_ratio: How many times more a flagged sample must support the query than the clean class.
         same_label: With the contrast, keep only samples labelled with the query's label (the poisons of dirty- and
             clean-label attacks carry it); ``False`` keeps any label.
+        contrast_statistic: A sample's contrast score: the ``mean`` of its scores on the contrast images, or the
+            largest magnitude (``max``).
         contrast_images: Image files of clean samples of the query's label to use as the contrast, instead of
             the test set; they must have the training images' size and channels.
         strategy: kronfluence's Hessian approximation.
@@ -91,6 +93,7 @@ class InfluenceCollapseCallback(Callback):
         num_contrast: int = 5,
         contrast_ratio: float = 2.0,
         same_label: bool = True,
+        contrast_statistic: Literal["mean", "max"] = "mean",
         contrast_images: Optional[list[str]] = None,
         strategy: Strategy = "ekfac",
         space: Literal["normalized", "pixel"] = "normalized",
@@ -124,6 +127,7 @@ class InfluenceCollapseCallback(Callback):
             num_contrast=len(contrast_images) if contrast_images else num_contrast,
             contrast_ratio=contrast_ratio,
             same_label=same_label,
+            contrast_statistic=contrast_statistic,
             strategy=strategy,
             space=space,
             seed=seed,

@@ -58,6 +58,9 @@ class DeltaInfluence(Detector):
     same_label: bool = field(
         default=True, metadata={"help": "the contrast keeps only samples of the query's label; False: any label"}
     )
+    contrast_statistic: Literal["mean", "max"] = field(
+        default="mean", metadata={"help": "a sample's contrast score: the mean, or the largest magnitude"}
+    )
     strategy: Strategy = field(default="ekfac", metadata={"help": "kronfluence's Hessian approximation"})
     space: Literal["normalized", "pixel"] = field(
         default="normalized", metadata={"help": "transform the normalised input (the reference) or pixels"}
@@ -78,6 +81,8 @@ class DeltaInfluence(Detector):
         if self.num_contrast == 0:  # the verification measures the query against the contrast: the reference rule
             object.__setattr__(self, "verification", None)  # has none, and stays the paper's rule bit for bit
         check_strategy(self.strategy)
+        if self.contrast_statistic not in ("mean", "max"):
+            raise ConfigError(f"contrast_statistic={self.contrast_statistic!r} is not known; use 'mean' or 'max'.")
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
         check_factor_examples(self.factor_examples)
@@ -128,7 +133,8 @@ class DeltaInfluence(Detector):
         if len(contrast) and self.same_label:
             same_label = labels_of(train_set) == label
         decision = flag_collapsed(
-            influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label
+            influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label,
+            self.contrast_statistic,
         )  # fmt: skip
         timings = dict(influence.timings)
         verified = None

@@ -21,7 +21,7 @@ class CollapseResult:
     threshold: float
     tolerance: int
     collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer)
-    contrast: Optional[Tensor] = None  # [N] mean score on the clean contrast queries; None without contrast
+    contrast: Optional[Tensor] = None  # [N] mean (or largest |.|) score on the contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
     same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
 
@@ -33,6 +33,7 @@ def flag_collapsed(
     num_contrast: int = 0,
     contrast_ratio: float = 2.0,
     same_label: Optional[Tensor] = None,
+    contrast_statistic: str = "mean",
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
@@ -57,6 +58,8 @@ def flag_collapsed(
         contrast_ratio: How many times more a flagged sample must support the query than the clean class.
         same_label: ``[N]`` bool, true where a training sample carries the attacker's label; with the contrast, only
             those stay flagged. ``None``: any label (for attacks whose poisons carry other labels).
+        contrast_statistic: What C[i] is: ``"mean"``, the mean of the sample's scores on the contrast images, or
+            ``"max"``, the largest of their magnitudes (stricter: one clean image the sample moves is enough).
 
     Returns:
         The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
@@ -102,7 +105,10 @@ def flag_collapsed(
     if num_contrast == 0:
         flagged = torch.nonzero(collapsed).flatten()
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged)
-    contrast = scores[1 + num_transforms :].mean(dim=0)
+    if contrast_statistic not in ("mean", "max"):
+        raise ConfigError(f"contrast_statistic={contrast_statistic!r} is not known; use 'mean' or 'max'.")
+    rows = scores[1 + num_transforms :]
+    contrast = rows.mean(dim=0) if contrast_statistic == "mean" else rows.abs().max(dim=0).values
     specific = scores[0] > contrast_ratio * contrast.abs()
     if same_label is not None:
         specific &= same_label

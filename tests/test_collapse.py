@@ -92,3 +92,13 @@ def test_labels_come_from_the_datasets_labels_without_loading_its_inputs():
             raise AssertionError("the inputs should not be loaded")
 
     assert labels_of(Labelled()).tolist() == [3, 1, 3]
+
+
+def test_the_contrast_can_take_the_largest_magnitude_instead_of_the_mean():
+    # one original row, one copy (everything collapses), two contrast rows; sample 1 moves one clean image a lot
+    scores = torch.tensor([[5.0, 5.0], [0.0, 0.0], [1.0, 4.0], [1.0, -4.0]])
+    assert flag_collapsed(scores, tolerance=0, num_contrast=2).flagged.tolist() == [0, 1]  # mean: 1.0 and 0.0
+    strict = flag_collapsed(scores, tolerance=0, num_contrast=2, contrast_statistic="max")
+    assert strict.flagged.tolist() == [0] and strict.contrast.tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match="contrast_statistic='median' is not known"):
+        flag_collapsed(scores, tolerance=0, num_contrast=2, contrast_statistic="median")
