@@ -166,10 +166,11 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     assert records["config"]["config"] == config and records["config"]["run_config"].endswith("config.yaml")
     keys = logged_keys(records)
     for key in ["train/loss", "train/acc", "val/acc", "val/asr", "audit/flagged", "audit/precision", "audit/recall",
-                "audit/f1", "audit/factors_s", "audit/scores_s", "unlearn/acc", "unlearn/asr"]:  # fmt: skip
+                "audit/f1", "audit/factors_s", "audit/scores_s", "audit/verify_s", "audit/rule_flagged", "audit/kept",
+                "audit/recovered", "unlearn/acc", "unlearn/asr"]:  # fmt: skip
         assert key in keys, key
     media = {key: row[key]["_type"] for row in records["history"] for key in row if isinstance(row[key], dict)}
-    assert media["audit/queries"] == media["audit/collapse_counts"] == "images/separated"
+    assert media["audit/queries"] == media["audit/collapse_counts"] == media["audit/verification"] == "images/separated"
     assert media["audit/top_flagged"] == "table-file"
     assert any(name.startswith("flagged-") for name in records["artifacts"])
     assert [row["val/asr"] for row in records["history"] if "val/asr" in row][-1] >= 0.5  # the attack took hold
