@@ -17,8 +17,10 @@ their labels), so that a test costs a fraction of a second, not a training run.
 - **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
   well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
-  as they do. Those that support it at least as much as the ``recover_quantile`` of the kept set are added; rounds
-  repeat on the grown set until nothing new is found.
+  as they do. Those that support it at least as much as the ``recover_quantile`` of the kept set (0: its least
+  supporting sample) and ``contrast_ratio`` times more than the clean contrast images on the same head are added;
+  rounds repeat on the grown set until nothing new is found. (The contrast test keeps a kept set that still holds
+  clean samples from lowering the threshold into the clean class.)
 """
 
 import warnings
@@ -171,12 +173,13 @@ def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verif
     bias = data.bias.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([weight, bias], lr=settings.lr, momentum=0.9, nesterov=True)
     forget_x, retain_x, retain_y = data.train[forget], data.train[retain], data.labels[retain]
-    for _ in range(settings.steps):
-        optimizer.zero_grad()
-        loss = -F.log_softmax(forget_x @ weight.T + bias, dim=-1).mean()  # cross-entropy to the uniform label
-        loss = loss + F.cross_entropy(retain_x @ weight.T + bias, retain_y)
-        loss.backward()
-        optimizer.step()
+    with torch.enable_grad():  # also when the audit is called inside a no-grad block
+        for _ in range(settings.steps):
+            optimizer.zero_grad()
+            loss = -F.log_softmax(forget_x @ weight.T + bias, dim=-1).mean()  # cross-entropy to the uniform label
+            loss = loss + F.cross_entropy(retain_x @ weight.T + bias, retain_y)
+            loss.backward()
+            optimizer.step()
     return weight.detach(), bias.detach()
 
 

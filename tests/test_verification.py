@@ -62,6 +62,14 @@ def test_an_innocent_group_is_dropped_and_a_hidden_poison_is_recovered():
     assert result.rounds[0]["added"] == [0]
 
 
+def test_the_stage_runs_inside_a_no_grad_block():
+    data, flagged, poisons, candidates = toy()
+    with torch.no_grad():  # a caller's evaluation context must not switch the unlearning steps off
+        result = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data),
+                        Verification(min_group=4), False)  # fmt: skip
+    assert result.flagged.tolist() == list(range(20))
+
+
 def test_without_recovery_the_hidden_poison_stays_missed():
     data, flagged, poisons, candidates = toy()
     settings = Verification(min_group=4, rounds=0)
