@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
-    python benchmarks/compare.py --only "verified" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
+    python benchmarks/compare.py --only "verified, default" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
 
 Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it, through train.py on the
 config of configs/benchmarks/). Every detector runs through the audit pipeline (its folder under

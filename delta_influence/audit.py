@@ -280,7 +280,7 @@ class DeltaInfluenceAudit(Evidence):
                 "transformed": [1, self.decision.num_transforms],
                 "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
             },
-            "verification": self.verification.summary() if self.verification is not None else None,
+            "verified": self.verification.summary() if self.verification is not None else None,
         }
 
     def metrics(self, poisons: Optional[Tensor]) -> dict[str, float]:

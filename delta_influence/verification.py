@@ -23,6 +23,7 @@ their labels), so that a test costs a fraction of a second, not a training run.
   clean samples from lowering the threshold into the clean class.)
 """
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,7 +50,7 @@ class Verification:
         >>> Verification(keep_fraction=1.5)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        delta_influence.errors.ConfigError: verify_keep_fraction=1.5 must lie in (0, 1): the share of the whole ...
+        delta_influence.errors.ConfigError: verification.keep_fraction=1.5 must lie in (0, 1): the share of ...
     """
 
     steps: int = field(default=100, metadata={"help": "gradient steps of the head per unlearning test"})
@@ -67,25 +68,27 @@ class Verification:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ConfigError(f"verify_steps={self.steps} must be at least 1.")
+            raise ConfigError(f"verification.steps={self.steps} must be at least 1.")
         if self.lr <= 0:
-            raise ConfigError(f"verify_lr={self.lr} must be positive.")
+            raise ConfigError(f"verification.lr={self.lr} must be positive.")
         if not 0 <= self.recover_quantile <= 1:
             raise ConfigError(
-                f"verify_recover_quantile={self.recover_quantile} must lie in [0, 1]: the quantile of the kept "
+                f"verification.recover_quantile={self.recover_quantile} must lie in [0, 1]: the quantile of the kept "
                 "samples' support for the query that a recovered sample must reach."
             )
         if not 0 < self.keep_fraction < 1:
             raise ConfigError(
-                f"verify_keep_fraction={self.keep_fraction} must lie in (0, 1): the share of the whole flagged set's "
-                "effect a group must reach."
+                f"verification.keep_fraction={self.keep_fraction} must lie in (0, 1): the share of the whole flagged "
+                "set's effect a group must reach."
             )
         if self.contrast_ratio <= 0:
-            raise ConfigError(f"verify_contrast_ratio={self.contrast_ratio} must be positive.")
+            raise ConfigError(f"verification.contrast_ratio={self.contrast_ratio} must be positive.")
         if self.min_group < 1:
-            raise ConfigError(f"verify_min_group={self.min_group} must be at least 1 (1: test down to single samples).")
+            raise ConfigError(
+                f"verification.min_group={self.min_group} must be at least 1 (1: test down to single samples)."
+            )
         if self.rounds < 0:
-            raise ConfigError(f"verify_rounds={self.rounds} must be 0 (no recovery) or more.")
+            raise ConfigError(f"verification.rounds={self.rounds} must be 0 (no recovery) or more.")
 
 
 @dataclass
@@ -108,8 +111,8 @@ class VerificationResult:
 
     flagged: Tensor  # sorted indices: the kept groups plus the recovered samples
     kept: Tensor  # sorted indices of the flagged set the prune stage kept
-    dropped: Tensor  # sorted indices of the flagged set it dropped
-    recovered: Tensor  # sorted indices added by recovery
+    dropped: Tensor  # sorted indices of the flagged set that are not in the verified set
+    recovered: Tensor  # sorted indices recovery added (samples the rule missed, or that the prune dropped)
     reference_effect: float  # the whole flagged set's effect, against which the groups are judged
     threshold: float = 0.0  # the effect a group needed to be guilty
     groups: list[dict] = field(default_factory=list)  # each test: indices, effect, verdict
@@ -157,12 +160,14 @@ def head_data(
             "one. Turn it off (verify=false) for this model."
         )
     weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
-    if not torch.allclose(features @ weight.T + bias, logits, atol=1e-4, rtol=1e-3):
+    features = features.float()
+    tolerance = max(1e-3, 50 * torch.finfo(head.weight.dtype).eps)  # the head's own precision (half, bfloat16)
+    if not torch.allclose(features @ weight.T + bias, logits, atol=tolerance, rtol=tolerance):
         raise UnsupportedModelError(
             f"the last linear layer of {type(model).__name__} does not produce the logits on its own (something comes "
             "after it): the verification stage unlearns that layer. Turn it off (verify=false) for this model."
         )
-    train = penultimate_activations(model, train_set, device)
+    train = penultimate_activations(model, train_set, device).float()
     return HeadData(weight, bias, train, labels_of(train_set), features[:1], query_label, features[1:])
 
 
@@ -235,11 +240,14 @@ def verify(
     """
     if len(profiles) != len(flagged):
         raise ConfigError(f"profiles has {len(profiles)} rows for {len(flagged)} flagged samples; give one each.")
+    if not len(data.contrast):
+        raise ConfigError("the verification stage measures the query against clean contrast images; none were given.")
     tester = _Tester(data, _retain(data, flagged, settings.seed), settings)
     reference = tester.effect(flagged) if len(flagged) else 0.0
     result = VerificationResult(flagged, flagged, flagged[:0], flagged[:0], reference)
     result.query_loss = {"before": tester.before[0]}
-    if reference <= 0 or len(flagged) < 2:
+    if not len(flagged) or not math.isfinite(reference) or reference <= 0:
+        result.query_loss["after"] = result.query_loss["before"]
         return result  # unlearning the flagged set does not weaken the query: nothing to judge its parts against
     with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
         result.threshold = threshold = settings.keep_fraction * reference
@@ -252,8 +260,8 @@ def verify(
             if not len(added):
                 break
             chosen = torch.cat([chosen, added]).sort().values
-    result.dropped = flagged[~torch.isin(flagged, result.kept)]
-    result.recovered = chosen[~torch.isin(chosen, result.kept)]
+    result.dropped = flagged[~torch.isin(flagged, chosen)]  # not in the verified set
+    result.recovered = chosen[~torch.isin(chosen, result.kept)]  # added by recovery (new, or dropped by the prune)
     result.flagged = chosen
     unlearned = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
     result.query_loss["after"] = tester.losses(*unlearned)[0]
@@ -264,8 +272,8 @@ def _prune(
     tester: _Tester, flagged: Tensor, profiles: Tensor, threshold: float, groups: list[dict], bar: tqdm
 ) -> Tensor:
     """Group testing over 2-means splits of the flagged set: a part whose unlearning leaves the query as it was holds
-    no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then kept.
-    Returns the kept indices, sorted."""
+    no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then kept; a
+    guilty group neither of whose parts is guilty alone is kept whole. Returns the kept indices, sorted."""
     kept: list[Tensor] = []
     stack = [torch.arange(len(flagged))]  # positions in the flagged set; every node on it was found guilty
     while stack:
@@ -273,12 +281,16 @@ def _prune(
         if len(node) <= tester.settings.min_group:
             kept.append(node)
             continue
+        guilty = []
         for part in _split(profiles[node], tester.settings.seed):
             effect = tester.effect(flagged[node[part]])
             bar.update()
             groups.append({"indices": flagged[node[part]].tolist(), "effect": effect, "guilty": effect >= threshold})
             if effect >= threshold:
-                stack.append(node[part])
+                guilty.append(node[part])
+        stack += guilty
+        if not guilty:  # the node was guilty, neither part is alone: what it holds acts together, so it is kept
+            kept.append(node)
     return flagged[torch.cat(kept).sort().values] if kept else flagged[:0]
 
 

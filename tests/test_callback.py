@@ -61,7 +61,7 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
         first.flagged.tolist()
     )
     assert metrics["rule_flagged"] == len(verified["rule_flagged"]) and metrics["verify_s"] > 0
-    assert summary["verification"]["groups_tested"] == len(verified["groups"])
+    assert summary["verified"]["groups_tested"] == len(verified["groups"])
 
     # the same weights audited again, by another callback and by the same one: factors reused, the first audit left
     rerun = InfluenceCollapseCallback(num_transforms=12, tolerance=1, output_dir=str(tmp_path / "audit"))

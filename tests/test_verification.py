@@ -88,12 +88,12 @@ def test_a_flagged_set_whose_unlearning_does_not_move_the_query_is_returned_as_i
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"steps": 0}, "verify_steps=0 must be at least 1"),
-        ({"lr": 0.0}, "verify_lr=0.0 must be positive"),
-        ({"keep_fraction": 1.0}, "verify_keep_fraction=1.0 must lie in \\(0, 1\\)"),
-        ({"recover_quantile": -0.1}, "verify_recover_quantile=-0.1 must lie in \\[0, 1\\]"),
-        ({"min_group": 0}, "verify_min_group=0 must be at least 1"),
-        ({"rounds": -1}, "verify_rounds=-1 must be 0"),
+        ({"steps": 0}, "verification.steps=0 must be at least 1"),
+        ({"lr": 0.0}, "verification.lr=0.0 must be positive"),
+        ({"keep_fraction": 1.0}, "verification.keep_fraction=1.0 must lie in \\(0, 1\\)"),
+        ({"recover_quantile": -0.1}, "verification.recover_quantile=-0.1 must lie in \\[0, 1\\]"),
+        ({"min_group": 0}, "verification.min_group=0 must be at least 1"),
+        ({"rounds": -1}, "verification.rounds=-1 must be 0"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
@@ -112,3 +112,18 @@ def test_a_head_that_does_not_produce_the_logits_is_refused():
     train = torch.utils.data.TensorDataset(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
     with pytest.raises(UnsupportedModelError, match="does not produce the logits on its own"):
         head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu")
+
+
+def test_a_single_flagged_poison_is_enough_to_recover_the_others():
+    data, _, poisons, candidates = toy()
+    flagged = torch.tensor([5])
+    result = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
+    assert result.kept.tolist() == [5] and set(result.recovered.tolist()) <= set(range(20))
+    assert len(result.recovered) >= 10  # the rule's one poison leads to the others
+
+
+def test_without_contrast_images_the_stage_refuses_to_judge():
+    data, flagged, poisons, candidates = toy()
+    data.contrast = data.contrast[:0]
+    with pytest.raises(ConfigError, match="measures the query against clean contrast images; none were given"):
+        verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
