@@ -12,7 +12,8 @@ their labels), so that a test costs a fraction of a second, not a training run.
   the same label) and each part is unlearned alone. A part is guilty when its unlearning raises the query's loss,
   over and above the clean contrast images' loss, by at least ``keep_fraction`` of what unlearning the whole flagged
   set does in the same run. A part that is not holds no sample the query depends on and is dropped; a guilty part is
-  split again until it has at most ``min_group`` samples, then kept. Unlearning a group of clean images of the label
+  split again until it has at most ``min_group`` samples, then kept (a guilty group neither of whose halves is guilty
+  alone is kept whole). Unlearning a group of clean images of the label
   moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them.
 - **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
