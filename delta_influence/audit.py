@@ -77,12 +77,10 @@ class DeltaInfluence(Detector):
     )
 
     def __post_init__(self) -> None:
-        check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio)
+        check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio, self.contrast_statistic)
         if self.num_contrast == 0:  # the verification measures the query against the contrast: the reference rule
             object.__setattr__(self, "verification", None)  # has none, and stays the paper's rule bit for bit
         check_strategy(self.strategy)
-        if self.contrast_statistic not in ("mean", "max"):
-            raise ConfigError(f"contrast_statistic={self.contrast_statistic!r} is not known; use 'mean' or 'max'.")
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
         check_factor_examples(self.factor_examples)

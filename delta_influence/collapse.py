@@ -90,7 +90,7 @@ def flag_collapsed(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
-    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio)
+    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio, contrast_statistic)
     if same_label is not None:
         if num_contrast == 0:
             raise ConfigError("same_label belongs to the clean-class contrast; with num_contrast=0 leave it None.")
@@ -105,8 +105,6 @@ def flag_collapsed(
     if num_contrast == 0:
         flagged = torch.nonzero(collapsed).flatten()
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged)
-    if contrast_statistic not in ("mean", "max"):
-        raise ConfigError(f"contrast_statistic={contrast_statistic!r} is not known; use 'mean' or 'max'.")
     rows = scores[1 + num_transforms :]
     contrast = rows.mean(dim=0) if contrast_statistic == "mean" else rows.abs().max(dim=0).values
     specific = scores[0] > contrast_ratio * contrast.abs()
@@ -126,7 +124,9 @@ def flag_collapsed(
     )
 
 
-def check_rule(num_transforms: int, tolerance: int, num_contrast: int, contrast_ratio: float) -> None:
+def check_rule(
+    num_transforms: int, tolerance: int, num_contrast: int, contrast_ratio: float, contrast_statistic: str = "mean"
+) -> None:
     """The one check of the rule's settings (``DeltaInfluence`` and ``flag_collapsed`` both call it).
 
     Example:
@@ -148,6 +148,8 @@ def check_rule(num_transforms: int, tolerance: int, num_contrast: int, contrast_
         raise ConfigError(
             f"contrast_ratio={contrast_ratio} must be positive; 2 (the default) means 'twice as much as the class'."
         )
+    if contrast_statistic not in ("mean", "max"):
+        raise ConfigError(f"contrast_statistic={contrast_statistic!r} is not known; use 'mean' or 'max'.")
 
 
 def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tensor] = None) -> dict[str, float]:
