@@ -27,7 +27,7 @@ their labels), so that a test costs a fraction of a second, not a training run.
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from delta_influence.detectors.base import head_of as detector_head
 from delta_influence.detectors.base import labels_of, penultimate_activations
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.examples import evaluating
@@ -135,13 +136,10 @@ class VerificationResult:
 
 def head_of(model: nn.Module) -> nn.Linear:
     """The model's last linear layer, which must turn the features into the logits."""
-    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not heads:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no nn.Linear layer: the verification stage unlearns the classifier head (the "
-            "last linear layer). Turn it off (verify=false) for this model."
-        )
-    return heads[-1]
+    return detector_head(
+        model, "the verification stage unlearns the classifier head (the last linear layer). Turn it off "
+        "(verify=false) for this model."
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -253,18 +251,19 @@ def verify(
     with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
         result.threshold = threshold = settings.keep_fraction * reference
         result.kept = _prune(tester, flagged, F.normalize(profiles.float(), dim=1), threshold, result.groups, bar)
-        chosen = result.kept
+        chosen, unlearned = result.kept, None  # the head unlearned on ``chosen``, once a round has made it
         for _ in range(settings.rounds):
             pending = candidates[~torch.isin(candidates, chosen)]
-            added = _recover(data, chosen, pending, support, settings, result.rounds)
+            added, unlearned = _recover(data, chosen, pending, support, settings, result.rounds)
             bar.update()
             if not len(added):
                 break
-            chosen = torch.cat([chosen, added]).sort().values
+            chosen, unlearned = torch.cat([chosen, added]).sort().values, None
     result.dropped = flagged[~torch.isin(flagged, chosen)]  # not in the verified set
     result.recovered = chosen[~torch.isin(chosen, result.kept)]  # added by recovery (new, or dropped by the prune)
     result.flagged = chosen
-    unlearned = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
+    if unlearned is None:
+        unlearned = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
     result.query_loss["after"] = tester.losses(*unlearned)[0]
     return result
 
@@ -297,24 +296,20 @@ def _prune(
 
 def _recover(
     data: HeadData, chosen: Tensor, pending: Tensor, support: Support, settings: Verification, rounds: list[dict]
-) -> Tensor:
+) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
     """One recovery round: unlearns ``chosen`` and returns the ``pending`` samples that now support the query at
-    least as much as the ``recover_quantile`` of the chosen ones."""
+    least as much as the ``recover_quantile`` of the chosen ones and more than the contrast, with the unlearned head
+    (``None`` when there was nothing to do)."""
     if not len(chosen) or not len(pending):
-        return pending[:0]
+        return pending[:0], None
     weight, bias = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
     scores = support(weight, bias, torch.cat([pending, chosen]))
     threshold = scores[0, len(pending) :].quantile(settings.recover_quantile).item()
     query, contrast = scores[0, : len(pending)], scores[1:, : len(pending)].mean(dim=0)
-    specific = (
-        query > settings.contrast_ratio * contrast.abs()
-        if len(scores) > 1
-        else torch.ones_like(query, dtype=torch.bool)
-    )
-    added = pending[(query >= threshold) & specific]
+    added = pending[(query >= threshold) & (query > settings.contrast_ratio * contrast.abs())]
     rounds.append({"indices": pending.tolist(), "support": query.tolist(), "contrast": contrast.tolist(),
                    "threshold": threshold, "added": added.tolist()})  # fmt: skip
-    return added
+    return added, (weight, bias)
 
 
 def _retain(data: HeadData, forget: Tensor, seed: int) -> Tensor:

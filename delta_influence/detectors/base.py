@@ -86,6 +86,14 @@ def require(value: Any, what: str, detector: str) -> Any:
     return value
 
 
+def head_of(model: nn.Module, why: str) -> nn.Linear:
+    """The model's last ``nn.Linear`` layer, its classifier head; ``why`` says who needs one when there is none."""
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layer: {why}")
+    return heads[-1]
+
+
 @torch.no_grad()
 def penultimate_activations(
     model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 512
@@ -99,14 +107,13 @@ def penultimate_activations(
         >>> penultimate_activations(model, TensorDataset(torch.zeros(5, 4), torch.zeros(5))).shape
         torch.Size([5, 3])
     """
-    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not heads:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no nn.Linear layer: activation-based detectors read the input of the last "
-            "linear layer (the classifier head). Use an influence-based detector for this model."
-        )
+    head = head_of(
+        model,
+        "activation-based detectors read the input of the last linear layer (the classifier head). Use an "
+        "influence-based detector for this model.",
+    )
     captured: list[Tensor] = []
-    hook = heads[-1].register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).cpu()))
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).cpu()))
     try:
         with evaluating(model, torch.device(device)):
             for inputs, _ in DataLoader(dataset, batch_size=batch_size):
