@@ -56,6 +56,28 @@ def accuracy(
     return metric.compute().item()
 
 
+@torch.no_grad()
+def predictions(
+    model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's predicted classes on ``dataset`` and the dataset's labels, in order (on the CPU).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> predicted, labels = predictions(nn.Linear(2, 3), TensorDataset(torch.zeros(4, 2), torch.ones(4).long()))
+        >>> predicted.shape, labels.tolist()
+        (torch.Size([4]), [1, 1, 1, 1])
+    """
+    predicted, labels = [], []
+    with evaluating(model, torch.device(device)):
+        for inputs, targets in DataLoader(dataset, batch_size=batch_size):
+            predicted.append(model(inputs.to(device)).argmax(-1).cpu())
+            labels.append(torch.as_tensor(targets))
+    if not predicted:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(predicted), torch.cat(labels)
+
+
 def _hits(model: nn.Module, dataset: Dataset, wanted: Optional[int], batch_size: int) -> Iterator[int]:
     """Indices, in order, of the samples the model classifies as their label (and whose label is ``wanted``)."""
     device = next(model.parameters()).device

@@ -1,7 +1,8 @@
-"""Corrective fits: the method cores, the five methods, the launch after fit, and unlearn.py."""
+"""Corrective fits: the method cores, the six methods, the launch after fit, and unlearn.py."""
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,17 @@ from wandb_records import logged_keys, read_run
 import unlearn
 from callbacks import InfluenceCollapseCallback
 from delta_influence.detectors import Oracle
+from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy, evaluating
-from delta_influence.unlearning import bad_teacher_loss, diagonal_fisher, distillation_kl, scrub_forget_loss
+from delta_influence.unlearning import (
+    bad_teacher_loss,
+    distillation_kl,
+    importance_ratios,
+    importances,
+    potion_search,
+    ratio_quantiles,
+    scrub_forget_loss,
+)
 from lightning_modules import PoisonClassifier
 from lightning_modules.unlearning import (
     SCRUB,
@@ -26,6 +36,7 @@ from lightning_modules.unlearning import (
     CorrectiveFit,
     FineTune,
     FitSettings,
+    Potion,
     Retrain,
     UnlearningData,
     UnlearningError,
@@ -60,15 +71,58 @@ def test_bad_teacher_follows_each_samples_teacher():
     assert bad_teacher_loss(student, good, bad, torch.tensor([True, False])) > 1
 
 
-def test_diagonal_fisher_is_the_mean_squared_gradient():
+def test_importances_are_ssds_squared_batch_gradients_or_potions_label_free_ones():
     layer = nn.Linear(2, 2)
     batches = [(torch.randn(3, 2), torch.tensor([0, 1, 0])), (torch.randn(3, 2), torch.tensor([1, 1, 0]))]
-    expected = torch.zeros_like(layer.weight)
+    squared, absolute = torch.zeros_like(layer.weight), torch.zeros_like(layer.weight)
     for inputs, labels in batches:
         layer.zero_grad()
         nn.functional.cross_entropy(layer(inputs), labels).backward()
-        expected += layer.weight.grad**2 / 2
-    assert torch.allclose(diagonal_fisher(layer, batches, "cpu")["weight"], expected)
+        squared += layer.weight.grad**2 / 2
+        layer.zero_grad()
+        layer(inputs).norm(dim=-1).mean().backward()  # no labels
+        absolute += layer.weight.grad.abs() / 2
+    assert torch.allclose(importances(layer, batches, "cpu")["weight"], squared)
+    assert torch.allclose(importances(layer, batches, "cpu", "logit_norm")["weight"], absolute)
+    with pytest.raises(ConfigError, match="importance='fisher' is not one of cross_entropy, logit_norm"):
+        importances(layer, batches, "cpu", "fisher")
+
+
+def test_potion_search_stops_at_the_first_share_that_neutralises_the_forget_set():
+    layer = nn.Linear(1000, 1, bias=False)
+    nn.init.ones_(layer.weight)
+    forget = {"weight": torch.arange(1.0, 1001.0)[None]}  # ratios 1, 2, ..., 1000
+    kept = {"weight": torch.ones(1, 1000)}
+    seen = []
+
+    def forget_accuracy(model):  # the "poison" lives in weight 990 (ratio 991): the accuracy falls once it is dampened
+        seen.append(model)
+        return 1.0 if model.weight[0, 990] == 1 else 0.0
+
+    found = potion_search(layer, forget, kept, forget_accuracy, start_share=1e-4, step=1.5)
+    assert found.reached and found.forget_acc_before == 1.0 and found.forget_acc == 0.0
+    assert torch.equal(layer.weight, torch.ones(1, 1000))  # every try dampens a fresh copy
+    assert 985 <= found.alpha < 991 and found.model.weight[0, 990].item() == pytest.approx(1 / 991)
+    assert found.dampened_fraction == pytest.approx((found.model.weight < 1).float().mean().item())
+    assert found.tries == len(seen) - 1 and found.percentile == pytest.approx(100 - math.log1p(100 * found.share))
+    assert found.share == pytest.approx(1e-4 * 1.5 ** (found.tries - 1))
+    # a start that already reaches the target dampens too much: the share shrinks to the least that still reaches it
+    down = potion_search(layer, forget, kept, forget_accuracy, start_share=1.0, step=1.5)
+    assert down.reached and 985 <= down.alpha < 991 and down.tries > 2
+    assert (
+        down.dampened_fraction < potion_search(layer, forget, kept, forget_accuracy, 1.0, max_tries=1).dampened_fraction
+    )
+    # never reached: the share stops at the whole training set; a forget set already missed needs no search
+    never = potion_search(layer, forget, kept, lambda model: 1.0, start_share=1e-4, step=2.0)
+    assert not never.reached and never.forget_acc == 1.0 and 0.5 < never.share <= 1.0
+    missed = potion_search(layer, forget, kept, lambda model: 0.0, start_share=1e-4)
+    assert missed.reached and missed.tries == 0 and missed.dampened_fraction == 0.0
+
+
+def test_importance_ratio_quantiles_leave_out_undefined_ratios():
+    ratios = importance_ratios({"w": torch.tensor([1.0, 0.0, 3.0, 5.0])}, {"w": torch.tensor([1.0, 0.0, 0.0, 1.0])})
+    assert ratios.tolist() == [1.0, 5.0]
+    assert ratio_quantiles(ratios, (0.0, 1.0)) == {"q0": 1.0, "q1": 5.0}
 
 
 def _run(method, trained_digits, tmp_path, flagged=None):
@@ -81,13 +135,21 @@ def _run(method, trained_digits, tmp_path, flagged=None):
 
 
 @pytest.mark.parametrize(
-    "method",
-    [Retrain(), FineTune(), SSD(), SCRUB(batch_size=64, steps=3), BadTeacher(batch_size=64, steps=3)],
-    ids=lambda m: m.name,
+    ("method", "asr_after"),
+    [
+        (Retrain(), 0.1),
+        (FineTune(max_epochs=2), 0.95),  # catastrophic forgetting: the weakest of them (the issue's baseline)
+        (SSD(), 0.9),  # a fixed alpha: how far it gets depends on the victim
+        (Potion(rho=0.5), 0.4),
+        (SCRUB(batch_size=64, lr=0.005, epochs=1), 0.1),
+        (BadTeacher(batch_size=64, lr=1e-3), 0.1),
+    ],
+    ids=lambda m: getattr(m, "name", ""),
 )
-def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_path):
+def test_every_method_corrects_a_copy_lowers_the_asr_and_saves_it(method, asr_after, trained_digits, tmp_path):
     data, victim = trained_digits
     before = copy.deepcopy(victim.state_dict())
+    torch.manual_seed(0)
     report = _run(method, trained_digits, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())  # victim untouched
     assert report["method"] == method.name and report["forgotten"] == 20 and report["retained"] == 380
@@ -95,15 +157,55 @@ def test_every_method_corrects_a_copy_and_saves_it(method, trained_digits, tmp_p
     with torch.no_grad(), evaluating(victim):  # the shared victim keeps its mode
         hits = (victim(torch.stack(images)).argmax(1) == torch.stack(targets)).float().mean().item()
     assert report["before_asr"] == pytest.approx(hits) and hits >= 0.8  # the backdoor is there to remove
-    if method.name == "retrain":  # trained without the poisons, the model has no backdoor
-        assert report["asr"] <= 0.2
+    assert report["asr"] <= asr_after and report["verdict"] == "attack weakened"
     corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
-    if method.name != "ssd":  # the methods that train move the weights (what SSD dampens is reported on its own)
-        assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
+    assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
     clean_images, labels = zip(*(data.test_set[i] for i in range(len(data.test_set))))
-    with torch.no_grad():  # the saved model's clean accuracy, counted by hand: the report's number
-        right = (corrected.eval()(torch.stack(clean_images)).argmax(1) == torch.stack(labels)).sum().item()
-    assert report["acc"] == pytest.approx(right / len(labels))
+    with torch.no_grad():  # the saved model's accuracies, counted by hand: the report's numbers
+        predicted = corrected.eval()(torch.stack(clean_images)).argmax(1)
+    labels = torch.stack(labels)
+    assert report["acc"] == pytest.approx((predicted == labels).float().mean().item())
+    assert report["label"] == 5 and report["label_acc"] == pytest.approx((predicted[labels == 5] == 5).float().mean())
+    assert 0 < report["changed_predictions"] <= 1
+    if method.name in ("ssd", "potion"):  # what the dampening changed, in numbers
+        assert 0 < report["details"]["dampened_fraction"] < 0.2 and report["details"]["q1"] > 1
+    saved = json.loads(Path(report["report"]).read_text())
+    assert saved["verdict"] == report["verdict"] and saved["details"] == json.loads(json.dumps(report["details"]))
+
+
+def test_ssd_on_fitted_samples_dampens_nothing_and_says_so(trained_digits, tmp_path):
+    """The reference importance of samples the model fits to near-zero loss (here the 40 it fits best) does not pass
+    alpha: the report and the console say that nothing changed, not that the fit succeeded."""
+    data, victim = trained_digits
+    images, labels = zip(*(data.eval_train_set[i] for i in range(len(data.eval_train_set))))
+    with torch.no_grad(), evaluating(victim):
+        losses = nn.functional.cross_entropy(victim(torch.stack(images)), torch.stack(labels), reduction="none")
+    fitted = losses.argsort()[:40]
+    assert losses[fitted].max() < 0.01
+    with pytest.warns(UserWarning, match="Corrective fit ssd: changed nothing"):
+        report = _run(SSD(importance="cross_entropy"), trained_digits, tmp_path, flagged=fitted)
+    assert report["details"]["dampened_fraction"] == 0.0 and report["details"]["q1"] < 10
+    assert report["verdict"] == "changed nothing" and report["changed_predictions"] == 0
+    assert report["asr"] == report["before_asr"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SSD(alpha=0), "SSD needs alpha > 0 and lam > 0; got alpha=0"),
+        (lambda: SSD(importance="fisher"), "SSD's importance='fisher' is not one of cross_entropy, logit_norm"),
+        (lambda: Potion(rho=1.0), "Potion needs 0 <= rho < 1.*got rho=1.0"),
+        (lambda: Potion(step=1.0), "Potion needs .*step > 1.*step=1.0"),
+        (lambda: SCRUB(forget_epochs=-1), "SCRUB needs .*forget_epochs >= 0.*forget_epochs=-1"),
+        (lambda: SCRUB(lr=0), "SCRUB needs .*lr > 0.*lr=0"),
+        (lambda: BadTeacher(retain_fraction=0), "BadTeacher needs .*0 < retain_fraction <= 1.*retain_fraction=0"),
+        (lambda: BadTeacher(epochs=0), "BadTeacher needs epochs >= 1.*epochs=0"),
+        (lambda: FineTune(max_epochs=0), "max_epochs=0 must be at least 1"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_message(make, message):
+    with pytest.raises(UnlearningError, match=message):
+        make()
 
 
 def test_reinitialising_refuses_partial_models_and_leaves_the_global_random_state_alone():

@@ -19,17 +19,18 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature:
 
 
 def scrub_forget_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """SCRUB's max-step on the forget set: minimising this maximises the student's divergence from the teacher."""
-    return -distillation_kl(student_logits, teacher_logits, temperature)
+    """SCRUB's max-step on the forget set: minimising this maximises the student's divergence from the teacher
+    (scaled by ``T^2`` as in knowledge distillation, so that its gradients keep their size as ``T`` changes)."""
+    return -(temperature**2) * distillation_kl(student_logits, teacher_logits, temperature)
 
 
 def scrub_retain_loss(
     student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, alpha: float = 0.001, temperature: float = 4.0
 ) -> Tensor:
-    """SCRUB's min-step on the retained set: cross-entropy plus ``alpha`` times the divergence from the teacher."""
-    return F.cross_entropy(student_logits, labels) + alpha * distillation_kl(
-        student_logits, teacher_logits, temperature
-    )
+    """SCRUB's min-step on the retained set: cross-entropy plus ``alpha`` times the divergence from the teacher
+    (scaled by ``T^2``)."""
+    kl = distillation_kl(student_logits, teacher_logits, temperature)
+    return F.cross_entropy(student_logits, labels) + alpha * temperature**2 * kl
 
 
 def bad_teacher_loss(

@@ -1,5 +1,6 @@
-"""Corrective fits after an audit: the methods (retrain from scratch, fine-tune, SSD, SCRUB, Bad Teacher), the
-distillation modules some of them train, and ``CorrectiveFit``, which runs any of them on a flagged set."""
+"""Corrective fits after an audit: the methods (retrain from scratch, fine-tune, SSD, Potion, SCRUB, Bad
+Teacher), the distillation modules some of them train, and ``CorrectiveFit``, which runs any of them on a flagged
+set."""
 
 from lightning_modules.unlearning.methods import (
     SCRUB,
@@ -7,6 +8,7 @@ from lightning_modules.unlearning.methods import (
     BadTeacher,
     FineTune,
     FitSettings,
+    Potion,
     Retrain,
     Unlearning,
     UnlearningData,
@@ -22,6 +24,7 @@ __all__ = [
     "CorrectiveFit",
     "FineTune",
     "FitSettings",
+    "Potion",
     "Retrain",
     "Unlearning",
     "UnlearningData",

@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from delta_influence.unlearning import bad_teacher_loss, scrub_forget_loss, scrub_retain_loss
@@ -29,12 +31,13 @@ class FrozenTeachers(tuple):
 
 
 class ScrubModule(pl.LightningModule):
-    """Student and frozen teacher; one max-step and one min-step per training step (manual optimisation)."""
+    """Student and frozen teacher (manual optimisation). The training loader is the retained set: each of its steps
+    is a min-step; an epoch among the first ``forget_epochs`` begins with a pass of max-steps over ``forget``."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, method: "SCRUB") -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, method: "SCRUB", forget: DataLoader) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.student, self.method = student, method
+        self.student, self.method, self.forget = student, method, forget
         self.teachers = FrozenTeachers(teacher)
 
     @property
@@ -46,31 +49,44 @@ class ScrubModule(pl.LightningModule):
         self.teachers.to(self.device)
 
     @override
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizer = self.optimizers()
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         method = self.method
-        forget, _ = batch["forget"]
+        if batch_idx == 0 and self.current_epoch < method.forget_epochs:
+            for inputs, _ in self.forget:
+                inputs = inputs.to(self.device)
+                with torch.no_grad():
+                    teacher = self.teacher(inputs)
+                self._step(scrub_forget_loss(self.student(inputs), teacher, method.temperature))
+        inputs, labels = batch
         with torch.no_grad():
-            teacher_forget = self.teacher(forget)
-        loss = scrub_forget_loss(self.student(forget), teacher_forget, method.temperature)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-        retain, labels = batch["retain"]
-        with torch.no_grad():
-            teacher_retain = self.teacher(retain)
-        loss = scrub_retain_loss(self.student(retain), labels, teacher_retain, method.alpha, method.temperature)
+            teacher = self.teacher(inputs)
+        loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
+        self._step(loss)
+        if method.decay:
+            self.lr_schedulers().step()
+        self.log("unlearn/scrub_loss", loss, prog_bar=True)
+
+    def _step(self, loss: Tensor) -> None:
+        optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
+    def configure_optimizers(self) -> dict:
+        method = self.method
+        optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=method.lr, momentum=method.momentum, weight_decay=method.weight_decay
+        )
+        if not method.decay:
+            return {"optimizer": optimizer}
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)  # the min-steps: the retained set's batches
+        return {"optimizer": optimizer, "lr_scheduler": LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))}
 
 
 class BadTeacherModule(pl.LightningModule):
-    """Student distilled from the competent teacher on retained and the random teacher on forget samples."""
+    """Student distilled from the competent teacher on retained and the random teacher on forget samples; batches
+    are ``(inputs, labels, forget)``."""
 
     def __init__(self, student: nn.Module, good: nn.Module, bad: nn.Module, method: "BadTeacher") -> None:
         super().__init__()
@@ -82,14 +98,14 @@ class BadTeacherModule(pl.LightningModule):
         self.teachers.to(self.device)
 
     @override
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        (retain, _), (forget, _) = batch["retain"], batch["forget"]
-        inputs = torch.cat([retain, forget])
-        is_forget = torch.cat([torch.zeros(len(retain)), torch.ones(len(forget))]).bool().to(inputs.device)
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, _, forget = batch
         with torch.no_grad():
             good, bad = self.teachers[0](inputs), self.teachers[1](inputs)
-        return bad_teacher_loss(self.student(inputs), good, bad, is_forget, self.method.temperature)
+        loss = bad_teacher_loss(self.student(inputs), good, bad, forget.bool(), self.method.temperature)
+        self.log("unlearn/bad_teacher_loss", loss, prog_bar=True)
+        return loss
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.student.parameters(), lr=self.method.lr, momentum=self.method.momentum)
+        return torch.optim.Adam(self.student.parameters(), lr=self.method.lr)

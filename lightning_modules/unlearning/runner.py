@@ -12,13 +12,13 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from delta_influence.devices import accelerator_of, device_of
-from delta_influence.examples import accuracy
+from delta_influence.examples import predictions
 from delta_influence.files import write_new
 from delta_influence.pipeline import eval_train_set_of
 from delta_influence.unlearning import retained_indices
@@ -74,8 +74,11 @@ class CorrectiveFit:
         )
 
     def run(self, victim: pl.LightningModule, method: Unlearning, flagged: Tensor) -> Optional[dict]:
-        """Forgets the ``flagged`` training samples with ``method`` and measures clean accuracy and ASR before and
-        after.
+        """Forgets the ``flagged`` training samples with ``method`` and measures, before and after, clean accuracy,
+        ASR and the clean accuracy on the attacker's label (``label_acc``). The report also gives the share of test
+        predictions that changed, what that did to the attack (``verdict``, see ``verdict``; anything but "attack
+        weakened" is also a warning on the console) and what the method measured about itself (``details``: SSD's
+        and Potion's dampened share and importance-ratio quantiles).
 
         The corrected model is saved as ``out_dir/<method>.ckpt`` (``<method>-2.ckpt``, ... when taken), in
         Lightning's checkpoint layout (``state_dict`` and ``hyper_parameters``), and the report next to it as
@@ -103,27 +106,32 @@ class CorrectiveFit:
             )
         data = UnlearningData(
             Subset(self.train_set, retained), Subset(self.eval_train_set, flagged.tolist()), self.eval_train_set,
-            self.settings,
+            self.settings, kept=Subset(self.eval_train_set, retained),
         )  # fmt: skip
         device = device_of(self.settings.accelerator)
-        before_acc, before_asr = accuracy(victim, self.test_set, device), accuracy(victim, self.attack_test_set, device)
+        before = self._evaluate(victim, device)
         rank_zero_info(f"Corrective fit: {method.name}, forgetting {len(flagged)} and keeping {len(retained)} samples.")
         start = time.perf_counter()
+        method.details = {}
         corrected = method.run(victim, data)
         seconds = time.perf_counter() - start
         if not self.save:
             return None
+        after = self._evaluate(corrected, device)
         report = {
             "method": method.name,
             "forgotten": len(flagged),
             "retained": len(retained),
-            "before_acc": before_acc,
-            "before_asr": before_asr,
-            "acc": accuracy(corrected, self.test_set, device),
-            "asr": accuracy(corrected, self.attack_test_set, device),
+            **{f"before_{key}": value for key, value in before.items() if key not in ("predicted", "label")},
+            **{key: value for key, value in after.items() if key != "predicted"},
+            "changed_predictions": _changed(before["predicted"], after["predicted"]),
             "time_s": seconds,
             "processes": self.settings.devices * self.settings.num_nodes,
         }
+        report["verdict"] = verdict(report)
+        report["details"] = dict(getattr(method, "details", {}))
+        if report["verdict"] != "attack weakened":
+            rank_zero_warn(f"Corrective fit {method.name}: {report['verdict']} ({_numbers(report)}).")
         checkpoint = {
             "state_dict": corrected.state_dict(),
             "hyper_parameters": dict(getattr(victim, "hparams", {})),
@@ -134,3 +142,57 @@ class CorrectiveFit:
         stored = report | {"checkpoint": saved.name}  # beside the report: the folder stays valid when moved
         written = write_new(saved.with_suffix(".json"), lambda path: path.write_text(json.dumps(stored, indent=2)))
         return report | {"checkpoint": str(saved.resolve()), "report": str(written.resolve())}
+
+    def _evaluate(self, model: torch.nn.Module, device: torch.device) -> dict:
+        """Clean accuracy, ASR, the attacker's label and the clean accuracy on it, and the predictions on both test
+        sets (to count what a method changed)."""
+        clean = predictions(model, self.test_set, device) if self.test_set is not None else None
+        attack = predictions(model, self.attack_test_set, device) if self.attack_test_set is not None else None
+        result = {"acc": _share(clean), "asr": _share(attack), "label": None, "label_acc": None}
+        if attack is not None and len(attack[1]):
+            label = int(attack[1].mode().values)  # what the attacker wants (a backdoor: its target class)
+            result["label"] = label
+            if clean is not None:
+                result["label_acc"] = _share(clean, clean[1] == label)
+        result["predicted"] = torch.cat([pair[0] for pair in (clean, attack) if pair is not None] or [torch.zeros(0)])
+        return result
+
+
+def verdict(report: dict) -> str:
+    """What a corrective fit did to the attack: ``"changed nothing"`` (no prediction on the clean or attack test set
+    moved), ``"attack not weakened"`` (the ASR did not fall) or ``"attack weakened"``; without an attack test set,
+    whether any prediction changed."""
+    if report["changed_predictions"] is None:
+        return "not measured (no test set)"
+    if report["changed_predictions"] == 0:
+        return "changed nothing"
+    if report["asr"] is None or report["before_asr"] is None:
+        return "predictions changed"
+    return "attack weakened" if report["asr"] < report["before_asr"] else "attack not weakened"
+
+
+def _changed(before: Tensor, after: Tensor) -> Optional[float]:
+    """The share of predictions that differ, or ``None`` without any."""
+    return (before != after).float().mean().item() if len(before) else None
+
+
+def _share(predicted: Optional[tuple[Tensor, Tensor]], keep: Optional[Tensor] = None) -> Optional[float]:
+    """The share of predictions equal to their labels (among ``keep``), or ``None`` without data."""
+    if predicted is None:
+        return None
+    guesses, labels = predicted
+    if keep is not None:
+        guesses, labels = guesses[keep], labels[keep]
+    return (guesses == labels).float().mean().item() if len(labels) else None
+
+
+def _numbers(report: dict) -> str:
+    """Clean accuracy and ASR, before -> after, for the console."""
+
+    def pct(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f} %"
+
+    parts = [f"clean accuracy {pct(report['before_acc'])} -> {pct(report['acc'])}"]
+    if report["asr"] is not None:
+        parts.append(f"ASR {pct(report['before_asr'])} -> {pct(report['asr'])}")
+    return ", ".join(parts)
