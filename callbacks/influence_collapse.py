@@ -251,10 +251,15 @@ class InfluenceCollapseCallback(Callback):
             report = fit.run(pl_module, self.unlearning, self._flagged)
         if report is None:
             return None
-        metrics = {f"unlearn/{key}": value for key, value in report.items() if isinstance(value, (int, float))}
+        numbers = {**report, **{f"details/{key}": value for key, value in report["details"].items()}}
+        metrics = {
+            f"unlearn/{key}": value
+            for key, value in numbers.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "label"
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            logger.log_hyperparams({"unlearn/method": report["method"]})
+            logger.log_hyperparams({"unlearn/method": report["method"], "unlearn/verdict": report["verdict"]})
             if isinstance(logger, WandbLogger):
                 media.log_comparison_to_wandb(logger, report)
         rank_zero_info(_compare(report))
@@ -294,10 +299,15 @@ def _compare(report: dict) -> str:
     def pct(value: Optional[float]) -> str:
         return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
+    labelled = report.get("label") is not None  # the attacker's label: its clean accuracy in a third column
+    header = f"   acc of label {report['label']}" if labelled else ""
+    before = f"  {pct(report['before_label_acc'])}" if labelled else ""
+    after = f"  {pct(report['label_acc'])}" if labelled else ""
     return (
-        f"Corrective fit '{report['method']}' ({report['time_s']:.1f} s, {report['forgotten']} samples forgotten):\n"
-        f"            clean acc   ASR\n"
-        f"  before      {pct(report['before_acc'])}  {pct(report['before_asr'])}\n"
-        f"  after       {pct(report['acc'])}  {pct(report['asr'])}\n"
+        f"Corrective fit '{report['method']}' ({report['time_s']:.1f} s, {report['forgotten']} samples forgotten): "
+        f"{report['verdict']}, {pct(report['changed_predictions']).strip()} of test predictions changed\n"
+        f"            clean acc   ASR{header}\n"
+        f"  before      {pct(report['before_acc'])}  {pct(report['before_asr'])}{before}\n"
+        f"  after       {pct(report['acc'])}  {pct(report['asr'])}{after}\n"
         f"  corrected model: {shown(report['checkpoint'])}"
     )

@@ -42,10 +42,15 @@ def log_comparison_to_wandb(logger, report: dict) -> None:
             "comparison/before_asr": report["before_asr"],
             "comparison/after_acc": report["acc"],
             "comparison/after_asr": report["asr"],
+            "comparison/before_label_acc": report["before_label_acc"],
+            "comparison/after_label_acc": report["label_acc"],
         }
     )
     logger.log_table(
         "unlearn/comparison",
-        columns=["model", "clean_acc", "asr"],
-        data=[["victim", report["before_acc"], report["before_asr"]], [report["method"], report["acc"], report["asr"]]],
+        columns=["model", "clean_acc", "asr", "label_acc"],
+        data=[
+            ["victim", report["before_acc"], report["before_asr"], report["before_label_acc"]],
+            [report["method"], report["acc"], report["asr"], report["label_acc"]],
+        ],
     )
