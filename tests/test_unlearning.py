@@ -43,6 +43,7 @@ from lightning_modules.unlearning import (
     retain_loader,
 )
 from lightning_modules.unlearning.methods import _reinitialised
+from lightning_modules.unlearning.runner import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,15 +139,17 @@ def _run(method, trained_digits, tmp_path, flagged=None):
     ("method", "asr_after"),
     [
         (Retrain(), 0.1),
-        (FineTune(max_epochs=2), 0.95),  # catastrophic forgetting: the weakest of them (the baseline)
+        (FineTune(max_epochs=2), None),  # fine-tuning leaves this backdoor in place, as on CIFAR-10
         (SSD(), 0.9),  # a fixed alpha: how far it gets depends on the victim
-        (Potion(rho=0.5), 0.4),
-        (SCRUB(batch_size=64, lr=0.005, epochs=1), 0.1),
+        (Potion(), 0.3),
+        (SCRUB(batch_size=64, lr=0.005, epochs=1), 0.1),  # a tiny retained set: smaller batches and steps
         (BadTeacher(batch_size=64, lr=1e-3), 0.1),
     ],
     ids=lambda m: getattr(m, "name", ""),
 )
-def test_every_method_corrects_a_copy_lowers_the_asr_and_saves_it(method, asr_after, trained_digits, tmp_path):
+def test_every_method_corrects_a_copy_and_all_but_fine_tuning_lower_the_asr(
+    method, asr_after, trained_digits, tmp_path
+):
     data, victim = trained_digits
     before = copy.deepcopy(victim.state_dict())
     torch.manual_seed(0)
@@ -157,7 +160,10 @@ def test_every_method_corrects_a_copy_lowers_the_asr_and_saves_it(method, asr_af
     with torch.no_grad(), evaluating(victim):  # the shared victim keeps its mode
         hits = (victim(torch.stack(images)).argmax(1) == torch.stack(targets)).float().mean().item()
     assert report["before_asr"] == pytest.approx(hits) and hits >= 0.8  # the backdoor is there to remove
-    assert report["asr"] <= asr_after and report["verdict"] == "attack weakened"
+    if asr_after is None:  # the weights move, the clean accuracy rises, the backdoor stays (and is reported so)
+        assert report["acc"] > report["before_acc"] and report["asr"] >= 0.8
+    else:
+        assert report["asr"] <= asr_after and report["verdict"] == "attack weakened"
     corrected = PoisonClassifier.load_from_checkpoint(report["checkpoint"])
     assert not all(torch.equal(before[k], v) for k, v in corrected.state_dict().items() if v.is_floating_point())
     clean_images, labels = zip(*(data.test_set[i] for i in range(len(data.test_set))))
@@ -187,6 +193,17 @@ def test_ssd_on_fitted_samples_dampens_nothing_and_says_so(trained_digits, tmp_p
     assert report["details"]["dampened_fraction"] == 0.0 and report["details"]["q1"] < 10
     assert report["verdict"] == "changed nothing" and report["changed_predictions"] == 0
     assert report["asr"] == report["before_asr"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [(0.935, 0.929, "attack not weakened"), (0.935, 0.9, "attack weakened"), (1.0, 0.99, "attack weakened")],
+)
+def test_a_fall_of_the_asr_within_its_noise_is_not_called_a_weakened_attack(before, after, expected):
+    # 1,000 attack images at an ASR of 93.5 %: a standard error of 0.78 points, so a fall of 0.6 is noise
+    report = {"changed_predictions": 0.1, "before_asr": before, "asr": after, "attack_size": 1000}
+    assert verdict(report) == expected
+    assert verdict(report | {"changed_predictions": 0.0}) == "changed nothing"
 
 
 @pytest.mark.parametrize(
