@@ -5,6 +5,7 @@ step; the callback, ``unlearn.py`` and the benchmarks all call it.
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,11 @@ class CorrectiveFit:
             "method": method.name,
             "forgotten": len(flagged),
             "retained": len(retained),
-            **{f"before_{key}": value for key, value in before.items() if key not in ("predicted", "label")},
+            **{
+                f"before_{key}": value
+                for key, value in before.items()
+                if key not in ("predicted", "label", "attack_size")
+            },
             **{key: value for key, value in after.items() if key != "predicted"},
             "changed_predictions": _changed(before["predicted"], after["predicted"]),
             "time_s": seconds,
@@ -148,7 +153,8 @@ class CorrectiveFit:
         sets (to count what a method changed)."""
         clean = predictions(model, self.test_set, device) if self.test_set is not None else None
         attack = predictions(model, self.attack_test_set, device) if self.attack_test_set is not None else None
-        result = {"acc": _share(clean), "asr": _share(attack), "label": None, "label_acc": None}
+        result = {"acc": _share(clean), "asr": _share(attack), "attack_size": len(attack[1]) if attack else 0}
+        result |= {"label": None, "label_acc": None}
         if attack is not None and len(attack[1]):
             label = int(attack[1].mode().values)  # what the attacker wants (a backdoor: its target class)
             result["label"] = label
@@ -160,15 +166,18 @@ class CorrectiveFit:
 
 def verdict(report: dict) -> str:
     """What a corrective fit did to the attack: ``"changed nothing"`` (no prediction on the clean or attack test set
-    moved), ``"attack not weakened"`` (the ASR did not fall) or ``"attack weakened"``; without an attack test set,
-    whether any prediction changed."""
+    moved), ``"attack weakened"`` (the ASR fell by more than twice its standard error on the attack test set,
+    ``sqrt(p (1 - p) / n)`` at the victim's ASR ``p``: a smaller fall is what another seed could give) or ``"attack
+    not weakened"``; without an attack test set, whether any prediction changed."""
     if report["changed_predictions"] is None:
         return "not measured (no test set)"
     if report["changed_predictions"] == 0:
         return "changed nothing"
-    if report["asr"] is None or report["before_asr"] is None:
+    before, after, size = report["before_asr"], report["asr"], report["attack_size"]
+    if before is None or after is None:
         return "predictions changed"
-    return "attack weakened" if report["asr"] < report["before_asr"] else "attack not weakened"
+    noise = 2 * math.sqrt(before * (1 - before) / size)
+    return "attack weakened" if before - after > noise else "attack not weakened"
 
 
 def _changed(before: Tensor, after: Tensor) -> Optional[float]:
