@@ -36,25 +36,38 @@ class StageInterrupted(BaseException):
 def run_stage(folder: Optional[Path], stage: str, finish: str) -> Iterator[None]:
     """Runs a block as ``stage`` of the run in ``folder`` (``None``: no record): ``stages.json`` says ``running`` while
     it runs, then ``finished``, ``interrupted`` (with ``finish``, how to finish it) or ``failed``; SIGTERM and SIGINT
-    raise ``StageInterrupted`` inside it (in the main thread, where Python delivers signals)."""
+    raise ``StageInterrupted`` inside it (in the main thread, where Python delivers signals). A block that ends with
+    any other exception after such a signal is interrupted too: the handler's exception can be swallowed (raised in
+    a finalizer), and Lightning's own SIGTERM handler then ends its loops with ``SystemExit`` of status 0."""
     record(folder, stage, "running")
+    received: list[int] = []
     try:
-        with _signals_interrupt(stage, finish):
+        with _signals_interrupt(stage, finish, received):
             yield
-    except StageInterrupted as interrupted:
-        record(folder, stage, "interrupted", finish=finish, exit_status=interrupted.exit_status)
-        raise
     except BaseException as error:
-        record(folder, stage, "failed", error=f"{type(error).__name__}: {error}")
-        raise
+        interrupted = error if isinstance(error, StageInterrupted) else None
+        if interrupted is None and received:
+            # the handler's exception was swallowed where Python ignores exceptions (a finalizer, say) and something
+            # else ended the block because of the same signal: Lightning's own SIGTERM handler makes its loops raise
+            # SystemExit with status 0, which must not end the command as if it had finished
+            interrupted = StageInterrupted(stage, received[0], finish)
+        if interrupted is None:
+            record(folder, stage, "failed", error=f"{type(error).__name__}: {error}")
+            raise
+        record(folder, stage, "interrupted", finish=finish, exit_status=interrupted.exit_status)
+        if interrupted is error:
+            raise
+        raise interrupted from error
     record(folder, stage, "finished")
 
 
 @contextmanager
-def _signals_interrupt(stage: str, finish: str) -> Iterator[None]:
-    """SIGTERM and SIGINT raise ``StageInterrupted`` inside the block; the previous handlers are back after it."""
+def _signals_interrupt(stage: str, finish: str, received: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``StageInterrupted`` inside the block (and are noted in ``received``); the previous
+    handlers are back after it."""
 
     def stop(signum: int, frame) -> None:
+        received.append(signum)
         raise StageInterrupted(stage, signum, finish)
 
     previous = {}
