@@ -137,7 +137,7 @@ def percentile(sorted_values: Tensor, level: float) -> float:
 class SearchResult:
     """Potion's search: the dampened model, the share and percentile it stopped at, the ``alpha`` they gave, how many
     shares it tried, the forget set's accuracy (on its own labels) before and after, whether the target was reached,
-    and the share of parameters dampened."""
+    the share of parameters dampened and the importance ratios' ``ratio_quantiles``."""
 
     model: nn.Module
     share: float
@@ -148,6 +148,7 @@ class SearchResult:
     forget_acc: float
     reached: bool
     dampened_fraction: float
+    quantiles: dict[str, float]
 
 
 def potion_search(
@@ -176,7 +177,7 @@ def potion_search(
     ratios = importance_ratios(forget, kept)
     if len(ratios) == 0:
         raise ConfigError("no parameter has a defined importance ratio: the importances are all zero.")
-    before = forget_accuracy(model)
+    before, quantiles = forget_accuracy(model), ratio_quantiles(ratios)
 
     def attempt(share: float) -> SearchResult:
         level = percentile_of_share(share)
@@ -184,10 +185,11 @@ def potion_search(
         candidate = copy.deepcopy(model)
         fraction = dampen(candidate, forget, kept, alpha, lam=1.0)
         after = forget_accuracy(candidate)
-        return SearchResult(candidate, share, level, alpha, 0, before, after, after <= rho * before, fraction)
+        reached = after <= rho * before
+        return SearchResult(candidate, share, level, alpha, 0, before, after, reached, fraction, quantiles)
 
     if before == 0:  # the forget set is not predicted as labelled: nothing to neutralise
-        return SearchResult(copy.deepcopy(model), 0.0, 100.0, math.inf, 0, before, before, True, 0.0)
+        return SearchResult(copy.deepcopy(model), 0.0, 100.0, math.inf, 0, before, before, True, 0.0, quantiles)
     found, tries = attempt(start_share), 1
     shrink = found.reached
     while tries < max_tries:

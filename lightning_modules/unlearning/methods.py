@@ -211,8 +211,7 @@ class Potion(Unlearning):
         self.details = {
             "dampened_fraction": found.dampened_fraction, "share": found.share, "percentile": found.percentile,
             "alpha": found.alpha, "tries": found.tries, "forget_acc_before": found.forget_acc_before,
-            "forget_acc": found.forget_acc, "reached": found.reached,
-            **ratio_quantiles(importance_ratios(forget, kept)),
+            "forget_acc": found.forget_acc, "reached": found.reached, **found.quantiles,
         }  # fmt: skip
         rank_zero_info(
             f"Potion dampened {100 * found.dampened_fraction:.3f} % of the parameters after {found.tries} tries "
