@@ -7,14 +7,18 @@ is for caches, whose content is made again when it is stale.
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+_CHECKS: list[Callable[[], None]] = []
 
 
 def write_new(target: Path, write: Callable[[Path], object], folder: bool = False) -> Path:
     """Writes through ``write(staging)`` into a hidden staging file (or folder) next to ``target``, then publishes it as
     ``target`` or, when that is taken, the first free ``target-2``, ``target-3``, ... (a file keeps its suffix:
-    ``retrain-2.ckpt``). Returns the name it got. An interrupted write leaves nothing behind.
+    ``retrain-2.ckpt``). Returns the name it got. An interrupted write leaves nothing behind, not even the folder it
+    made for ``target``; the checks of ``checked_before_publishing`` run between writing and publishing.
 
     Example:
         >>> import tempfile
@@ -22,6 +26,7 @@ def write_new(target: Path, write: Callable[[Path], object], folder: bool = Fals
         >>> [write_new(root / "a.txt", lambda path: path.write_text("x")).name for _ in range(2)]
         ['a.txt', 'a-2.txt']
     """
+    made = _missing_folders(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     if folder:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -30,13 +35,40 @@ def write_new(target: Path, write: Callable[[Path], object], folder: bool = Fals
     _usual_mode(staging)
     try:
         write(staging)
+        for check in list(_CHECKS):
+            check()
         return publish(staging, target)
     except BaseException:
         if folder:
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+        for path in made:  # deepest first; a folder that something else has filled since is kept
+            try:
+                path.rmdir()
+            except OSError:
+                break
         raise
+
+
+@contextmanager
+def checked_before_publishing(check: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, ``write_new`` calls ``check()`` once a result is written and before it is published; what
+    ``check`` raises discards the result (a stage that was signalled to stop, say)."""
+    _CHECKS.append(check)
+    try:
+        yield
+    finally:
+        _CHECKS.remove(check)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def shown(path: Path | str) -> str:

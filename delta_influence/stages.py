@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from delta_influence.files import write_replacing
+from delta_influence.files import checked_before_publishing, write_replacing
 
 STAGES_FILE = "stages.json"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -38,12 +38,20 @@ def run_stage(folder: Optional[Path], stage: str, finish: str) -> Iterator[None]
     it runs, then ``finished``, ``interrupted`` (with ``finish``, how to finish it) or ``failed``; SIGTERM and SIGINT
     raise ``StageInterrupted`` inside it (in the main thread, where Python delivers signals). A block that ends with
     any other exception after such a signal is interrupted too: the handler's exception can be swallowed (raised in
-    a finalizer), and Lightning's own SIGTERM handler then ends its loops with ``SystemExit`` of status 0."""
+    a finalizer), and Lightning's own SIGTERM handler then ends its loops with ``SystemExit`` of status 0. So is a
+    block that carries on to its end after a swallowed signal: it publishes nothing more (``write_new`` checks first)
+    and ends interrupted."""
     record(folder, stage, "running")
     received: list[int] = []
+
+    def check() -> None:
+        if received:
+            raise StageInterrupted(stage, received[0], finish)
+
     try:
-        with _signals_interrupt(stage, finish, received):
+        with _signals_interrupt(stage, finish, received), checked_before_publishing(check):
             yield
+            check()
     except BaseException as error:
         interrupted = error if isinstance(error, StageInterrupted) else None
         if interrupted is None and received:
