@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
@@ -20,7 +21,7 @@ from delta_influence.audit import DeltaInfluence
 from delta_influence.detectors import Detector
 from delta_influence.errors import ConfigError
 from delta_influence.files import shown
-from delta_influence.influence import Strategy
+from delta_influence.influence import DataPartitions, Strategy, finish, serve
 from delta_influence.pipeline import AuditData, AuditResult, QueryChoice, run_audit
 from delta_influence.stages import read_stages, record, run_stage
 from delta_influence.verification import Verification
@@ -176,17 +177,24 @@ class InfluenceCollapseCallback(Callback):
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         _close_epoch_bar(trainer, pl_module)  # the audit's own bars follow, not under the last epoch's
-        # one process audits (the same answer as a single-process run of these weights); the others wait here
+        # process 0 audits; under DDP the others take their share of its influence passes (kronfluence's data
+        # partitions), then get its flagged set
+        partitions = DataPartitions() if trainer.world_size > 1 and _distributed() else None
         flagged = None
         try:
             if trainer.is_global_zero:
                 folder = self._run_folder(trainer)
                 record(folder, "fit", "finished")
                 with run_stage(folder, "audit", _finish_audit(trainer, folder)):
-                    self.result = self.audit(trainer, pl_module)
+                    self.result = self.audit(trainer, pl_module, partitions=partitions)
                 flagged = self.result.flagged
-        finally:  # an audit that fails still releases the waiting processes, which then stop with it
-            if trainer.world_size > 1:
+            elif partitions is not None:
+                flagged = serve(pl_module, trainer.datamodule.eval_train_set, self._factors_dir(trainer),
+                                pl_module.device, partitions)  # fmt: skip
+        finally:  # an audit that fails still releases the other processes, which then stop with it
+            if partitions is not None and trainer.is_global_zero:
+                finish(partitions, flagged)
+            elif partitions is None and trainer.world_size > 1:
                 flagged = trainer.strategy.broadcast(flagged)
         self._flagged = flagged
 
@@ -212,19 +220,27 @@ class InfluenceCollapseCallback(Callback):
             self.corrective = self.correct(trainer, pl_module, distributed=False, data=data)
         return self.result
 
-    def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any = None) -> AuditResult:
+    def audit(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        data: Any = None,
+        partitions: Optional[DataPartitions] = None,
+    ) -> AuditResult:
         """Runs the detector (Δ-Influence by default) on the trained ``pl_module`` through the audit pipeline; logs
-        and returns what it found. ``data``: the data module, when the trainer has none attached."""
+        and returns what it found. ``data``: the data module, when the trainer has none attached; ``partitions``: the
+        processes of a DDP run that share the influence passes."""
         detector = self.detector
         result = run_audit(
             pl_module,
             AuditData.of(data if data is not None else trainer.datamodule),
             detector,
             output_dir=Path(self.output_dir) if self.output_dir else self._run_folder(trainer) / detector.name,
-            factors_dir=Path(self.factors_dir or Path(trainer.default_root_dir) / "influence_cache"),
+            factors_dir=self._factors_dir(trainer),
             choice=self.choice,
             log=rank_zero_info,
             epoch_seconds=sum(self._epoch_seconds) / len(self._epoch_seconds) if self._epoch_seconds else None,
+            partitions=partitions,
         )
         # Δ-Influence's metrics under audit/, another detector's under audit/<its name>/
         prefix = "audit" if isinstance(detector, DeltaInfluence) else f"audit/{detector.name}"
@@ -265,6 +281,10 @@ class InfluenceCollapseCallback(Callback):
         rank_zero_info(_compare(report))
         return report
 
+    def _factors_dir(self, trainer: pl.Trainer) -> Path:
+        """Where kronfluence's factors are cached (on a file system every process of the run shares)."""
+        return Path(self.factors_dir or Path(trainer.default_root_dir) / "influence_cache")
+
     def _run_folder(self, trainer: pl.Trainer) -> Path:
         """Where the audit and the corrective fit go: the run's folder (or the audited checkpoint's run folder)."""
         return self.run_folder if self.run_folder is not None else run_dir(trainer)
@@ -284,6 +304,11 @@ def _close_epoch_bar(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
     """Closes the last epoch's progress bar (its own ``on_train_end``; closing again later changes nothing)."""
     if trainer.progress_bar_callback is not None:
         trainer.progress_bar_callback.on_train_end(trainer, pl_module)
+
+
+def _distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is up (Lightning's DDP, until the fit tears it down)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _relaunchable(trainer: pl.Trainer) -> bool:

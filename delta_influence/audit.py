@@ -17,6 +17,7 @@ from delta_influence.detectors.base import Detection, DetectionInput, Detector, 
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView, Evidence
 from delta_influence.influence import (
+    DataPartitions,
     InfluenceAnalysis,
     InfluenceScores,
     Strategy,
@@ -102,6 +103,7 @@ class DeltaInfluence(Detector):
         device: torch.device | str = "cpu",
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        partitions: Optional[DataPartitions] = None,
     ) -> "DeltaInfluenceAudit":
         """Audits ``model``: scores every training sample on the query, its copies and the contrast in one pass.
 
@@ -117,6 +119,8 @@ class DeltaInfluence(Detector):
             device: Where to compute.
             mean: Per-channel mean of the normalisation (for ``space="pixel"``).
             std: Per-channel standard deviation of the normalisation (for ``space="pixel"``).
+            partitions: Split the influence passes across the processes of a distributed run (this one being
+                process 0, the others in ``delta_influence.influence.serve``).
         """
         start = time.perf_counter()
         contrast = self._checked_contrast(contrast, image)
@@ -126,6 +130,7 @@ class DeltaInfluence(Detector):
         influence = compute_influence_scores(
             model, train_set, _scored(queries, contrast), factors_dir, self.strategy, device,
             self.train_batch_size, num_workers=self.num_workers, seed=self.seed, factor_examples=self.factor_examples,
+            partitions=partitions,
         )  # fmt: skip
         same_label = None
         if len(contrast) and self.same_label:
@@ -143,7 +148,7 @@ class DeltaInfluence(Detector):
         timings["total_s"] = time.perf_counter() - start
         return DeltaInfluenceAudit(
             queries, contrast, influence.scores, decision, influence.factors_name, influence.factors_reused, timings,
-            verified,
+            verified, influence.process_timings,
         )  # fmt: skip
 
     def _verify(
@@ -188,7 +193,7 @@ class DeltaInfluence(Detector):
         audit = self.run(
             inputs.model, inputs.train_set, image, int(label), inputs.num_classes, inputs.factors_dir,
             contrast=inputs.contrast if self.num_contrast else None, device=inputs.device, mean=inputs.mean,
-            std=inputs.std,
+            std=inputs.std, partitions=inputs.partitions,
         )  # fmt: skip
         return Detection(self.name, audit.flagged, audit.scores[0], audit, info=dict(audit.timings))
 
@@ -224,6 +229,7 @@ class DeltaInfluenceAudit(Evidence):
     factors_reused: bool
     timings: dict[str, float]
     verification: Optional[VerificationResult] = None  # None: the stage was off
+    process_timings: dict[str, list[float]] = field(default_factory=dict)  # split across processes: each one's
 
     @property
     def flagged(self) -> Tensor:
@@ -279,6 +285,7 @@ class DeltaInfluenceAudit(Evidence):
                 "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
             },
             "verified": self.verification.summary() if self.verification is not None else None,
+            **({"process_timings": self.process_timings} if self.process_timings else {}),
         }
 
     def metrics(self, poisons: Optional[Tensor]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""EK-FAC influence of every training sample on every query, through kronfluence, in one pass over the data."""
+"""EK-FAC influence of every training sample on every query, through kronfluence, in one pass over the data, in one
+process or split by data partition across the processes of a distributed run."""
 
 import copy
 import os
@@ -9,12 +10,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.score.pairwise import load_pairwise_scores
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from kronfluence.utils.state import State
@@ -34,22 +38,105 @@ class ClassificationTask(Task):
     """Summed cross-entropy as the training loss; the query label's margin as the measurement.
 
     With ``sample=True`` the training loss uses labels drawn from the model's own predictions, so that the fitted
-    curvature is the true Fisher. The measurement is minus the margin (logit of the label minus the logsumexp of
-    the other logits), so a training sample scores positive when training on it raises the query label's margin:
-    poisons score strongly positive on the original query.
+    curvature is the true Fisher. Each sample's draw depends only on ``seed`` and its index (batches of
+    ``(input, label, index)``, see ``Indexed``), so the factors are the same whatever the batch size and however the
+    data is split into partitions or processes. The measurement is minus the margin (logit of the label minus the
+    logsumexp of the other logits), so a training sample scores positive when training on it raises the query
+    label's margin: poisons score strongly positive on the original query.
     """
 
-    def compute_train_loss(self, batch: tuple[Tensor, Tensor], model: nn.Module, sample: bool = False) -> Tensor:
-        inputs, labels = batch
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def compute_train_loss(self, batch: tuple[Tensor, ...], model: nn.Module, sample: bool = False) -> Tensor:
+        inputs, labels = batch[0], batch[1]
         logits = model(inputs)
         if sample:
             with torch.no_grad():
-                labels = torch.distributions.Categorical(logits=logits.detach()).sample()
+                labels = sampled_labels(logits.detach(), batch[2], self.seed)
         return F.cross_entropy(logits, labels, reduction="sum")
 
     def compute_measurement(self, batch: tuple[Tensor, Tensor], model: nn.Module) -> Tensor:
         inputs, labels = batch
         return -label_margins(model(inputs), labels).sum()
+
+
+def sampled_labels(logits: Tensor, indices: Tensor, seed: int) -> Tensor:
+    """One label per row drawn from ``softmax(logits)`` with a uniform number that depends only on ``seed`` and the
+    row's sample index (SplitMix64 of the pair: no random state, the same in any batch or process).
+
+    Example:
+        >>> logits = torch.zeros(2, 4)
+        >>> pair = sampled_labels(logits, torch.tensor([5, 9]), seed=0)
+        >>> bool(pair[1] == sampled_labels(logits[:1], torch.tensor([9]), seed=0)[0])  # sample 9's draw, in any batch
+        True
+    """
+    uniform = torch.from_numpy(_uniform(seed, indices.cpu().numpy())).to(logits.device, torch.float32)
+    cumulative = logits.float().softmax(dim=1).cumsum(dim=1)
+    return torch.searchsorted(cumulative, uniform[:, None]).squeeze(1).clamp(max=logits.shape[1] - 1)
+
+
+def _uniform(seed: int, indices: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) for each index: SplitMix64's output for the state ``seed * 2**32 + index``."""
+    state = (np.uint64(seed) << np.uint64(32)) + indices.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (state + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+class Indexed(Dataset):
+    """``(input, label, index)`` for each sample of ``dataset``; ``indices`` names them (default: their position)."""
+
+    def __init__(self, dataset: Dataset, indices: Optional[list[int]] = None) -> None:
+        self.dataset = dataset
+        self.indices = indices if indices is not None else list(range(len(dataset)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Any, Any, int]:
+        inputs, label = self.dataset[position][:2]
+        return inputs, label, self.indices[position]
+
+
+class PartitionError(RuntimeError):
+    """A process's share of an influence pass failed; every process of the run raises it with that message."""
+
+
+class DataPartitions:
+    """The processes of a ``torch.distributed`` run (Lightning's DDP: gloo on CPUs, NCCL on GPUs) that split the
+    passes over the training set by kronfluence's data partitions: process ``rank`` computes partition ``rank`` of the
+    covariance, eigen-correction and score passes into a folder of its own, the processes meet after each pass
+    (where a failure in any one ends them all with its message), and process 0 aggregates. They share only the output
+    folder and the default process group. Process 0 drives the audit; the others follow it through ``serve``."""
+
+    def __init__(self) -> None:
+        self.rank, self.count = dist.get_rank(), dist.get_world_size()
+
+    def share(self, value: Any = None) -> Any:
+        """Process 0's ``value``, on every process."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def run(self, stage: str, work: Callable[[], object]) -> list[float]:
+        """Runs this process's share of ``stage``, then waits for the others; returns every process's seconds. A
+        share that failed ends every process with a ``PartitionError`` that names it."""
+        start, error = time.perf_counter(), None
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001 - reported to every process below, then raised
+            error = caught
+        reports: list[Any] = [None] * self.count
+        failure = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(reports, (failure, time.perf_counter() - start))
+        failed = [f"process {rank}: {message}" for rank, (message, _) in enumerate(reports) if message]
+        if failed:
+            raise PartitionError(f"the audit's {stage} pass failed in {'; '.join(failed)}") from error
+        return [seconds for _, seconds in reports]
 
 
 def label_margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -73,12 +160,16 @@ class InfluenceScores(Evidence):
     factors_name: str
     factors_reused: bool
     timings: dict[str, float] = field(default_factory=dict)
+    process_timings: dict[str, list[float]] = field(default_factory=dict)
 
     def write(self, folder: Path, view: AuditView) -> None:
         """Nothing beyond the detection's own ``scores.pt``."""
 
     def summary(self) -> dict[str, object]:
-        return {"factors": self.factors_name, "factors_reused": self.factors_reused}
+        summary: dict[str, object] = {"factors": self.factors_name, "factors_reused": self.factors_reused}
+        if self.process_timings:  # split across processes: each one's seconds of each pass
+            summary["process_timings"] = self.process_timings
+        return summary
 
 
 class InfluenceAnalysis:
@@ -102,6 +193,9 @@ class InfluenceAnalysis:
         factors_name: Score with the factors fitted under this name (another analysis's ``factors_name``, in the same
             ``output_dir``) instead of this model's own: an approximation for a model that differs from the one they
             were fitted on only a little (e.g. in its last layer).
+        partitions: Split every pass across the processes of a distributed run (each one makes this same analysis,
+            on its own device, with the same weights and data, and ``output_dir`` on a shared file system); only
+            process 0 gets the scores.
     """
 
     def __init__(
@@ -117,21 +211,25 @@ class InfluenceAnalysis:
         seed: int = 0,
         factor_examples: Optional[int] = None,
         factors_name: Optional[str] = None,
+        partitions: Optional[DataPartitions] = None,
     ) -> None:
         check_strategy(strategy)
         check_factor_examples(factor_examples)
         check_trackable(model)
         self.train_set = train_set
         self.factor_set = train_set
+        chosen = list(range(len(train_set)))
         if factor_examples is not None and factor_examples < len(train_set):
             generator = torch.Generator().manual_seed(seed)
-            chosen = torch.randperm(len(train_set), generator=generator)[:factor_examples].sort().values
-            self.factor_set = Subset(train_set, chosen.tolist())
+            chosen = torch.randperm(len(train_set), generator=generator)[:factor_examples].sort().values.tolist()
+            self.factor_set = Subset(train_set, chosen)
+        self.fit_set = Indexed(self.factor_set, chosen)  # the true Fisher's draw depends on each sample's index
+        self.partitions = partitions if partitions is not None and partitions.count > 1 else None
         self.strategy = strategy
         self.train_batch_size = train_batch_size
         self.damping = damping
         self.seed = seed
-        self.task = ClassificationTask()
+        self.task = ClassificationTask(seed)
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
         self.factor_args = FactorArguments(strategy=strategy)
@@ -140,7 +238,7 @@ class InfluenceAnalysis:
             "kronfluence": version("kronfluence"),
             "task": f"{type(self.task).__module__}.{type(self.task).__qualname__}",
             "fisher_seed": seed,
-            "batch_size": train_batch_size,  # the true Fisher draws its labels batch by batch
+            "fisher_draw": "per sample",  # not per batch: the batch size and the partitions change nothing
         }
         if self.factor_set is not train_set:
             settings["factor_examples"] = len(self.factor_set)
@@ -157,57 +255,137 @@ class InfluenceAnalysis:
         self.analyzer.state.device = self.device  # exactly the caller's device (e.g. the trainer's cuda:1)
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))
         self.timings: dict[str, float] = {}  # seconds of each stage of the last fit
+        self.process_timings: dict[str, list[float]] = {}  # with partitions: each process's seconds of each stage
 
     def fit_factors(self) -> bool:
         """Fits the factors unless a finished set for these weights, data and settings is on disk; returns whether
         reused.
 
-        The true Fisher samples labels from the model's predictions: the analysis's ``seed`` seeds that draw (the
-        caller's random state is left as it was), so that the same weights and data give the same factors in any
-        process."""
+        The true Fisher samples labels from the model's predictions: the analysis's ``seed`` and each sample's index
+        decide that draw (the caller's random state is left as it was), so that the same weights and data give the
+        same factors in any process and under any split into partitions."""
         final = self.analyzer.factors_output_dir(self.factors_name)
         if final.exists():
             return True
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
-        fit = {"factors_name": partial_name, "factor_args": self.factor_args, "overwrite_output_dir": True}
-        passes = {"dataset": self.factor_set, "per_device_batch_size": self.train_batch_size}
-        stages = {  # kronfluence's fit_all_factors, stage by stage, so that each is timed
-            "covariance_s": lambda: self.analyzer.fit_covariance_matrices(**fit, **passes),
-            "eigendecomposition_s": lambda: self.analyzer.perform_eigendecomposition(**fit),
-            "lambda_s": lambda: self.analyzer.fit_lambda_matrices(**fit, **passes),
-        }
-        with harmless_warnings_hidden(), torch.random.fork_rng(devices=_cuda_devices(self.device)):
-            torch.manual_seed(self.seed)
-            for stage, run in stages.items():
-                start = time.perf_counter()
-                run()
-                self.timings[stage] = time.perf_counter() - start
-        self.analyzer.factors_output_dir(partial_name).rename(final)
+        if self.partitions is not None:
+            self._fit_partitioned(partial_name)
+        else:
+            fit = {"factors_name": partial_name, "factor_args": self.factor_args, "overwrite_output_dir": True}
+            passes = {"dataset": self.fit_set, "per_device_batch_size": self.train_batch_size}
+            stages = {  # kronfluence's fit_all_factors, stage by stage, so that each is timed
+                "covariance_s": lambda: self.analyzer.fit_covariance_matrices(**fit, **passes),
+                "eigendecomposition_s": lambda: self.analyzer.perform_eigendecomposition(**fit),
+                "lambda_s": lambda: self.analyzer.fit_lambda_matrices(**fit, **passes),
+            }
+            with harmless_warnings_hidden():
+                for stage, run in stages.items():
+                    start = time.perf_counter()
+                    run()
+                    self.timings[stage] = time.perf_counter() - start
+        if self.partitions is None or self.partitions.rank == 0:
+            self.analyzer.factors_output_dir(partial_name).rename(final)
         return False
 
-    def pairwise_scores(self, queries: Dataset, query_batch_size: Optional[int] = None) -> Tensor:
-        """Scores ``[len(queries), N]`` of every training sample on every query.
+    def _fit_partitioned(self, partial_name: str) -> None:
+        """The factor fit split across the processes: each fits its data partition of the covariance and the
+        eigen-correction passes under a name of its own; process 0 gathers the partitions, aggregates them and
+        performs the eigendecomposition between the two."""
+        partitions, rank = self.partitions, self.partitions.rank
+        count = partitions.count
+        args = FactorArguments(
+            strategy=self.strategy, covariance_data_partitions=count, lambda_data_partitions=count
+        )  # fmt: skip
+        own = f"{partial_name}-{rank}"
+        shutil.rmtree(self.analyzer.factors_output_dir(own), ignore_errors=True)  # left by an interrupted fit
+        if rank == 0:
+            shutil.rmtree(self.analyzer.factors_output_dir(partial_name), ignore_errors=True)
+        passes = {"dataset": self.fit_set, "per_device_batch_size": self.train_batch_size, "factor_args": args,
+                  "target_data_partitions": [rank], "overwrite_output_dir": True}  # fmt: skip
+
+        def covariance() -> None:
+            self.analyzer.fit_covariance_matrices(factors_name=own, **passes)
+
+        def eigendecomposition() -> None:
+            if rank == 0:
+                self._gather_partitions(partial_name, own)
+                self.analyzer.aggregate_covariance_matrices(factors_name=partial_name)
+                self.analyzer.perform_eigendecomposition(factors_name=partial_name, factor_args=args)
+
+        def eigen_corrections() -> None:
+            self.analyzer.fit_lambda_matrices(factors_name=own, load_from_factors_name=partial_name, **passes)
+
+        def aggregate() -> None:
+            if rank == 0:
+                self._gather_partitions(partial_name, own)
+                self.analyzer.aggregate_lambda_matrices(factors_name=partial_name)
+                for other in range(count):
+                    shutil.rmtree(self.analyzer.factors_output_dir(f"{partial_name}-{other}"), ignore_errors=True)
+
+        stages = {"covariance_s": covariance, "eigendecomposition_s": eigendecomposition,
+                  "lambda_s": eigen_corrections, "aggregate_s": aggregate}  # fmt: skip
+        with harmless_warnings_hidden():
+            for stage, work in stages.items():
+                self.process_timings[stage] = partitions.run(stage[:-2], work)
+                self.timings[stage] = max(self.process_timings[stage])
+
+    def _gather_partitions(self, partial_name: str, own: str) -> None:
+        """Moves every process's partition files into ``partial_name``, with this process's arguments."""
+        target = self.analyzer.factors_output_dir(partial_name)
+        target.mkdir(parents=True, exist_ok=True)
+        for other in range(self.partitions.count):
+            folder = self.analyzer.factors_output_dir(f"{partial_name}-{other}")
+            for path in folder.glob("*_data_partition*_module_partition*.safetensors"):
+                os.replace(path, target / path.name)
+        for path in self.analyzer.factors_output_dir(own).glob("*_arguments.json"):
+            shutil.copy(path, target / path.name)
+
+    def pairwise_scores(self, queries: Dataset, query_batch_size: Optional[int] = None) -> Optional[Tensor]:
+        """Scores ``[len(queries), N]`` of every training sample on every query (with partitions: on process 0;
+        the others return ``None``).
 
         kronfluence makes one pass over the training set per batch of queries, so the default puts all queries in
         one batch: one pass in all.
         """
-        scores_name = f"tmp_{uuid.uuid4().hex}"
+        partitions = self.partitions
+        scores_name = f"tmp_{uuid.uuid4().hex}" if partitions is None else f"tmp_{partitions.share(uuid.uuid4().hex)}"
+        names = [scores_name] if partitions is None else [f"{scores_name}-{rank}" for rank in range(partitions.count)]
+        compute = {
+            "factors_name": self.factors_name,
+            "query_dataset": queries,
+            "train_dataset": self.train_set,
+            "per_device_query_batch_size": query_batch_size or len(queries),
+            "per_device_train_batch_size": self.train_batch_size,
+            "overwrite_output_dir": True,
+        }
         try:
             with harmless_warnings_hidden():
-                self.analyzer.compute_pairwise_scores(
-                    scores_name=scores_name,
-                    factors_name=self.factors_name,
-                    query_dataset=queries,
-                    train_dataset=self.train_set,
-                    per_device_query_batch_size=query_batch_size or len(queries),
-                    per_device_train_batch_size=self.train_batch_size,
-                    score_args=ScoreArguments(damping_factor=self.damping),
-                    overwrite_output_dir=True,
-                )
-            return self.analyzer.load_pairwise_scores(scores_name)["all_modules"].float().cpu()
+                if partitions is None:
+                    self.analyzer.compute_pairwise_scores(
+                        scores_name=scores_name, score_args=ScoreArguments(damping_factor=self.damping), **compute
+                    )  # fmt: skip
+                    return self.analyzer.load_pairwise_scores(scores_name)["all_modules"].float().cpu()
+                args = ScoreArguments(damping_factor=self.damping, data_partitions=partitions.count)
+                rank = partitions.rank
+
+                def share() -> None:
+                    self.analyzer.compute_pairwise_scores(
+                        scores_name=names[rank], score_args=args, target_data_partitions=[rank], **compute
+                    )
+
+                self.process_timings["scores_s"] = partitions.run("score", share)
+            if rank != 0:
+                return None
+            shares = [
+                load_pairwise_scores(self.analyzer.scores_output_dir(name), partition=(other, 0))["all_modules"]
+                for other, name in enumerate(names)
+            ]
+            return torch.cat(shares, dim=1).float().cpu()
         finally:
-            shutil.rmtree(self.analyzer.scores_output_dir(scores_name), ignore_errors=True)
+            if partitions is None or partitions.rank == 0:  # the others' folders too, once read
+                for name in names:
+                    shutil.rmtree(self.analyzer.scores_output_dir(name), ignore_errors=True)
 
 
 @contextmanager
@@ -222,11 +400,6 @@ def _this_process_only() -> Iterator[None]:
     finally:
         if local_rank is not None:
             os.environ["LOCAL_RANK"] = local_rank
-
-
-def _cuda_devices(device: torch.device) -> list[int]:
-    """The CUDA device whose random state a seeded block must fork: the current one, for a CUDA device."""
-    return [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
 
 
 def check_strategy(strategy: str) -> None:
@@ -263,17 +436,34 @@ def compute_influence_scores(
     damping: Optional[float] = None,
     seed: int = 0,
     factor_examples: Optional[int] = None,
+    partitions: Optional[DataPartitions] = None,
 ) -> InfluenceScores:
     """Fits (or reuses) the factors and scores every training sample on every query in one pass.
+
+    With ``partitions``, called on process 0 while the others ``serve``: every pass is split across the processes
+    (``InfluenceAnalysis``), and ``timings`` are those of the slowest process, ``process_timings`` each one's.
 
     Returns:
         Scores ``[len(queries), len(train_set)]``; positive means training on the sample raises the query label's
         margin.
     """
     start = time.perf_counter()
-    analysis = InfluenceAnalysis(
-        model, train_set, output_dir, strategy, device, train_batch_size, num_workers, damping, seed, factor_examples
-    )  # fmt: skip
+    settings = {"strategy": strategy, "train_batch_size": train_batch_size, "num_workers": num_workers,
+                "damping": damping, "seed": seed, "factor_examples": factor_examples}  # fmt: skip
+    if partitions is not None and partitions.count > 1 and partitions.rank == 0:
+        partitions.share(("scores", {"queries": queries, "query_batch_size": query_batch_size, **settings}))
+    made: list[InfluenceAnalysis] = []
+
+    def make() -> None:
+        made.append(InfluenceAnalysis(model, train_set, output_dir, device=device, partitions=partitions, **settings))
+
+    if partitions is not None and partitions.count > 1:
+        partitions.run("setup", make)  # a process that cannot even start ends the others too
+        expected = partitions.share(made[0].factors_name)
+        partitions.run("setup", lambda: _same_factors(made[0].factors_name, expected))
+    else:
+        make()
+    analysis = made[0]
     reused = analysis.fit_factors()
     fitted = time.perf_counter()
     scores = analysis.pairwise_scores(queries, query_batch_size)
@@ -283,7 +473,42 @@ def compute_influence_scores(
         factors_name=analysis.factors_name,
         factors_reused=reused,
         timings={"factors_s": fitted - start, **analysis.timings, "scores_s": done - fitted},
+        process_timings=analysis.process_timings,
     )
+
+
+def _same_factors(name: str, expected: str) -> None:
+    """Checks this process fits the same factors as process 0 (same weights, training data and settings)."""
+    if name != expected:
+        raise PartitionError(
+            f"this process's weights, training set or settings differ from process 0's (factors {name} against "
+            f"{expected}); every process of the audit needs the same model and the same training set in the same order."
+        )
+
+
+def serve(
+    model: nn.Module, train_set: Dataset, output_dir: str | Path, device: torch.device | str, partitions: DataPartitions
+) -> Any:
+    """What every process but 0 runs while process 0 audits: its share of each ``compute_influence_scores`` that
+    process 0 starts with the same ``partitions`` (same weights and training set, its own device), until process 0
+    calls ``finish(partitions, value)``; returns that value. A failed share raises once process 0 has finished."""
+    failure: Optional[PartitionError] = None
+    while True:
+        kind, payload = partitions.share()
+        if kind == "done":
+            if failure is not None:
+                raise failure
+            return payload
+        try:
+            compute_influence_scores(model, train_set, output_dir=output_dir, device=device, partitions=partitions,
+                                     **payload)  # fmt: skip
+        except PartitionError as error:  # process 0 has it too and ends the audit, which ends this loop
+            failure = error
+
+
+def finish(partitions: DataPartitions, value: Any) -> None:
+    """Process 0's end of the audit: the processes in ``serve`` return ``value``."""
+    partitions.share(("done", value))
 
 
 def fingerprint(model: nn.Module, train_set: Dataset, settings: dict) -> str:

@@ -24,6 +24,7 @@ from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView, Evidence
 from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.files import shown, write_new
+from delta_influence.influence import DataPartitions
 from delta_influence.plots import to_displayable
 
 
@@ -186,6 +187,7 @@ def run_audit(
     device: Optional[torch.device | str] = None,
     log: Callable[[str], object] = print,
     epoch_seconds: Optional[float] = None,
+    partitions: Optional[DataPartitions] = None,
 ) -> AuditResult:
     """Audits ``model`` with ``detector`` and publishes the result as ``output_dir`` (or ``output_dir-2``, ... when
     taken; a finished audit is never overwritten and an interrupted one leaves nothing behind).
@@ -201,6 +203,8 @@ def run_audit(
         log: Where the two console lines go (what is about to happen, what was found).
         epoch_seconds: One training epoch of the audited run: every stage's time is then also given in epochs
             (``<stage>_epochs``), the unit in which a user plans the audit's cost.
+        partitions: The processes of a distributed run that share the influence passes, this one being process 0
+            (the others in ``delta_influence.influence.serve``).
 
     Returns:
         The detection, its metrics (flagged count and share; precision, recall and F1 when the true poisons are
@@ -210,7 +214,7 @@ def run_audit(
     detector.check_model(model)
     inputs = DetectionInput(
         model=model, train_set=data.train_set, num_classes=0, factors_dir=Path(factors_dir), clean_set=data.test_set,
-        poison_indices=data.poison_indices, device=device, mean=data.mean, std=data.std,
+        poison_indices=data.poison_indices, device=device, mean=data.mean, std=data.std, partitions=partitions,
     )  # fmt: skip
     context: dict[str, Any] = {}
     if detector.needs_query:

@@ -48,3 +48,11 @@ def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     data_view = AuditData.of(data)
     alone = run_audit(model, data_view, callback.detector, tmp_path / "alone", tmp_path / "fresh", callback.choice)
     assert alone.flagged.tolist() == flagged and not alone.summary["factors_reused"]
+    # the two processes shared every pass by data partition: each one's seconds of each, and the same scores
+    summary = json.loads((run / "delta_influence" / "summary.json").read_text())
+    assert {len(seconds) for seconds in summary["process_timings"].values()} == {2}
+    assert {"covariance_s", "lambda_s", "scores_s"} <= set(summary["process_timings"])
+    shared, single = torch.load(run / "delta_influence" / "scores.pt"), alone.detection.evidence.scores
+    # within float tolerance: the DDP processes compute with one thread each, which rounds the data's last bit
+    # differently from the single process (so the factors' cache key differs too)
+    assert (shared - single).abs().max() <= 1e-3 * single.abs().max()

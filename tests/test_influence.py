@@ -7,7 +7,13 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import delta_influence.influence as influence
-from delta_influence.influence import ClassificationTask, InfluenceAnalysis, compute_influence_scores, label_margins
+from delta_influence.influence import (
+    ClassificationTask,
+    InfluenceAnalysis,
+    compute_influence_scores,
+    label_margins,
+    sampled_labels,
+)
 
 
 def _model() -> nn.Module:
@@ -87,7 +93,6 @@ def test_the_factor_key_covers_everything_that_makes_the_factors(tmp_path, monke
         "the order": name(TensorDataset(images.flip(0), labels.flip(0))),
         "the strategy": name(strategy="kfac"),
         "the Fisher-sampling seed": name(seed=1),
-        "the batch size": name(train_batch_size=16),
         "a sample for the factor fits": name(factor_examples=12),
     }
 
@@ -99,6 +104,7 @@ def test_the_factor_key_covers_everything_that_makes_the_factors(tmp_path, monke
     monkeypatch.undo()
     assert [change for change, other in changes.items() if other == first] == []
     assert name(_data()) == first
+    assert name(train_batch_size=16) == first  # each sample's Fisher draw is its own, whatever the batch
 
 
 def test_factors_fitted_on_a_sample_score_every_sample_and_time_each_stage(tmp_path):
@@ -132,6 +138,8 @@ def test_factors_are_seeded(tmp_path):
     assert torch.equal(first.scores, second.scores)
     other_seed = compute_influence_scores(model, train, queries, tmp_path / "c", **fit, seed=1)
     assert not torch.equal(first.scores, other_seed.scores)  # the seed is what made them equal
+    batched = compute_influence_scores(model, train, queries, tmp_path / "d", **{**fit, "train_batch_size": 5})
+    assert torch.allclose(first.scores, batched.scores, rtol=1e-4, atol=1e-6)  # other batches: the same draws
 
 
 def test_model_without_trackable_layers_is_refused(tmp_path):
@@ -160,8 +168,11 @@ def test_true_fisher_draws_labels_from_the_models_predictions():
         model.weight.zero_()
         model.bias.copy_(torch.tensor([0.0, 0.0, 30.0]))  # the model is sure of class 2
     inputs, given = torch.randn(16, 2), torch.zeros(16, dtype=torch.long)
-    task = ClassificationTask()
-    sampled = task.compute_train_loss((inputs, given), model, sample=True)
+    task, indices = ClassificationTask(), torch.arange(16)
+    sampled = task.compute_train_loss((inputs, given, indices), model, sample=True)
     expected = F.cross_entropy(model(inputs), torch.full((16,), 2), reduction="sum")
     assert torch.allclose(sampled, expected)
     assert task.compute_train_loss((inputs, given), model, sample=False) > 100 * sampled  # the empirical Fisher's
+    draws = sampled_labels(torch.zeros(4000, 3), torch.arange(4000), seed=0)  # a uniform model: every label
+    assert torch.equal(draws, sampled_labels(torch.zeros(4000, 3), torch.arange(4000), seed=0))
+    assert (draws.bincount(minlength=3) - 4000 / 3).abs().max() < 150

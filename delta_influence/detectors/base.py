@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.evidence import Evidence
 from delta_influence.examples import evaluating
+from delta_influence.influence import DataPartitions
 
 
 @dataclass
@@ -24,6 +25,7 @@ class DetectionInput:
     flagged indices point into it. ``query`` is the misbehaving example (input, attacker's label) and ``contrast``
     clean inputs of that label, for the influence detectors. ``clean_set`` is clean held-out data (the test set),
     for detectors that train on clean images. ``poison_indices`` is the ground truth: only the oracle bounds read it.
+    ``partitions``: the processes of a distributed run that share the influence passes (this one is process 0).
     """
 
     model: nn.Module
@@ -37,6 +39,7 @@ class DetectionInput:
     device: torch.device | str = "cpu"
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
+    partitions: Optional[DataPartitions] = None
 
 
 @dataclass

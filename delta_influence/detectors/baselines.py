@@ -53,7 +53,7 @@ class InfluenceThreshold(Detector):
         image, label = require(inputs.query, "the misbehaving query (an input and the attacker's label)", self.name)
         influence = compute_influence_scores(
             inputs.model, inputs.train_set, TensorDataset(image[None], torch.tensor([int(label)])), inputs.factors_dir,
-            self.strategy, inputs.device, self.train_batch_size, seed=self.seed,
+            self.strategy, inputs.device, self.train_batch_size, seed=self.seed, partitions=inputs.partitions,
         )  # fmt: skip
         scores = influence.scores[0]
         if self.top_k is not None:
