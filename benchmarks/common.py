@@ -6,6 +6,7 @@ a flag given here becomes the matching command-line override, so every table is
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pytorch_lightning as pl
 import torch
 
 import train
@@ -143,6 +145,23 @@ def audit_callback(cli: train.DeltaInfluenceCLI) -> Optional[InfluenceCollapseCa
 def evaluate(model: torch.nn.Module, data) -> dict[str, float]:
     """Clean accuracy and ASR of ``model`` on the data module's test sets."""
     return {"clean_acc": accuracy(model, data.test_set), "asr": accuracy(model, data.attack_test_set)}
+
+
+def epoch_seconds(cli: train.DeltaInfluenceCLI) -> float:
+    """One training epoch of the victim's recipe on this machine, now: a copy of the configured model trained for one
+    epoch's steps with the config's data loader and optimiser, without validation, logging or checkpoints. The unit
+    in which the audit's cost is given, measured in the same run as the audit rather than read from the victim's
+    training, which ran at another time and load."""
+    model = copy.deepcopy(cli.model)
+    data = cli.datamodule
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, max_epochs=cli.trainer.max_epochs, max_steps=len(data.train_dataloader()),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    return time.perf_counter() - start
 
 
 def victim_path(args: argparse.Namespace) -> Path:

@@ -6,13 +6,14 @@
 
 Every row is the config's Δ-Influence audit through the audit pipeline, with fresh factors fitted on a seeded random
 sample (``delta_influence.factor_examples``); scores are always computed on every training sample. Times are also
-given in epochs of the victim's training (its recorded training time over its epochs), the unit to plan with.
+given in epochs of training (one epoch of the victim's recipe, measured at the start of the same run), the unit to
+plan with.
 """
 
 import dataclasses
 import tempfile
 
-from common import RESULTS, audit_callback, load_victim, parse_args, report, run_tag
+from common import RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
 
 from delta_influence.pipeline import AuditData, run_audit
 
@@ -20,9 +21,9 @@ from delta_influence.pipeline import AuditData, run_audit
 def main() -> None:
     args = parse_args(__doc__, extra=[("--fractions", str, "1,0.5,0.25,0.1", "shares of the training set")])
     cli = load_victim(args)
-    data, model, victim = cli.datamodule, cli.model, cli.victim_metrics
+    data, model = cli.datamodule, cli.model
     settings = audit_callback(cli).delta_influence
-    epoch_s = victim["train_s"] / victim["epochs"]
+    epoch_s = epoch_seconds(cli)
     total = len(data.eval_train_set)
     rows, full = [], None
     for fraction in (float(part) for part in args.fractions.split(",")):
@@ -53,7 +54,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     report(f"factor_sample_{args.attack}{run_tag(args)}", rows, list(rows[0]))
-    print(f"one training epoch of the victim: {epoch_s:.1f} s")
+    print(f"one training epoch of the victim, measured in this run: {epoch_s:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import paper_setting  # noqa: E402
 import pytest  # noqa: E402
+from test_cli import _command  # noqa: E402
 
 from datamodules import PoisonedDataModule  # noqa: E402
 from delta_influence.attacks import BadNets  # noqa: E402
@@ -33,3 +34,20 @@ def test_paper_setting_runs_end_to_end_tiny(cifar10_root, tmp_path, capsys):
     )
     assert table["total_s"] >= table["attack_and_training_s"] + table["audit_s"] + table["retrain_s"] - 1e-6
     assert json.loads((Path(table["run"]) / "paper_setting.json").read_text()) == table
+
+
+@pytest.mark.slow
+def test_paper_setting_on_two_devices_splits_the_audit_and_prints_one_table(tmp_path):
+    """The multi-device form as Lightning runs it (the script started once more for the second process), on two CPU
+    processes and the offline digits in place of CIFAR-10."""
+    result = _command(
+        tmp_path, "benchmarks/paper_setting.py", "--tiny", "--data.dataset", "digits", "--data.attack.init_args.value",
+        "1.0", "--data.per_class", "30", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator",
+        "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.count("| victim clean accuracy / ASR") == 1 and "on 2 x cpu" in result.stdout
+    (saved,) = (tmp_path / "runs").rglob("paper_setting.json")
+    table = json.loads(saved.read_text())
+    assert table["devices"] == 2 and table["audit_covariance_s"] > 0 and table["audit_epochs"] > 0
+    assert {len(seconds) for seconds in table["audit_process_s"].values()} == {2}  # each process's share
