@@ -251,6 +251,7 @@ class InfluenceAnalysis:
                 task=self.task,
                 cpu=self.device.type == "cpu",
                 output_dir=str(self.output_dir),
+                disable_tqdm=self.partitions is not None and self.partitions.rank != 0,  # process 0's bars only
             )
         self.analyzer.state.device = self.device  # exactly the caller's device (e.g. the trainer's cuda:1)
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))
@@ -270,7 +271,7 @@ class InfluenceAnalysis:
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
         if self.partitions is not None:
-            self._fit_partitioned(partial_name)
+            self._fit_partitioned(partial_name, self.factors_name)
         else:
             fit = {"factors_name": partial_name, "factor_args": self.factor_args, "overwrite_output_dir": True}
             passes = {"dataset": self.fit_set, "per_device_batch_size": self.train_batch_size}
@@ -284,14 +285,13 @@ class InfluenceAnalysis:
                     start = time.perf_counter()
                     run()
                     self.timings[stage] = time.perf_counter() - start
-        if self.partitions is None or self.partitions.rank == 0:
             self.analyzer.factors_output_dir(partial_name).rename(final)
         return False
 
-    def _fit_partitioned(self, partial_name: str) -> None:
+    def _fit_partitioned(self, partial_name: str, final_name: str) -> None:
         """The factor fit split across the processes: each fits its data partition of the covariance and the
-        eigen-correction passes under a name of its own; process 0 gathers the partitions, aggregates them and
-        performs the eigendecomposition between the two."""
+        eigen-correction passes under a name of its own; process 0 gathers the partitions, aggregates them, performs
+        the eigendecomposition between the two, and publishes the factors as ``final_name``."""
         partitions, rank = self.partitions, self.partitions.rank
         count = partitions.count
         args = FactorArguments(
@@ -316,12 +316,13 @@ class InfluenceAnalysis:
         def eigen_corrections() -> None:
             self.analyzer.fit_lambda_matrices(factors_name=own, load_from_factors_name=partial_name, **passes)
 
-        def aggregate() -> None:
+        def aggregate() -> None:  # its failure, as every step's, reaches every process
             if rank == 0:
                 self._gather_partitions(partial_name, own)
                 self.analyzer.aggregate_lambda_matrices(factors_name=partial_name)
                 for other in range(count):
                     shutil.rmtree(self.analyzer.factors_output_dir(f"{partial_name}-{other}"), ignore_errors=True)
+                self.analyzer.factors_output_dir(partial_name).rename(self.analyzer.factors_output_dir(final_name))
 
         stages = {"covariance_s": covariance, "eigendecomposition_s": eigendecomposition,
                   "lambda_s": eigen_corrections, "aggregate_s": aggregate}  # fmt: skip
