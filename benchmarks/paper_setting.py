@@ -103,9 +103,10 @@ def _render(table: dict) -> str:
 
 
 def every_device(overrides: list[str]) -> list[str]:
-    """DDP over every GPU when there are several and the overrides choose no devices; else nothing."""
+    """DDP over every GPU when there are several and the overrides choose no devices, strategy or accelerator."""
     count = torch.cuda.device_count()
-    if count < 2 or any(arg.split("=")[0] in ("--trainer.devices", "--trainer.strategy") for arg in overrides):
+    chosen = ("--trainer.devices", "--trainer.strategy", "--trainer.accelerator")
+    if count < 2 or any(arg.split("=")[0] in chosen for arg in overrides):
         return []
     return ["--trainer.devices", str(count), "--trainer.strategy", "ddp"]
 

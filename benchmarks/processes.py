@@ -35,6 +35,8 @@ def _audit(rank: int, count: int, args, factors: str, out: str, threads: int, ep
     torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # where NCCL's object collectives put their tensors
     partitions = None
     if count > 1:
         dist.init_process_group(
@@ -71,8 +73,8 @@ def main() -> None:
             ("--threads-each", int, None, "CPU threads of every process (default: the machine's, shared out)"),
         ],
     )
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 2
-    counts = [int(part) for part in args.processes.split(",")] if args.processes else [1, max(devices, 2)]
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 2  # CPUs: 1 and 2 processes
+    counts = [int(part) for part in args.processes.split(",")] if args.processes else sorted({1, devices})
     threads = torch.get_num_threads()
     epoch_s = epoch_seconds(load_victim(args))  # the unit, measured now with the machine's threads
     rows, first = [], None

@@ -1,6 +1,7 @@
 """InfluenceCollapseCallback: Δ-Influence after fit, then the corrective fit. Lightning glue over the audit pipeline
 (``delta_influence.pipeline``) and ``CorrectiveFit``."""
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -180,6 +181,8 @@ class InfluenceCollapseCallback(Callback):
         # process 0 audits; under DDP the others take their share of its influence passes (kronfluence's data
         # partitions), then get its flagged set
         partitions = DataPartitions() if trainer.world_size > 1 and _distributed() else None
+        if partitions is not None:
+            partitions.align(pl_module)  # process 0's batch-norm statistics everywhere: one model audited
         flagged = None
         try:
             if trainer.is_global_zero:
@@ -189,13 +192,21 @@ class InfluenceCollapseCallback(Callback):
                     self.result = self.audit(trainer, pl_module, partitions=partitions)
                 flagged = self.result.flagged
             elif partitions is not None:
-                flagged = serve(pl_module, trainer.datamodule.eval_train_set, self._factors_dir(trainer),
-                                pl_module.device, partitions)  # fmt: skip
-        finally:  # an audit that fails still releases the other processes, which then stop with it
-            if partitions is not None and trainer.is_global_zero:
-                finish(partitions, flagged)
+                # a signal ends this process's part as process 0's (Lightning's handler would broadcast instead)
+                with run_stage(None, "audit", "Process 0 says how to finish it."):
+                    train_set = AuditData.of(trainer.datamodule).train_set  # as process 0 reads it
+                    flagged = serve(pl_module, train_set, self._factors_dir(trainer), pl_module.device, partitions)
+        except BaseException:
+            if partitions is not None and trainer.is_global_zero:  # release the others; this error is the one
+                with contextlib.suppress(Exception):
+                    finish(partitions, None)
             elif partitions is None and trainer.world_size > 1:
-                flagged = trainer.strategy.broadcast(flagged)
+                trainer.strategy.broadcast(flagged)  # an audit that fails still releases the waiting processes
+            raise
+        if partitions is not None and trainer.is_global_zero:
+            finish(partitions, flagged)
+        elif partitions is None and trainer.world_size > 1:
+            flagged = trainer.strategy.broadcast(flagged)
         self._flagged = flagged
 
     @override

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.eigen import lambda_matrices_exist
 from kronfluence.score.pairwise import load_pairwise_scores
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
@@ -77,8 +78,8 @@ def sampled_labels(logits: Tensor, indices: Tensor, seed: int) -> Tensor:
 
 
 def _uniform(seed: int, indices: np.ndarray) -> np.ndarray:
-    """A number in [0, 1) for each index: SplitMix64's output for the state ``seed * 2**32 + index``."""
-    state = (np.uint64(seed) << np.uint64(32)) + indices.astype(np.uint64)
+    """A number in [0, 1) for each index: SplitMix64's output for the state ``(seed mod 2**32) * 2**32 + index``."""
+    state = (np.uint64(seed % 2**32) << np.uint64(32)) + indices.astype(np.uint64)
     with np.errstate(over="ignore"):
         z = (state + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -128,15 +129,23 @@ class DataPartitions:
         start, error = time.perf_counter(), None
         try:
             work()
-        except Exception as caught:  # noqa: BLE001 - reported to every process below, then raised
-            error = caught
+        except BaseException as caught:  # noqa: BLE001 - reported to every process below, then raised
+            error = caught  # a signal's exception too: the others must not wait for this process's report
         reports: list[Any] = [None] * self.count
         failure = None if error is None else f"{type(error).__name__}: {error}"
         dist.all_gather_object(reports, (failure, time.perf_counter() - start))
+        if error is not None and not isinstance(error, Exception):
+            raise error  # this process was interrupted: it ends as such, the others with its message
         failed = [f"process {rank}: {message}" for rank, (message, _) in enumerate(reports) if message]
         if failed:
             raise PartitionError(f"the audit's {stage} pass failed in {'; '.join(failed)}") from error
         return [seconds for _, seconds in reports]
+
+    def align(self, module: nn.Module) -> None:
+        """Gives every process process 0's buffers (batch norm's running statistics: under DDP the last training
+        step updates each process's own from its own batch), so that all of them audit the same model."""
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def label_margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -266,7 +275,10 @@ class InfluenceAnalysis:
         decide that draw (the caller's random state is left as it was), so that the same weights and data give the
         same factors in any process and under any split into partitions."""
         final = self.analyzer.factors_output_dir(self.factors_name)
-        if final.exists():
+        cached = final.exists()
+        if self.partitions is not None:  # process 0's answer, so that every process takes the same steps
+            cached = self.partitions.share(cached)
+        if cached:
             return True
         # fit under a temporary name and rename when complete, so an interrupted fit is never taken as finished
         partial_name = f"{self.factors_name}.partial"
@@ -320,6 +332,11 @@ class InfluenceAnalysis:
             if rank == 0:
                 self._gather_partitions(partial_name, own)
                 self.analyzer.aggregate_lambda_matrices(factors_name=partial_name)
+                if not lambda_matrices_exist(self.analyzer.factors_output_dir(partial_name)):
+                    raise PartitionError(
+                        "the eigen-corrections of some partitions are missing, so they were not aggregated; is "
+                        "factors_dir on a file system every process shares?"
+                    )
                 for other in range(count):
                     shutil.rmtree(self.analyzer.factors_output_dir(f"{partial_name}-{other}"), ignore_errors=True)
                 self.analyzer.factors_output_dir(partial_name).rename(self.analyzer.factors_output_dir(final_name))

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from kronfluence.analyzer import Analyzer
 from test_influence import _data, _model
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from delta_influence.influence import DataPartitions, PartitionError, compute_influence_scores, finish, serve
@@ -22,31 +23,48 @@ def _queries() -> TensorDataset:
     return TensorDataset(torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2]))
 
 
+def _batch_normed() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 3)).eval()  # fmt: skip
+
+
 def _process(rank: int, folder: str) -> None:
-    """One process of the run: process 0 audits three times, process 1 serves; each writes what it saw."""
+    """One process of the run: process 0 audits case after case, process 1 serves; each writes what it saw."""
     folder = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
-    partitions, model, seen = DataPartitions(), _model(), {}
-    cases = {
-        "same": _data(),
-        "other data": _data() if rank == 0 else TensorDataset(_data().tensors[0], _data().tensors[1].roll(1)),
-        "fails": _data(),
+    partitions, seen = DataPartitions(), {}
+    other_labels = TensorDataset(_data().tensors[0], _data().tensors[1].roll(1))
+    cases = {  # case: this process's model, training set and factor folder
+        "same": (_model(), _data(), "same"),
+        "other data": (_model(), _data() if rank == 0 else other_labels, "other data"),
+        "own statistics": (_batch_normed(), _data(), "own statistics"),  # aligned to process 0's first
+        "cache on process 0 only": (_model(), _data(), "same" if rank == 0 else "fresh"),
+        "fails": (_model(), _data(), "fails"),
+        "interrupted": (_model(), _data(), "interrupted"),
     }
-    for case, train in cases.items():
+    for case, (model, train, into) in cases.items():
+        if case == "own statistics":
+            model[1].running_mean.fill_(float(rank))  # as the last training step leaves each DDP process's own
+            partitions.align(model)
         if case == "fails" and rank == 1:  # this process's share of the covariance pass breaks
             Analyzer.fit_covariance_matrices = lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError("no room"))
+        if case == "interrupted" and rank == 1:  # Ctrl+C in this process's share
+            Analyzer.fit_covariance_matrices = lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt())
         try:
             if rank == 0:
                 try:
-                    scores = compute_influence_scores(
-                        model, train, _queries(), folder / case, partitions=partitions, **FIT
-                    )
+                    scores = compute_influence_scores(model, train, _queries(), folder / into, partitions=partitions,
+                                                      **FIT)  # fmt: skip
                     torch.save(scores.scores, folder / f"{case}.pt")
                     seen[case] = {"timings": scores.process_timings, "summary": scores.summary()}
                 finally:
                     finish(partitions, f"{case}: done")
             else:
-                seen[case] = {"served": serve(model, train, folder / case, "cpu", partitions)}
+                seen[case] = {"served": serve(model, train, folder / into, "cpu", partitions)}
+        except KeyboardInterrupt:
+            seen[case] = {"interrupted": True}
+            partitions.share()  # process 0's end of the audit, which a process that stopped here never reads
         except PartitionError as error:
             seen[case] = {"error": str(error)}
     (folder / f"process{rank}.json").write_text(json.dumps(seen))
@@ -79,3 +97,10 @@ def test_two_processes_score_as_one_and_a_failed_share_ends_both(tmp_path):
 
     for case, message in [("other data", "differ from process 0's"), ("fails", "process 1: MemoryError: no room")]:
         assert message in first[case]["error"] and first[case]["error"] == second[case]["error"], case
+    assert "timings" in first["own statistics"] and second["own statistics"] == {"served": "own statistics: done"}
+    # process 0 found the factors cached and process 1 took its word: both stop at the scores (none in its folder)
+    assert "score pass failed in process 1" in first["cache on process 0 only"]["error"]
+    assert first["cache on process 0 only"]["error"] == second["cache on process 0 only"]["error"]
+    # a process interrupted in its share ends as interrupted, and the other with its message, not a hang
+    assert second["interrupted"] == {"interrupted": True}
+    assert "process 1: KeyboardInterrupt" in first["interrupted"]["error"]
