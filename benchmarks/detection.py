@@ -16,6 +16,8 @@ from common import RESULTS, audit_callback, parse_args, report, run_tag, train_v
 
 from delta_influence import detection_metrics
 
+STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")  # each also in epochs of training
+
 
 def main() -> None:
     args = parse_args(__doc__)
@@ -51,6 +53,7 @@ def main() -> None:
                 "verify_s": timings.get("verify_s", 0.0),
                 "audit_s": timings["total_s"],
                 "audit_epochs": timings["total_epochs"],  # the audit in epochs of this victim's training
+                **{f"{stage}_epochs": timings.get(f"{stage}_epochs", 0.0) for stage in STAGES},
             }
         )
     report(f"detection_{args.attack}{run_tag(args)}", rows, list(rows[0]))

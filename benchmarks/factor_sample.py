@@ -17,6 +17,8 @@ from common import RESULTS, audit_callback, epoch_seconds, load_victim, parse_ar
 
 from delta_influence.pipeline import AuditData, run_audit
 
+STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")
+
 
 def main() -> None:
     args = parse_args(__doc__, extra=[("--fractions", str, "1,0.5,0.25,0.1", "shares of the training set")])
@@ -50,6 +52,7 @@ def main() -> None:
                 "scores_s": m["scores_s"],
                 "audit_s": m["total_s"],
                 "audit_epochs": m["total_epochs"],
+                **{f"{stage}_epochs": m.get(f"{stage}_epochs", 0.0) for stage in STAGES},  # each stage in epochs
             }
         )
         print(rows[-1], flush=True)

@@ -105,6 +105,7 @@ def main() -> None:
                 **{stage: m[stage] for stage in STAGES},
                 "audit_s": m["total_s"],
                 "audit_epochs": m["total_epochs"],
+                **{f"{stage[:-2]}_epochs": m.get(f"{stage[:-2]}_epochs", 0.0) for stage in STAGES},
                 "per_process": {stage: per_process.get(stage, [m[stage]]) for stage in STAGES},
             }
         )
