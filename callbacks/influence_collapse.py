@@ -180,7 +180,7 @@ class InfluenceCollapseCallback(Callback):
         _close_epoch_bar(trainer, pl_module)  # the audit's own bars follow, not under the last epoch's
         # process 0 audits; under DDP the others take their share of its influence passes (kronfluence's data
         # partitions), then get its flagged set
-        partitions = DataPartitions() if trainer.world_size > 1 and _distributed() else None
+        partitions = DataPartitions() if _partitionable(trainer) else None
         if partitions is not None:
             partitions.align(pl_module)  # process 0's batch-norm statistics everywhere: one model audited
         flagged = None
@@ -317,9 +317,11 @@ def _close_epoch_bar(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
         trainer.progress_bar_callback.on_train_end(trainer, pl_module)
 
 
-def _distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is up (Lightning's DDP, until the fit tears it down)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _partitionable(trainer: pl.Trainer) -> bool:
+    """Whether the audit's passes can be split across the run's processes: several processes under DDP (each holds
+    the whole model, unlike FSDP's or DeepSpeed's shards) with their process group still up."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return trainer.world_size > 1 and type(trainer.strategy) is DDPStrategy and distributed
 
 
 def _relaunchable(trainer: pl.Trainer) -> bool:

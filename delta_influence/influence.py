@@ -409,8 +409,9 @@ class InfluenceAnalysis:
 @contextmanager
 def _this_process_only() -> Iterator[None]:
     """kronfluence keeps one process-wide state, made on first use, with the device and, when ``LOCAL_RANK`` is set
-    on a GPU machine, a distributed setup over every process. Each analysis starts it afresh, in this process alone:
-    under DDP one rank audits while the others wait, and a later analysis may use another device."""
+    on a GPU machine, a distributed setup over every process. Each analysis starts it afresh, in this process alone
+    (under DDP every process makes its own and they share the passes through ``DataPartitions``), and a later
+    analysis may use another device."""
     State._reset_state()
     local_rank = os.environ.pop("LOCAL_RANK", None)
     try:
