@@ -32,6 +32,7 @@ from delta_influence.evidence import AuditView, Evidence
 from delta_influence.quiet import harmless_warnings_hidden
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
+PARTITION_FILES = "*_data_partition*_module_partition*.safetensors"  # kronfluence's name for a partition's factors
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 
 
@@ -339,6 +340,8 @@ class InfluenceAnalysis:
                     )
                 for other in range(count):
                     shutil.rmtree(self.analyzer.factors_output_dir(f"{partial_name}-{other}"), ignore_errors=True)
+                for path in self.analyzer.factors_output_dir(partial_name).glob(PARTITION_FILES):
+                    path.unlink()  # aggregated: the partitions' copies would only take disk space
                 self.analyzer.factors_output_dir(partial_name).rename(self.analyzer.factors_output_dir(final_name))
 
         stages = {"covariance_s": covariance, "eigendecomposition_s": eigendecomposition,
@@ -354,7 +357,7 @@ class InfluenceAnalysis:
         target.mkdir(parents=True, exist_ok=True)
         for other in range(self.partitions.count):
             folder = self.analyzer.factors_output_dir(f"{partial_name}-{other}")
-            for path in folder.glob("*_data_partition*_module_partition*.safetensors"):
+            for path in folder.glob(PARTITION_FILES):
                 os.replace(path, target / path.name)
         for path in self.analyzer.factors_output_dir(own).glob("*_arguments.json"):
             shutil.copy(path, target / path.name)

@@ -94,6 +94,7 @@ def test_two_processes_score_as_one_and_a_failed_share_ends_both(tmp_path):
     assert second["same"] == {"served": "same: done"}
     leftovers = [p.name for p in (tmp_path / "same").rglob("*") if "partial" in p.name or "tmp_" in p.name]
     assert leftovers == []  # the processes' own folders and the scores' partitions are gone
+    assert not list((tmp_path / "same").rglob("*_data_partition*"))  # aggregated, the partitions' copies removed
 
     for case, message in [("other data", "differ from process 0's"), ("fails", "process 1: MemoryError: no room")]:
         assert message in first[case]["error"] and first[case]["error"] == second[case]["error"], case
