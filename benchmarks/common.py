@@ -30,6 +30,8 @@ CONFIGS = {
 }
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = ROOT / "benchmarks" / "results"
+# the audit's stages as its metrics name them (``<stage>_s``, ``<stage>_epochs``)
+AUDIT_STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")
 CACHE = RESULTS / "cache"
 # flag -> the config key it overrides (None: keep the config's value)
 OVERRIDES = {

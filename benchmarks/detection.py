@@ -12,11 +12,9 @@ given without the verification stage (``rule_audit_s``) and with it (``audit_s``
 
 import tempfile
 
-from common import RESULTS, audit_callback, parse_args, report, run_tag, train_victim
+from common import AUDIT_STAGES, RESULTS, audit_callback, parse_args, report, run_tag, train_victim
 
 from delta_influence import detection_metrics
-
-STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")  # each also in epochs of training
 
 
 def main() -> None:
@@ -53,7 +51,7 @@ def main() -> None:
                 "verify_s": timings.get("verify_s", 0.0),
                 "audit_s": timings["total_s"],
                 "audit_epochs": timings["total_epochs"],  # the audit in epochs of this victim's training
-                **{f"{stage}_epochs": timings.get(f"{stage}_epochs", 0.0) for stage in STAGES},
+                **{f"{stage}_epochs": timings.get(f"{stage}_epochs", 0.0) for stage in AUDIT_STAGES},
             }
         )
     report(f"detection_{args.attack}{run_tag(args)}", rows, list(rows[0]))

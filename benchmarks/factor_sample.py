@@ -13,11 +13,9 @@ plan with.
 import dataclasses
 import tempfile
 
-from common import RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
+from common import AUDIT_STAGES, RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
 
 from delta_influence.pipeline import AuditData, run_audit
-
-STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")
 
 
 def main() -> None:
@@ -52,7 +50,7 @@ def main() -> None:
                 "scores_s": m["scores_s"],
                 "audit_s": m["total_s"],
                 "audit_epochs": m["total_epochs"],
-                **{f"{stage}_epochs": m.get(f"{stage}_epochs", 0.0) for stage in STAGES},  # each stage in epochs
+                **{f"{stage}_epochs": m.get(f"{stage}_epochs", 0.0) for stage in AUDIT_STAGES},  # each stage in epochs
             }
         )
         print(rows[-1], flush=True)

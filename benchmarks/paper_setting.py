@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import AUDIT_STAGES  # noqa: E402  (this script's folder)
+
 import train  # noqa: E402  (the project root, added above)
 from callbacks import InfluenceCollapseCallback  # noqa: E402
 
@@ -37,9 +39,6 @@ TINY = [
     "--delta_influence.query_index", "0", "--delta_influence.require_misclassified", "false",
     "--delta_influence.num_contrast", "0", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
-
-
-STAGES = ("covariance", "eigendecomposition", "lambda", "scores", "verify")
 
 
 def main(args: list[str]) -> dict:
@@ -67,7 +66,7 @@ def main(args: list[str]) -> dict:
         "audit_s": audit["total_s"],
         "retrain_s": corrective.get("time_s"),
         "total_s": total,
-        **{f"audit_{stage}_s": audit.get(f"{stage}_s") for stage in STAGES},
+        **{f"audit_{stage}_s": audit.get(f"{stage}_s") for stage in AUDIT_STAGES},
         "audit_epochs": audit.get("total_epochs"),
         "audit_process_s": callback.result.summary.get("process_timings", {}),
         "device": str(cli.trainer.strategy.root_device),
@@ -85,7 +84,7 @@ def _render(table: dict) -> str:
 
     epochs = "" if table["audit_epochs"] is None else f" ({table['audit_epochs']:.1f} epochs of training)"
     passes = ", ".join(
-        f"{stage} {table[f'audit_{stage}_s']:.0f} s" for stage in STAGES if table[f"audit_{stage}_s"] is not None
+        f"{stage} {table[f'audit_{stage}_s']:.0f} s" for stage in AUDIT_STAGES if table[f"audit_{stage}_s"] is not None
     )
     rows = [
         ("victim clean accuracy / ASR", f"{pct(table['victim_clean_acc'])} / {pct(table['victim_asr'])}"),

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
+from common import AUDIT_STAGES, RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
 
 from delta_influence.influence import DataPartitions, finish, serve
 from delta_influence.pipeline import AuditData, run_audit
 
-STAGES = ("covariance_s", "eigendecomposition_s", "lambda_s", "scores_s")
+STAGES = [f"{stage}_s" for stage in AUDIT_STAGES if stage != "verify"]  # the passes split across processes
 
 
 def _audit(rank: int, count: int, args, factors: str, out: str, threads: int, epoch_s: float) -> None:
