@@ -197,17 +197,10 @@ class InfluenceCollapseCallback(Callback):
                     train_set = AuditData.of(trainer.datamodule).train_set  # as process 0 reads it
                     flagged = serve(pl_module, train_set, self._factors_dir(trainer), pl_module.device, partitions)
         except BaseException:
-            if partitions is not None and trainer.is_global_zero:  # release the others; this error is the one
-                with contextlib.suppress(Exception):
-                    finish(partitions, None)
-            elif partitions is None and trainer.world_size > 1:
-                trainer.strategy.broadcast(flagged)  # an audit that fails still releases the waiting processes
+            with contextlib.suppress(Exception):  # an audit that fails still releases the waiting processes,
+                _release(trainer, partitions, None)  # and its own error is the one reported
             raise
-        if partitions is not None and trainer.is_global_zero:
-            finish(partitions, flagged)
-        elif partitions is None and trainer.world_size > 1:
-            flagged = trainer.strategy.broadcast(flagged)
-        self._flagged = flagged
+        self._flagged = _release(trainer, partitions, flagged)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -315,6 +308,16 @@ def _close_epoch_bar(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
     """Closes the last epoch's progress bar (its own ``on_train_end``; closing again later changes nothing)."""
     if trainer.progress_bar_callback is not None:
         trainer.progress_bar_callback.on_train_end(trainer, pl_module)
+
+
+def _release(trainer: pl.Trainer, partitions: Optional[DataPartitions], flagged: Optional[Tensor]) -> Any:
+    """Hands process 0's flagged set to the other processes (ending their ``serve``, or by a broadcast when rank 0
+    audited alone) and returns it, on every process."""
+    if partitions is not None:
+        if trainer.is_global_zero:
+            finish(partitions, flagged)
+        return flagged
+    return trainer.strategy.broadcast(flagged) if trainer.world_size > 1 else flagged
 
 
 def _partitionable(trainer: pl.Trainer) -> bool:
