@@ -114,6 +114,11 @@ class DeltaInfluenceCLI(LightningCLI):
                 f"the audit would run twice. Move its options to the top-level `{AUDIT}:` section and drop it from "
                 f"trainer.callbacks (or set `{AUDIT}: null` to keep the one in the list)."
             )
+        data, model = self.datamodule, self.model
+        if getattr(data, "attack", None) is not None and isinstance(model, PoisonClassifier):
+            # an attack's surrogate trained "as the victim" gets this run's recipe
+            recipe = model.recipe(self.trainer.max_epochs, data.batch_size, data.flip, data.crop_padding)
+            data.attack = data.attack.with_victim_recipe(recipe)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # W&B looks for a git repository in its folder as it starts: the folder must exist by then

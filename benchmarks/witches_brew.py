@@ -1,20 +1,23 @@
-"""Witches' Brew on the CPU CIFAR-10 setting: for fixed (target, intended class) pairs, brew the poisons, train a victim
-from scratch on them, and audit every success with Δ-Influence, then retrain without what it flagged.
+"""Witches' Brew on the CPU CIFAR-10 setting: for (target, intended class) pairs drawn at random, brew the poisons,
+train a victim from scratch on them from a fresh seed, and audit every success with Δ-Influence, then retrain without
+what it flagged.
 
-    python benchmarks/witches_brew.py                                   # 4 pairs, budget 5 %, 3 restarts of 80 steps
-    python benchmarks/witches_brew.py --pairs 8 --budget 0.1 --restarts 4
+    python benchmarks/witches_brew.py                        # 8 pairs, budget 5 %, eps 16, 1 restart of 100 steps
+    python benchmarks/witches_brew.py --eps 32 --known-init 1
 
 The victim, the attack and the audit are configs/benchmarks/cifar10_witches_brew_cpu.yaml; each pair overrides the
-attack's target and intended class (and the flags below), and is run through train.py as that config.
+attack's target and intended class (and the flags below), and is run through train.py as that config. The surrogates
+are trained exactly as the victim (the config's `surrogate: victim`), once, and cached (results/attack_cache).
 
-Targets are drawn with --seed among the test images that the surrogate (the clean model the attacker trains, as in the
-attack) classifies correctly, the paper's practice; each target's intended class is drawn uniformly among the other
-classes. Every pair has its own brew (cached under results/attack_cache) and its own victim (the small CNN, trained
-from scratch from another seed than the surrogate). Success: the victim classifies the target as the intended class.
-On each success, the config's audit (through the audit pipeline, one scoring pass) gives both decision rules (the
-default with the clean-class contrast and the reference rule without it); the victim is then retrained from scratch
-without the default rule's flagged samples, by the config's corrective fit. The table is printed and written to
-results/witches_brew.json.
+Targets are drawn with --seed among the test images that the (first) surrogate classifies correctly, the paper's
+practice; each target's intended class is drawn uniformly among the other classes; none is chosen by hand. Every
+pair has its own brew and its own victim, trained from seed 100 + the pair's number (the surrogates: --seed, +1, ...).
+Success: the victim classifies the target as the intended class. With --known-init 1, a second victim per pair is
+trained from the first surrogate's initial weights and batch order (the "known init" check, which does not depend on
+transfer). On each success, the config's audit (through the audit pipeline, one scoring pass) gives both decision
+rules (the default with the clean-class contrast and the reference rule without it); the victim is then retrained
+from scratch without the default rule's flagged samples, by the config's corrective fit. The table is printed and
+written to results/witches_brew.json.
 """
 
 import tempfile
@@ -25,44 +28,49 @@ from common import RESULTS, audit_callback, config_args, corrective_fit, evaluat
 
 import train
 from delta_influence import detection_metrics
+from delta_influence.attacks.base import AttackContext, LabeledImages
 from delta_influence.devices import device_of
 from delta_influence.examples import evaluating
 from delta_influence.pipeline import AuditData, run_audit
-from delta_influence.surrogate import SurrogateRecipe, cached_surrogate
 from lightning_modules.unlearning import Retrain
 
 CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
-    "pair", "target", "true", "intended", "surrogate_p", "brew_loss", "brew_s", "train_s", "clean_acc", "victim_p",
-    "success", "flagged", "precision", "recall", "ref_flagged", "ref_precision", "ref_recall", "retrain_acc",
-    "retrain_success",
+    "pair", "target", "true", "intended", "surrogate_p", "brew_loss", "surrogate_s", "brew_s", "train_s", "clean_acc",
+    "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "ref_flagged",
+    "ref_precision", "ref_recall", "retrain_acc", "retrain_success",
 ]  # fmt: skip
+VICTIM_SEED = 100  # victims train from seed 100 + the pair's number, far from the surrogates' seeds
 
 
 def main() -> None:
     args = parse_args(
         __doc__,
         [
-            ("--pairs", int, 4, "(target, intended class) pairs"),
+            ("--pairs", int, 8, "(target, intended class) pairs"),
             ("--budget", float, 0.05, "poisons per target: a fraction of the training set, or a count"),
-            ("--eps", float, 16.0, "L-inf bound in 8-bit levels"),
-            ("--steps", int, 80, "signed-Adam steps per restart"),
-            ("--restarts", int, 3, "restarts per brew (lowest loss kept)"),
+            ("--eps", float, 16.0, "L-inf bound in 8-bit levels (of the [0, 1] pixel range: 16 = 16/255)"),
+            ("--steps", int, 100, "signed-Adam steps per restart"),
+            ("--restarts", int, 1, "restarts per brew (lowest loss kept)"),
+            ("--ensemble", int, 1, "surrogates brewed against at once"),
+            ("--known-init", int, 0, "1: also train a victim from the first surrogate's init and batch order"),
         ],
     )
     command = _command(args)
     configured = train.main(command, run=False)  # the config as set: its surrogate recipe and its audit
     clean = train.main([*command, "--data.attack=null"], run=False).datamodule  # what the surrogate trains on
-    pairs = draw_pairs(clean, configured.datamodule.attack.surrogate, args.pairs, args.seed)
+    pairs = draw_pairs(clean, configured.datamodule.attack, args.pairs, args.seed)
     print("pairs (test index, true class -> intended class):", [(t, c, i) for t, c, i, _ in pairs])
     rows = []
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
         pair = ["--data.attack.init_args.target", str(target), "--data.attack.init_args.intended", str(intended)]
+        pair += ["--seed_everything", str(VICTIM_SEED + number)]
         start = time.perf_counter()
         cli = train.main(["fit", *command, *pair, "--delta_influence=null"])  # the victim; the audit follows
         data, victim = cli.datamodule, cli.model
         row = {"pair": number, "target": target, "true": true, "intended": intended, "surrogate_p": surrogate_p,
-               "brew_loss": data.attack_info["loss"], "brew_s": data.attack_info["brew_s"],
+               "brew_loss": data.attack_info["loss"], "surrogate_s": data.attack_info["surrogate_s"],
+               "brew_s": data.attack_info["brew_s"],
                "train_s": time.perf_counter() - start - data.attack_info["brew_s"],
                "clean_acc": evaluate(victim, data)["clean_acc"]}  # fmt: skip
         image, label = data.attack_test_set[0]
@@ -70,43 +78,51 @@ def main() -> None:
             probabilities = victim(image[None]).softmax(1)[0]
         row["victim_p"] = float(probabilities[int(label)])
         row["success"] = int(probabilities.argmax()) == int(label)
+        if args.known_init:
+            poisoned = data.train_set
+            known = data.attack.known_init_victim(LabeledImages(poisoned.images, poisoned.labels), data._context())
+            with torch.no_grad():
+                known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
+            row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
         if row["success"]:
             row |= audit(cli, audit_callback(configured), number, args.seed)
         rows.append(row)
         report("witches_brew", rows, COLUMNS)  # kept up to date after every pair
     successes = [row for row in rows if row["success"]]
     print(f"\nsuccess: {len(successes)} of {len(rows)} targets (budget {args.budget}, eps {args.eps:g}/255, "
-          f"{args.restarts} restarts x {args.steps} steps)")  # fmt: skip
+          f"{args.restarts} restarts x {args.steps} steps, {args.ensemble} surrogate(s))")  # fmt: skip
+    if args.known_init:
+        print(f"known init: {sum(row['known_success'] for row in rows)} of {len(rows)} targets flipped")
     if successes:
         mean_recall = sum(row["recall"] for row in successes) / len(successes)
         print(f"Δ-Influence (default rule) mean recall on the successes: {mean_recall:.1%}")
 
 
 def _command(args) -> list[str]:
-    """The config with the shared overrides and this script's attack flags; the victim's seed follows the data's."""
-    command = config_args(args, CONFIG) + ["--seed_everything", str(args.seed + 1)]
+    """The config with the shared overrides and this script's attack flags."""
+    command = config_args(args, CONFIG)
     command += ["--data.attack.init_args.seed", str(args.seed)]
-    for flag in ("budget", "eps", "steps", "restarts"):
+    for flag in ("budget", "eps", "steps", "restarts", "ensemble"):
         command += [f"--data.attack.init_args.{flag}", str(getattr(args, flag))]
     return command
 
 
-def draw_pairs(clean, recipe: SurrogateRecipe, count: int, seed: int) -> list[tuple[int, int, int, float]]:
+def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int, float]]:
     """``count`` (test index, true class, intended class, surrogate's probability of the intended class): targets
-    drawn among the test images the surrogate classifies correctly, intended classes among the other classes."""
+    drawn among the test images the attack's first surrogate classifies correctly, intended classes among the other
+    classes."""
     clean.prepare_data()
     clean.setup("fit")
-    clean_train, clean_test = clean.eval_train_set, clean.test_set
+    clean_test = clean.test_set
     device = device_of("auto")
-    model, _ = cached_surrogate(
-        clean_train.images, clean_train.labels, clean.num_classes, recipe, seed, device, clean.cache_dir
-    )  # fmt: skip
+    models, _ = attack.surrogates(LabeledImages(clean.eval_train_set.images, clean.eval_train_set.labels),
+                                  AttackContext(clean.num_classes, clean.cache_dir, device))  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for index in torch.randperm(len(clean_test.labels), generator=generator).tolist():
         pixels = clean_test.images[index].float().div(255)[None].to(device)
         with torch.no_grad():
-            probabilities = model(pixels).softmax(1)[0].cpu()
+            probabilities = models[0](pixels).softmax(1)[0].cpu()
         true = int(clean_test.labels[index])
         if int(probabilities.argmax()) != true:
             continue

@@ -3,6 +3,7 @@
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,25 +13,40 @@ from tqdm.auto import tqdm
 from delta_influence.cache import cached, content_key
 from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
+from delta_influence.training import OPTIMIZERS, flip_and_shift, make_optimizer, scheduled_epochs
 
 
 @dataclass(frozen=True)
 class SurrogateRecipe:
-    """How a surrogate is trained; part of the cache key of everything made with it."""
+    """How a surrogate is trained; part of the cache key of everything made with it. The settings mean what the
+    classifier's (``model.*``), trainer's (``max_epochs``) and data module's (``batch_size``, ``flip``,
+    ``crop_padding``) options of the same name mean, and are applied by the same code (``delta_influence.training``),
+    so a recipe copied from a run (``PoisonClassifier.recipe``) trains as that run does."""
 
     arch: str = "small_cnn"  # an architecture of delta_influence.models
     epochs: int = 10
-    lr: float = 0.05  # SGD, momentum 0.9, Nesterov, cosine decay to 0
-    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 5e-4
+    milestones: Optional[tuple[float, ...]] = None  # lr x lr_gamma at these epochs (or fractions); None: one-cycle
+    lr_gamma: float = 0.1
+    batch_size: int = 128
     flip: bool = True  # random horizontal flips
+    crop_padding: int = 0  # random crops after this many pixels of zero padding; 0: none
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.crop_padding < 0:
             raise ConfigError(
-                f"surrogate recipe epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}: need epochs >= 1, "
-                "batch_size >= 1 and lr > 0."
+                f"surrogate recipe epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}, crop_padding="
+                f"{self.crop_padding}: need epochs >= 1, batch_size >= 1, lr > 0 and crop_padding >= 0."
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"surrogate recipe optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
+        if self.milestones is not None:
+            object.__setattr__(self, "milestones", tuple(self.milestones))
+            scheduled_epochs(self.milestones, self.epochs)  # refuses milestones the classifier would refuse
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,11 +66,19 @@ class Normalized(nn.Module):
 
 
 def train_surrogate(
-    images: Tensor, labels: Tensor, num_classes: int, recipe: SurrogateRecipe, seed: int = 0, device: str = "cpu"
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    recipe: SurrogateRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+    stop_after: Optional[int] = None,
 ) -> Normalized:
     """Trains ``recipe.arch`` on uint8 ``images`` ``[N, C, H, W]``; returns it in eval mode, taking [0, 1] pixels.
 
-    The global random state is left untouched; the same inputs and seed give the same model on the CPU.
+    ``seed`` fixes the initial weights, the order of the batches and the augmentation's draws; ``stop_after`` ends
+    the training after that many epochs of the recipe's schedule (an early snapshot of the same run). The global
+    random state is left untouched; the same inputs and seed give the same model on the CPU.
     """
     pixels = images.float() / 255
     flat = pixels.transpose(0, 1).reshape(pixels.shape[1], -1)
@@ -62,26 +86,32 @@ def train_surrogate(
         torch.manual_seed(seed)
         model = Normalized(build_model(recipe.arch, num_classes, images.shape[1]), flat.mean(1), flat.std(1)).to(device)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
+    optimizer = make_optimizer(
+        model.parameters(), recipe.optimizer, recipe.lr, recipe.momentum, recipe.nesterov, recipe.weight_decay
     )
-    steps = recipe.epochs * -(-len(labels) // recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=steps, pct_start=0.2)
+    per_epoch = -(-len(labels) // recipe.batch_size)
+    if recipe.milestones is None:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * per_epoch,
+                                                       pct_start=0.2)  # fmt: skip
+    else:  # stepped once per epoch, as Lightning steps the classifier's
+        milestones = scheduled_epochs(recipe.milestones, recipe.epochs)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.lr_gamma)
+    epochs = recipe.epochs if stop_after is None else min(stop_after, recipe.epochs)
     model.train()
-    with tqdm(total=steps, desc="Training the surrogate", leave=False) as progress:
-        for _ in range(recipe.epochs):
+    with tqdm(total=epochs * per_epoch, desc="Training the surrogate", leave=False) as progress:
+        for _ in range(epochs):
             for batch in torch.randperm(len(labels), generator=generator).split(recipe.batch_size):
-                inputs = pixels[batch]
-                if recipe.flip:
-                    flip = torch.rand(len(batch), generator=generator) < 0.5
-                    inputs = torch.where(flip.view(-1, 1, 1, 1), inputs.flip(-1), inputs)
+                inputs = flip_and_shift(pixels[batch], generator, recipe.flip, recipe.crop_padding)
                 loss = F.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                if recipe.milestones is None:
+                    schedule.step()
                 progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 progress.update()
+            if recipe.milestones is not None:
+                schedule.step()
     return model.eval()
 
 
@@ -93,15 +123,18 @@ def cached_surrogate(
     seed: int,
     device: str,
     cache_dir: Path,
+    stop_after: Optional[int] = None,
 ) -> tuple[Normalized, float]:
     """``train_surrogate``'s model, cached under ``cache_dir`` keyed by the data, the recipe and the seed, so that
     attacks sharing a surrogate (several brews on one training set) train it once; returns it with the seconds its
     training took when it was made."""
     settings = {**recipe.as_dict(), "seed": seed, "num_classes": num_classes}
+    if stop_after is not None and stop_after < recipe.epochs:
+        settings["stop_after"] = stop_after
 
     def make() -> dict:
         start = time.perf_counter()
-        model = train_surrogate(images, labels, num_classes, recipe, seed, device)
+        model = train_surrogate(images, labels, num_classes, recipe, seed, device, stop_after)
         return {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "seconds": time.perf_counter() - start,

@@ -1,6 +1,6 @@
 """The image classifier trained on poisoned data, with clean accuracy and attack success rate."""
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -11,6 +11,8 @@ from typing_extensions import override
 
 from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
+from delta_influence.surrogate import SurrogateRecipe
+from delta_influence.training import OPTIMIZERS, make_optimizer, scheduled_epochs
 
 METRIC_NAMES = {"clean": "acc", "attack": "asr"}  # evaluation set name -> logged name; others log as <name>_acc
 
@@ -50,7 +52,7 @@ class PoisonClassifier(pl.LightningModule):
         lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adamw"):
+        if optimizer not in OPTIMIZERS:
             raise ConfigError(f"model.optimizer={optimizer!r} is not known; use 'sgd' or 'adamw'.")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels)
@@ -107,52 +109,24 @@ class PoisonClassifier(pl.LightningModule):
             add_dataloader_idx=False, metric_attribute=f"eval_metrics.{key}",
         )  # fmt: skip
 
+    def recipe(self, max_epochs: int, batch_size: int, flip: bool, crop_padding: int) -> SurrogateRecipe:
+        """How this classifier is trained, as a surrogate recipe: its architecture, optimiser and schedule, with the
+        trainer's ``max_epochs`` and the data module's batch size and augmentation."""
+        hp = self.hparams
+        return SurrogateRecipe(
+            arch=hp.arch, epochs=max_epochs, optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
+            nesterov=hp.nesterov, weight_decay=hp.weight_decay, milestones=tuple(hp.milestones),
+            lr_gamma=hp.lr_gamma, batch_size=batch_size, flip=flip, crop_padding=crop_padding,
+        )  # fmt: skip
+
     @override
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.nesterov, hp.weight_decay)
         trainer = self._trainer  # None outside a Trainer: epochs are then taken as they are
         milestones = scheduled_epochs(hp.milestones, trainer.max_epochs if trainer is not None else None)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-
-def scheduled_epochs(milestones: Sequence[float], max_epochs: Optional[int]) -> list[int]:
-    """The epochs at which the learning rate drops: fractions of ``max_epochs`` (all milestones in (0, 1), rounded
-    to the nearest epoch) or epochs (whole numbers, each below ``max_epochs``).
-
-    Example:
-        >>> scheduled_epochs([0.35, 0.625, 0.875], 40), scheduled_epochs([0.35, 0.625, 0.875], 20)
-        ([14, 25, 35], [7, 12, 18])
-        >>> scheduled_epochs([8, 11], 12)
-        [8, 11]
-    """
-    values = list(milestones)
-    fix = (
-        "give fractions of max_epochs, all in (0, 1) (e.g. [0.35, 0.625, 0.875]), or whole epochs below "
-        "trainer.max_epochs"
-    )
-    if all(0 < value < 1 for value in values):
-        if values and (max_epochs is None or max_epochs < 1):
-            raise ConfigError(
-                f"model.milestones={values} are fractions of trainer.max_epochs, which is {max_epochs}; set "
-                "trainer.max_epochs or give the milestones as epochs."
-            )
-        return [round(value * max_epochs) for value in values]
-    if not all(value >= 1 and float(value).is_integer() for value in values):
-        raise ConfigError(f"model.milestones={values} mixes fractions and epochs (or holds values <= 0): {fix}.")
-    beyond = [int(value) for value in values if max_epochs is not None and max_epochs > 0 and value >= max_epochs]
-    if beyond:
-        raise ConfigError(
-            f"model.milestones={[int(v) for v in values]} holds {beyond}, at or beyond trainer.max_epochs="
-            f"{max_epochs}, so the learning rate would never drop there: {fix}."
-        )
-    return [int(value) for value in values]
 
 
 def eval_set_names(loaders) -> list[str]:

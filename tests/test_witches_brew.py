@@ -1,5 +1,6 @@
 """Witches' Brew: gradient-matching poisons of the intended class, correct labels, cached by what made them."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import train
 from datamodules import PoisonedDataModule
 from delta_influence.attacks import WitchesBrew
 from delta_influence.surrogate import SurrogateRecipe, train_surrogate
+from delta_influence.training import flip_and_shift
 
 FAST = dict(surrogate=SurrogateRecipe(epochs=2), steps=3, restarts=2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def test_brewing_aligns_the_gradients_within_the_ball():
     target = images[labels == 0][:1].float() / 255
     eps = 16 / 255
     delta, loss = witches_brew.brew(
-        model, target, 1, poisons, poison_labels, eps, steps=30, restarts=1, augment=False,
+        [model], target, 1, poisons, poison_labels, eps, steps=30, restarts=1,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     before = _mismatch(model, poisons, poison_labels, target, 1)
@@ -62,7 +64,7 @@ def test_brewing_aligns_the_gradients_within_the_ball():
 
 def test_flips_and_shifts_are_differentiable_permutations():
     images = torch.rand(6, 3, 16, 16, requires_grad=True)
-    moved = witches_brew._flip_and_shift(images, torch.Generator().manual_seed(1))
+    moved = flip_and_shift(images, torch.Generator().manual_seed(1), flip=True, reach=2)
     moved.sum().backward()
     assert set(images.grad.unique().tolist()) <= {0.0, 1.0}  # every output pixel is one input pixel or zero
     kept = moved.detach().flatten(1).sort(1).values[:, -10:]  # the brightest pixels survive a shift of 2 at most
@@ -122,6 +124,9 @@ def test_a_cache_made_with_other_settings_is_not_used(tmp_path, capsys):
         (dict(budget=0.06, target=(0, 1)), r"attack.budget=0.06 means 18 poisons per target \(36 for 2 targets\)"),
         (dict(eps=300.0), r"attack.eps=300.0 must lie in \(0, 255\]"),
         (dict(intended=10), r"attack.intended=10 is out of range"),
+        (dict(ensemble=0), r"ensemble=0, .* need steps, restarts, batch_size and ensemble >= 1"),
+        (dict(surrogate="teacher"), r"attack.surrogate='teacher': use 'victim' .* or a surrogate recipe"),
+        (dict(surrogate="victim"), r"attack.surrogate='victim' .* no victim recipe was given: train.py fills it in"),
     ],
 )
 def test_bad_settings(tmp_path, attack, match):
@@ -159,14 +164,19 @@ def test_imagenette_config_on_a_tiny_folder_tree(tmp_path):
             "--data.attack.init_args.budget", "2",
             "--data.attack.init_args.steps", "1",
             "--data.attack.init_args.restarts", "1",
-            "--data.attack.init_args.surrogate.arch", "small_cnn",
-            "--data.attack.init_args.surrogate.epochs", "1",
+            "--model.arch", "small_cnn",  # the surrogate is trained as the victim: small and short here
+            "--trainer.max_epochs", "1",
             "--trainer.logger", "false",
             "--trainer.default_root_dir", str(tmp_path),
         ],
         run=False,
     )  # fmt: skip
     data = cli.datamodule
+    # `surrogate: victim`: the run's model, trainer and data settings, filled in by train.py
+    assert data.attack.surrogate == SurrogateRecipe(
+        arch="small_cnn", epochs=1, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        milestones=(0.35, 0.625, 0.875), lr_gamma=0.1, batch_size=128, flip=True, crop_padding=16,
+    )  # fmt: skip
     data.prepare_data()
     data.setup()
     assert data.attack.intended == 1 and data.attack.target_class == 2 and data.classes == tuple(wnids)
@@ -175,3 +185,52 @@ def test_imagenette_config_on_a_tiny_folder_tree(tmp_path):
     first_horn = torch.nonzero(data.source.load().test_labels == 2).flatten()[0]
     assert torch.equal(data.attack_test_set.images[0], data.source.load().test_images[first_horn])
     assert data.attack_test_set.labels.tolist() == [1] and len(data.test_set) == 5
+
+
+def test_one_step_on_the_served_poisons_moves_the_target_toward_the_intended_class(tmp_path):
+    """What the brew promises, to first order: one SGD step on the poisons that the data module serves to training
+    (its train_set), taken from the surrogate's weights, makes the target much likelier to be the intended class,
+    where the same step on the clean images does not, and poisons within half an 8-bit level (eps in [0, 1] pixel
+    units: 0.5/255) barely do. A broken objective, eps read in other units, or poisons that never reach the training
+    set fail this. (Flipping a victim trained from the surrogate's own init and batch order, the "known init" check,
+    needs more than this tiny data: benchmarks/witches_brew.py --known-init 1.)"""
+    losses = {}
+    for eps in (16.0, 0.5):
+        data = _data(tmp_path, target=(0,), budget=30, steps=40, restarts=1, eps=eps,
+                     surrogate=SurrogateRecipe(epochs=8, milestones=(0.6, 0.8), flip=False, batch_size=32))  # fmt: skip
+        clean = data._clean_data()[0]
+        (surrogate,), _ = data.attack.surrogates(clean, data._context())
+        poisons, target = data.poison_indices, data.attack_test_set.images.float() / 255
+        for name, images in (("clean", clean.images[poisons]), (eps, data.train_set.images[poisons])):
+            model = copy.deepcopy(surrogate)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            F.cross_entropy(model(images.float() / 255), clean.labels[poisons]).backward()
+            optimizer.step()
+            with torch.no_grad():
+                losses[name] = F.cross_entropy(model(target), torch.tensor([5])).item()
+    assert losses[16.0] < 0.1 * losses["clean"] and losses[0.5] > 0.5 * losses["clean"], losses
+
+
+def test_an_ensemble_of_surrogates_is_trained_once_and_brewed_against_together(tmp_path, monkeypatch):
+    """``ensemble: 2`` trains two surrogates of two seeds (cached: a second brew trains none); ``stagger`` stops the
+    first halfway along the same schedule; the brew lowers the loss of both."""
+    recipe = SurrogateRecipe(epochs=2, milestones=(1,), flip=False)
+    settings = dict(target=(0,), ensemble=2, steps=20, surrogate=recipe)
+    data = _data(tmp_path, **settings)
+    context, clean = data._context(), data._clean_data()[0]
+    first, second = data.attack.surrogates(clean, context)[0]
+    assert not torch.equal(first.model[0].weight, second.model[0].weight)
+    alone = train_surrogate(clean.images, clean.labels, 10, recipe, seed=1)
+    assert torch.equal(second.model[0].weight, alone.model[0].weight)  # the second is seed + 1's
+    with monkeypatch.context() as patch:
+        patch.setattr("delta_influence.surrogate.train_surrogate", lambda *a, **k: pytest.fail("surrogate retrained"))
+        _data(tmp_path, **settings, eps=8.0)
+    staggered, full = data.attack.__class__(**settings, stagger=True).surrogates(clean, context)[0]
+    assert torch.equal(full.model[0].weight, second.model[0].weight)  # the last one trains to the end
+    halfway = train_surrogate(clean.images, clean.labels, 10, recipe, seed=0, stop_after=1)
+    assert torch.equal(staggered.model[0].weight, halfway.model[0].weight)
+    poisons = clean.images[data.poison_indices].float() / 255
+    labels, target = clean.labels[data.poison_indices], data.attack_test_set.images.float() / 255
+    delta = data.train_set.images[data.poison_indices].float() / 255 - poisons
+    for model in (first, second):
+        assert _mismatch(model, poisons + delta, labels, target, 5) < _mismatch(model, poisons, labels, target, 5)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from delta_influence.errors import ConfigError
+from delta_influence.surrogate import SurrogateRecipe
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Attack(ABC):
 
     def with_classes(self, classes: Sequence[str]) -> "Attack":
         """The attack with every class given by name replaced by its index in ``classes``. Nothing by default."""
+        return self
+
+    def with_victim_recipe(self, recipe: SurrogateRecipe) -> "Attack":
+        """The attack with a surrogate that is to be trained as the victim (``surrogate: victim``) given the victim's
+        ``recipe`` (``train.py`` passes the run's). Unchanged by default."""
         return self
 
     def augmentation_warnings(self, height: int, width: int, crop_padding: int, flip: bool) -> list[str]:

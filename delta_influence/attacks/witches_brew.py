@@ -4,8 +4,8 @@ perturbations whose training gradient points where the gradient of "classify the
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,24 +22,30 @@ from delta_influence.attacks.base import (
 )
 from delta_influence.cache import cached, content_key
 from delta_influence.errors import ConfigError
-from delta_influence.surrogate import SurrogateRecipe, cached_surrogate
+from delta_influence.surrogate import SurrogateRecipe, cached_surrogate, train_surrogate
+from delta_influence.training import flip_and_shift
 
 
 @dataclass(frozen=True)
 class WitchesBrew(Attack):
     """Clean-label targeted poisoning by gradient matching.
 
-    For each target test image: a surrogate (trained once on the clean training set, cached) gives the gradient of the
-    loss that classifies the target as ``intended``; ``budget`` training images of class ``intended`` (drawn with
-    ``seed``) get perturbations within an L-inf ball of ``eps`` 8-bit levels (images kept in [0, 1]) optimised so
-    that the gradient of their training loss, with their true labels, has the highest cosine similarity with it.
-    Signed Adam for ``steps`` steps (step size ``step_size * eps``, divided by 10 at 3/8, 5/8 and 7/8 of the steps),
-    ``restarts`` random starts keeping the lowest loss, random flips and shifts of the poisons while brewing so that
-    the effect survives the victim's augmentation. Labels stay correct. Several targets get one brew each on disjoint
-    poisons. The attack is measured on the target image(s) labelled ``intended`` (success = the victim predicts it);
-    they are left out of clean accuracy. Brewed poisons are cached as 8-bit images, keyed by everything that made them.
+    For each target test image: ``ensemble`` surrogates (trained once on the clean training set, from seeds ``seed``,
+    ``seed + 1``, ..., cached) give the gradient of the loss that classifies the target as ``intended``; ``budget``
+    training images of class ``intended`` (drawn with ``seed``) get perturbations within an L-inf ball of ``eps``
+    8-bit levels (images kept in [0, 1], so eps 16 is 16/255 of the pixel range) optimised so that the gradient of
+    their training loss, with their true labels, has the highest cosine similarity with it (summed over the
+    surrogates, each with its own target gradient). Signed Adam for ``steps`` steps (step size ``step_size * eps``,
+    divided by 10 at 3/8, 5/8 and 7/8 of the steps), ``restarts`` random starts keeping the lowest loss; the poisons
+    are augmented while brewing as the victim's data pipeline augments them, so that the effect survives it. Labels
+    stay correct. Several targets get one brew each on disjoint poisons. The attack is measured on the target
+    image(s) labelled ``intended`` (success = the victim predicts it); they are left out of clean accuracy. Brewed
+    poisons are cached as 8-bit images, keyed by everything that made them.
 
-    The default is the paper's CIFAR-10 setting: 1 % budget, eps 16, 250 steps, 8 restarts.
+    The surrogates are trained as the victim will be (``surrogate: victim``, the default: ``train.py`` fills in the
+    run's architecture, optimiser, schedule, epochs, batch size and augmentation), as the reference implementation
+    does; an explicit ``SurrogateRecipe`` trains them otherwise. The other defaults are the paper's CIFAR-10 setting:
+    1 % budget, eps 16, 250 steps, 8 restarts.
 
     Args:
         target: Test index (or indices) of the target image(s); with ``target_class``, positions among the test
@@ -48,14 +54,19 @@ class WitchesBrew(Attack):
             from it.
         target_class: Optional class (index or name) the ``target`` positions count within.
         budget: Poisons per target: a fraction of the training set when below 1, else a count.
-        eps: Largest change of a pixel, in 8-bit levels (16 = 16/255).
+        eps: Largest change of a pixel, in 8-bit levels (16 = 16/255 of the [0, 1] pixel range).
         steps: Optimisation steps of each restart.
         restarts: Random restarts; the perturbation with the lowest final loss is kept.
         step_size: Adam's learning rate as a fraction of ``eps``.
         batch_size: Poisons per forward pass (the gradient is accumulated over all poisons each step).
-        augment: Random horizontal flips and shifts of up to 1/8 of the image size while brewing.
-        surrogate: How the surrogate is trained.
-        seed: Seed of the surrogate, the choice of poisons and the brew.
+        augment: Augmentation of the poisons while brewing: ``null`` (default) the surrogate recipe's (flips, shifts
+            up to its ``crop_padding``: the victim's, with ``surrogate: victim``), ``true`` flips and shifts of up to
+            1/8 of the image size, ``false`` none.
+        surrogate: ``victim`` (the run's own recipe) or a ``SurrogateRecipe``.
+        ensemble: Surrogates brewed against at once (seeds ``seed`` to ``seed + ensemble - 1``).
+        stagger: Surrogate ``k`` of ``K`` stops after ``(k + 1) / K`` of the recipe's epochs (snapshots along the
+            same schedule) instead of all surrogates training to the end.
+        seed: Seed of the first surrogate, the choice of poisons and the brew.
     """
 
     target: int | tuple[int, ...] = 0
@@ -67,8 +78,10 @@ class WitchesBrew(Attack):
     restarts: int = 8
     step_size: float = 0.1
     batch_size: int = 512
-    augment: bool = True
-    surrogate: SurrogateRecipe = field(default_factory=SurrogateRecipe)
+    augment: Optional[bool] = None
+    surrogate: SurrogateRecipe | Literal["victim"] = "victim"
+    ensemble: int = 1
+    stagger: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,11 +98,51 @@ class WitchesBrew(Attack):
             )
         if not 0 < self.eps <= 255:
             raise ConfigError(f"attack.eps={self.eps} must lie in (0, 255]: it is in 8-bit levels (16 = 16/255).")
-        if self.steps < 1 or self.restarts < 1 or self.batch_size < 1 or self.step_size <= 0:
+        if self.steps < 1 or self.restarts < 1 or self.batch_size < 1 or self.step_size <= 0 or self.ensemble < 1:
             raise ConfigError(
                 f"attack.steps={self.steps}, restarts={self.restarts}, batch_size={self.batch_size}, "
-                f"step_size={self.step_size}: need steps, restarts and batch_size >= 1 and step_size > 0."
+                f"ensemble={self.ensemble}, step_size={self.step_size}: need steps, restarts, batch_size and ensemble "
+                ">= 1 and step_size > 0."
             )
+        if self.surrogate != "victim" and not isinstance(self.surrogate, SurrogateRecipe):
+            raise ConfigError(
+                f"attack.surrogate={self.surrogate!r}: use 'victim' (trained as the run's model) or a surrogate recipe."
+            )
+
+    def with_victim_recipe(self, recipe: SurrogateRecipe) -> "WitchesBrew":
+        return replace(self, surrogate=recipe) if self.surrogate == "victim" else self
+
+    def recipe(self) -> SurrogateRecipe:
+        """The surrogates' recipe; ``victim`` not yet replaced by the run's (``with_victim_recipe``) is refused."""
+        if self.surrogate == "victim":
+            raise ConfigError(
+                "attack.surrogate='victim' trains the surrogates as the victim, but no victim recipe was given: "
+                "train.py fills it in from the model, trainer and data settings; elsewhere call "
+                "attack.with_victim_recipe(classifier.recipe(max_epochs, batch_size, flip, crop_padding)) or give "
+                "attack.surrogate a SurrogateRecipe."
+            )
+        return self.surrogate
+
+    def surrogates(self, train: LabeledImages, context: AttackContext) -> tuple[list[nn.Module], float]:
+        """The ensemble's surrogates, trained on the clean ``train`` set once and cached, with the seconds their
+        training took when they were made."""
+        recipe, models, seconds = self.recipe(), [], 0.0
+        for k in range(self.ensemble):
+            stop_after = math.ceil(recipe.epochs * (k + 1) / self.ensemble) if self.stagger else None
+            model, made_in = cached_surrogate(
+                train.images, train.labels, context.num_classes, recipe, self.seed + k, context.device,
+                context.cache_dir, stop_after,
+            )  # fmt: skip
+            models.append(model)
+            seconds += made_in
+        return models, seconds
+
+    def known_init_victim(self, train: LabeledImages, context: AttackContext) -> nn.Module:
+        """A victim trained on the poisoned ``train`` set from the first surrogate's initial weights and data order,
+        with its recipe (the "known init" setting): differs from that surrogate by the poisons alone, so it checks
+        the brew (its objective, eps, the poisons reaching the data) without depending on transfer."""
+        return train_surrogate(train.images, train.labels, context.num_classes, self.recipe(), self.seed,
+                               context.device)  # fmt: skip
 
     def with_classes(self, classes: Sequence[str]) -> "WitchesBrew":
         target_class = self.target_class
@@ -180,18 +233,20 @@ class WitchesBrew(Attack):
         return brews
 
     def _brew(self, train: LabeledImages, target: Tensor, indices: Tensor, context: AttackContext) -> dict:
-        model, surrogate_s = cached_surrogate(
-            train.images, train.labels, context.num_classes, self.surrogate, self.seed, context.device,
-            context.cache_dir,
-        )  # fmt: skip
+        models, surrogate_s = self.surrogates(train, context)
         pixels = target.float().div(255)[None].to(context.device)
         with torch.no_grad():
-            p_intended = float(model(pixels).softmax(1)[0, int(self.intended)])
+            p_intended = sum(float(model(pixels).softmax(1)[0, int(self.intended)]) for model in models) / len(models)
+        recipe = self.recipe()
+        if self.augment is None:
+            flip, reach = recipe.flip, recipe.crop_padding
+        else:
+            flip, reach = self.augment, max(1, target.shape[-1] // 8) if self.augment else 0
         start = time.perf_counter()
         delta, loss = brew(
-            model, pixels, int(self.intended), train.images[indices].float().div(255).to(context.device),
+            models, pixels, int(self.intended), train.images[indices].float().div(255).to(context.device),
             train.labels[indices].to(context.device), self.eps / 255, self.steps, self.restarts, self.step_size,
-            self.batch_size, self.augment, torch.Generator().manual_seed(self.seed),
+            self.batch_size, flip, reach, torch.Generator().manual_seed(self.seed),
         )  # fmt: skip
         brewed = (train.images[indices].float() + delta.cpu() * 255).round().clamp(0, 255).to(torch.uint8)
         return {"indices": indices, "images": brewed, "loss": loss, "brew_s": time.perf_counter() - start,
@@ -199,7 +254,7 @@ class WitchesBrew(Attack):
 
 
 def brew(
-    model: nn.Module,
+    models: Sequence[nn.Module],
     target: Tensor,
     intended: int,
     poisons: Tensor,
@@ -209,19 +264,23 @@ def brew(
     restarts: int,
     step_size: float = 0.1,
     batch_size: int = 512,
-    augment: bool = True,
+    flip: bool = False,
+    reach: int = 0,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, float]:
     """Perturbations ``[P, C, H, W]`` (``|delta| <= eps``, ``poisons + delta`` in [0, 1]) whose training gradient on
-    ``model`` (eval mode) matches, by cosine similarity, the gradient of classifying ``target`` (``[T, C, H, W]`` in
-    [0, 1]) as ``intended``; returns the best restart's perturbations and their final loss (1 - cosine similarity,
-    averaged over batches).
+    each of ``models`` (eval mode) matches, by cosine similarity, that model's gradient of classifying ``target``
+    (``[T, C, H, W]`` in [0, 1]) as ``intended``; the losses of the models are summed. The poisons are flipped (when
+    ``flip``) and shifted by up to ``reach`` pixels at random each step. Returns the best restart's perturbations and
+    their final loss (1 - cosine similarity, averaged over batches and models).
     """
     generator = generator or torch.Generator()
-    params = [p for p in model.parameters() if p.requires_grad]
     wanted = torch.full((len(target),), intended, device=target.device)
-    target_grad = torch.autograd.grad(F.cross_entropy(model(target), wanted), params)
-    target_norm = torch.sqrt(sum(g.pow(2).sum() for g in target_grad))
+    goals = []  # per model: its parameters, the target's gradient and its norm
+    for model in models:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad = torch.autograd.grad(F.cross_entropy(model(target), wanted), params)
+        goals.append((model, params, grad, torch.sqrt(sum(g.pow(2).sum() for g in grad))))
     best, best_loss = None, math.inf
     milestones = [round(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     with tqdm(total=steps * restarts, desc="Brewing poisons", leave=False) as progress:
@@ -234,15 +293,15 @@ def brew(
                 optimizer.zero_grad(set_to_none=True)
                 losses = []
                 for batch in torch.arange(len(poisons)).split(batch_size):
-                    inputs = poisons[batch] + delta[batch]
-                    if augment:
-                        inputs = _flip_and_shift(inputs, generator)
-                    grad = torch.autograd.grad(F.cross_entropy(model(inputs), labels[batch]), params, create_graph=True)
-                    dot = sum((g * t).sum() for g, t in zip(grad, target_grad))
-                    norm = torch.sqrt(sum(g.pow(2).sum() for g in grad))
-                    loss = 1 - dot / (norm * target_norm)
-                    loss.backward()
-                    losses.append(loss.item())
+                    inputs = flip_and_shift(poisons[batch] + delta[batch], generator, flip, reach)
+                    for position, (model, params, target_grad, target_norm) in enumerate(goals):
+                        grad = torch.autograd.grad(F.cross_entropy(model(inputs), labels[batch]), params,
+                                                   create_graph=True)  # fmt: skip
+                        dot = sum((g * t).sum() for g, t in zip(grad, target_grad))
+                        norm = torch.sqrt(sum(g.pow(2).sum() for g in grad))
+                        loss = 1 - dot / (norm * target_norm)
+                        loss.backward(retain_graph=position < len(goals) - 1)  # the inputs' graph is shared
+                        losses.append(loss.item())
                 delta.grad.sign_()
                 optimizer.step()
                 schedule.step()
@@ -254,22 +313,6 @@ def brew(
             if final < best_loss:
                 best, best_loss = delta.detach().clone(), final
     return best, best_loss
-
-
-def _flip_and_shift(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each image flipped horizontally with probability 1/2 and shifted by whole pixels, up to 1/8 of its size each
-    way (zeros come in): differentiable in the images."""
-    count, _, height, width = images.shape
-    flip = (torch.rand(count, generator=generator) < 0.5).to(images.device)
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-    reach = max(1, height // 8)
-    shifts = torch.randint(-reach, reach + 1, (count, 2), generator=generator).float().to(images.device)
-    theta = torch.zeros(count, 2, 3, device=images.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    theta[:, 0, 2] = 2 * shifts[:, 0] / width
-    theta[:, 1, 2] = 2 * shifts[:, 1] / height
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def _shown(difference: Tensor) -> Tensor:
