@@ -15,7 +15,8 @@ pair has its own brew and its own victim, trained from seed 100 + the pair's num
 Success: the victim classifies the target as the intended class. With --known-init 1, a second victim per pair is
 trained from the first surrogate's initial weights and batch order (the "known init" check, which does not depend on
 transfer). On each success, the config's audit (through the audit pipeline, one scoring pass) gives both decision
-rules (the default with the clean-class contrast and the reference rule without it); the victim is then retrained
+rules (the default with the clean-class contrast and the reference rule without it), beside activation clustering and
+spectral signatures (epsilon: the poisons' share of the intended class); the victim is then retrained
 from scratch without the default rule's flagged samples, by the config's corrective fit. The table is printed and
 written to results/witches_brew.json.
 """
@@ -29,6 +30,7 @@ from common import RESULTS, audit_callback, config_args, corrective_fit, evaluat
 import train
 from delta_influence import detection_metrics
 from delta_influence.attacks.base import AttackContext, LabeledImages
+from delta_influence.detectors import ActivationClustering, SpectralSignatures
 from delta_influence.devices import device_of
 from delta_influence.examples import evaluating
 from delta_influence.pipeline import AuditData, run_audit
@@ -38,7 +40,8 @@ CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
     "pair", "target", "true", "intended", "surrogate_p", "brew_loss", "surrogate_s", "brew_s", "train_s", "clean_acc",
     "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "ref_flagged",
-    "ref_precision", "ref_recall", "retrain_acc", "retrain_success",
+    "ref_precision", "ref_recall", "ac_flagged", "ac_precision", "ac_recall", "ss_flagged", "ss_precision", "ss_recall",
+    "retrain_acc", "retrain_success",
 ]  # fmt: skip
 VICTIM_SEED = 100  # victims train from seed 100 + the pair's number, far from the surrogates' seeds
 
@@ -135,15 +138,19 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
 
 
 def audit(cli, configured, number: int, seed: int) -> dict:
-    """The config's Δ-Influence on the target (one scoring pass, both rules), then retraining without the default
-    rule's set."""
+    """The config's Δ-Influence on the target (one scoring pass, both rules), activation clustering and spectral
+    signatures beside it, then retraining without the default rule's set."""
     data, victim = cli.datamodule, cli.model
-    with tempfile.TemporaryDirectory() as factors:
-        result = run_audit(
-            victim, AuditData.of(data), configured.delta_influence, RESULTS / f"witches_brew_audit_{number}", factors,
-            configured.choice,
-        )  # fmt: skip
     total, poisons = len(data.eval_train_set), data.poison_indices
+    folder = RESULTS / f"witches_brew_audit_{number}"
+    share = len(poisons) / int((data.eval_train_set.labels == data.attack.intended).sum())  # epsilon in its label
+    baselines = {"ac": ActivationClustering(), "ss": SpectralSignatures(expected_fraction=min(share, 0.66))}
+    found = {}
+    with tempfile.TemporaryDirectory() as factors:
+        result = run_audit(victim, AuditData.of(data), configured.delta_influence, folder, factors, configured.choice)
+        for name, detector in baselines.items():
+            metrics = run_audit(victim, AuditData.of(data), detector, folder / name, factors).metrics
+            found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}
     default = result.metrics
     reference = detection_metrics(result.evidence.decision.collapsed, total, poisons)
     fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn")
@@ -153,7 +160,7 @@ def audit(cli, configured, number: int, seed: int) -> dict:
         "flagged": int(default["flagged"]), "precision": default["precision"], "recall": default["recall"],
         "ref_flagged": int(reference["flagged"]), "ref_precision": reference["precision"],
         "ref_recall": reference["recall"], "retrain_acc": retrained["acc"], "retrain_success": retrained["asr"],
-    }  # fmt: skip
+    } | found  # fmt: skip
 
 
 if __name__ == "__main__":

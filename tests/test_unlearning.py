@@ -267,6 +267,18 @@ def test_checkpoints_are_never_overwritten(trained_digits, tmp_path):
     assert torch.load(first["checkpoint"], weights_only=False)["unlearning"]["acc"] == first["acc"]
 
 
+def test_a_report_that_cannot_be_written_takes_its_checkpoint_with_it(trained_digits, tmp_path, monkeypatch):
+    """A signal (or a full disk) after the checkpoint is published and before its report is: neither is left."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning_modules.unlearning.runner.json.dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(SSD(), trained_digits, tmp_path)
+    assert not list((tmp_path / "unlearn").glob("*"))
+
+
 def test_empty_flagged_set_is_skipped(trained_digits, tmp_path, caplog):
     assert _run(Retrain(), trained_digits, tmp_path, flagged=torch.tensor([], dtype=torch.long)) is None
     assert "nothing to forget" in caplog.text

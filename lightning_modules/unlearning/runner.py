@@ -145,7 +145,11 @@ class CorrectiveFit:
         }
         saved = write_new(self.out_dir / f"{method.name}.ckpt", lambda path: torch.save(checkpoint, path))
         stored = report | {"checkpoint": saved.name}  # beside the report: the folder stays valid when moved
-        written = write_new(saved.with_suffix(".json"), lambda path: path.write_text(json.dumps(stored, indent=2)))
+        try:
+            written = write_new(saved.with_suffix(".json"), lambda path: path.write_text(json.dumps(stored, indent=2)))
+        except BaseException:  # a signal or a failure between the two: no checkpoint without its report
+            saved.unlink(missing_ok=True)
+            raise
         return report | {"checkpoint": str(saved.resolve()), "report": str(written.resolve())}
 
     def _evaluate(self, model: torch.nn.Module, device: torch.device) -> dict:
