@@ -210,23 +210,27 @@ class WitchesBrew(Attack):
         """Poisons per target: the budget as a count."""
         return int(self.budget) if self.budget >= 1 else max(1, round(self.budget * num_train))
 
-    def _brews(self, train: LabeledImages, test: LabeledImages, targets: Tensor, context: AttackContext) -> list[dict]:
-        """One brew per target (test indices ``targets``; cached): the poisons' indices, their brewed 8-bit images,
-        the final loss, times."""
-        count = self.poison_count(len(train.labels))
-        candidates = torch.nonzero(train.labels == self.intended).flatten()
-        if count * len(targets) > len(candidates):
+    def poison_sets(self, labels: Tensor, num_targets: int) -> list[Tensor]:
+        """The sorted training indices each of ``num_targets`` targets gets as poisons (disjoint images of the
+        intended class drawn with ``seed``), from the training ``labels``."""
+        count = self.poison_count(len(labels))
+        candidates = torch.nonzero(labels == self.intended).flatten()
+        if count * num_targets > len(candidates):
             raise ConfigError(
-                f"attack.budget={self.budget} means {count} poisons per target ({count * len(targets)} for "
-                f"{len(targets)} targets), more than the {len(candidates)} training images of the intended class "
+                f"attack.budget={self.budget} means {count} poisons per target ({count * num_targets} for "
+                f"{num_targets} targets), more than the {len(candidates)} training images of the intended class "
                 f"{self.intended}; lower attack.budget or raise data.per_class."
             )
         order = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.seed))]
+        return [order[k * count : (k + 1) * count].sort().values for k in range(num_targets)]
+
+    def _brews(self, train: LabeledImages, test: LabeledImages, targets: Tensor, context: AttackContext) -> list[dict]:
+        """One brew per target (test indices ``targets``; cached): the poisons' indices, their brewed 8-bit images,
+        the final loss, times."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("target", "target_class", "budget")}
         settings["num_classes"] = context.num_classes
         brews = []
-        for position, target in enumerate(targets.tolist()):
-            indices = order[position * count : (position + 1) * count].sort().values
+        for target, indices in zip(targets.tolist(), self.poison_sets(train.labels, len(targets))):
             key = content_key(settings, train.images, train.labels, test.images[target], indices)
             brews.append(cached(context.cache_dir, "witches_brew", key,
                                 lambda: self._brew(train, test.images[target], indices, context)))  # fmt: skip
