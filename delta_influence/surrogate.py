@@ -13,15 +13,16 @@ from tqdm.auto import tqdm
 from delta_influence.cache import cached, content_key
 from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
-from delta_influence.training import OPTIMIZERS, flip_and_shift, make_optimizer, scheduled_epochs
+from delta_influence.training import check_optimizer, flip_and_shift, make_optimizer, scheduled_epochs
 
 
 @dataclass(frozen=True)
 class SurrogateRecipe:
     """How a surrogate is trained; part of the cache key of everything made with it. The settings mean what the
     classifier's (``model.*``), trainer's (``max_epochs``) and data module's (``batch_size``, ``flip``,
-    ``crop_padding``) options of the same name mean, and are applied by the same code (``delta_influence.training``),
-    so a recipe copied from a run (``PoisonClassifier.recipe``) trains as that run does."""
+    ``crop_padding``) options of the same name mean; the optimiser and schedule are built by the classifier's own
+    code and the augmentation draws the data module's distribution (``delta_influence.training``), so a recipe copied
+    from a run (``PoisonClassifier.recipe``) trains as that run does."""
 
     arch: str = "small_cnn"  # an architecture of delta_influence.models
     epochs: int = 10
@@ -42,8 +43,7 @@ class SurrogateRecipe:
                 f"surrogate recipe epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}, crop_padding="
                 f"{self.crop_padding}: need epochs >= 1, batch_size >= 1, lr > 0 and crop_padding >= 0."
             )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"surrogate recipe optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
+        check_optimizer(self.optimizer, "surrogate recipe optimizer")
         if self.milestones is not None:
             object.__setattr__(self, "milestones", tuple(self.milestones))
             scheduled_epochs(self.milestones, self.epochs)  # refuses milestones the classifier would refuse

@@ -1,6 +1,7 @@
 """How a classifier is trained, shared by the Lightning classifier and the plain-torch surrogates that attacks train,
-so that a surrogate trained "as the victim" cannot drift from it: the optimiser, the learning-rate milestones and the
-augmentation (a random crop after zero padding and a random horizontal flip, on a batch)."""
+so that a surrogate trained "as the victim" cannot drift from it: the optimiser and the learning-rate milestones; and
+the data module's augmentation (a random crop after zero padding, a random horizontal flip) in batch form, for the
+surrogates and the brew (the data module draws the same distribution image by image)."""
 
 from typing import Iterable, Optional, Sequence
 
@@ -13,15 +14,20 @@ from delta_influence.errors import ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def check_optimizer(optimizer: str, argument: str = "optimizer") -> None:
+    """Refuses an optimiser ``make_optimizer`` does not know, naming the ``argument`` it came from."""
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{argument}={optimizer!r} is not known; use one of {', '.join(map(repr, OPTIMIZERS))}.")
+
+
 def make_optimizer(
     parameters: Iterable[Tensor], optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float
 ) -> torch.optim.Optimizer:
     """SGD (with ``momentum``, ``nesterov``) or AdamW, both with ``weight_decay``."""
     if optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer={optimizer!r} is not known; use one of {', '.join(map(repr, OPTIMIZERS))}.")
+    check_optimizer(optimizer)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
 def scheduled_epochs(milestones: Sequence[float], max_epochs: Optional[int]) -> list[int]:

@@ -9,10 +9,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from delta_influence.errors import ConfigError
 from delta_influence.models import build_model
 from delta_influence.surrogate import SurrogateRecipe
-from delta_influence.training import OPTIMIZERS, make_optimizer, scheduled_epochs
+from delta_influence.training import check_optimizer, make_optimizer, scheduled_epochs
 
 METRIC_NAMES = {"clean": "acc", "attack": "asr"}  # evaluation set name -> logged name; others log as <name>_acc
 
@@ -52,8 +51,7 @@ class PoisonClassifier(pl.LightningModule):
         lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"model.optimizer={optimizer!r} is not known; use 'sgd' or 'adamw'.")
+        check_optimizer(optimizer, "model.optimizer")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
