@@ -19,6 +19,7 @@ from typing_extensions import override
 from callbacks import media
 from callbacks.run_folder import RunConfigCallback, run_dir
 from delta_influence.audit import DeltaInfluence
+from delta_influence.collapse import SUPPORT_FLOOR
 from delta_influence.detectors import Detector
 from delta_influence.errors import ConfigError
 from delta_influence.files import shown
@@ -63,6 +64,9 @@ class InfluenceCollapseCallback(Callback):
             clean-label attacks carry it); ``False`` keeps any label.
         contrast_statistic: A sample's contrast score: the ``mean`` of its scores on the contrast images, or the
             largest magnitude (``max``).
+        support_floor: With ``same_label``, also flag a collapsed sample of the query's label whose contrast score
+            is below this share of its label's median (it supports the clean class far less than its classmates:
+            clean-label poisons); ``None``: the ratio alone.
         contrast_images: Image files of clean samples of the query's label to use as the contrast, instead of
             the test set; they must have the training images' size and channels.
         strategy: kronfluence's Hessian approximation.
@@ -96,6 +100,7 @@ class InfluenceCollapseCallback(Callback):
         contrast_ratio: float = 2.0,
         same_label: bool = True,
         contrast_statistic: Literal["mean", "max"] = "mean",
+        support_floor: Optional[float] = SUPPORT_FLOOR,
         contrast_images: Optional[list[str]] = None,
         strategy: Strategy = "ekfac",
         space: Literal["normalized", "pixel"] = "normalized",
@@ -130,6 +135,7 @@ class InfluenceCollapseCallback(Callback):
             contrast_ratio=contrast_ratio,
             same_label=same_label,
             contrast_statistic=contrast_statistic,
+            support_floor=support_floor,
             strategy=strategy,
             space=space,
             seed=seed,

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from delta_influence import plots
-from delta_influence.collapse import CollapseResult, check_rule, detection_metrics, flag_collapsed, topk_recall
+from delta_influence.collapse import (
+    SUPPORT_FLOOR,
+    CollapseResult,
+    check_rule,
+    detection_metrics,
+    flag_collapsed,
+    topk_recall,
+)
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, labels_of, require
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import AuditView, Evidence
@@ -62,6 +69,11 @@ class DeltaInfluence(Detector):
     contrast_statistic: Literal["mean", "max"] = field(
         default="mean", metadata={"help": "a sample's contrast score: the mean, or the largest magnitude"}
     )
+    support_floor: Optional[float] = field(
+        default=SUPPORT_FLOOR,
+        metadata={"help": "also flag collapsed samples of the label below this share of its median contrast score "
+                          "(clean-label poisons); applies with same_label; None: off"},
+    )  # fmt: skip
     strategy: Strategy = field(default="ekfac", metadata={"help": "kronfluence's Hessian approximation"})
     space: Literal["normalized", "pixel"] = field(
         default="normalized", metadata={"help": "transform the normalised input (the reference) or pixels"}
@@ -78,7 +90,10 @@ class DeltaInfluence(Detector):
     )
 
     def __post_init__(self) -> None:
-        check_rule(self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio, self.contrast_statistic)
+        check_rule(
+            self.num_transforms, self.tolerance, self.num_contrast, self.contrast_ratio, self.contrast_statistic,
+            self.support_floor,
+        )  # fmt: skip
         if self.num_contrast == 0:  # the verification measures the query against the contrast: the reference rule
             object.__setattr__(self, "verification", None)  # has none, and stays the paper's rule bit for bit
         check_strategy(self.strategy)
@@ -137,7 +152,7 @@ class DeltaInfluence(Detector):
             same_label = labels_of(train_set) == label
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label,
-            self.contrast_statistic,
+            self.contrast_statistic, self.support_floor if same_label is not None else None,
         )  # fmt: skip
         timings = dict(influence.timings)
         verified = None
@@ -181,7 +196,8 @@ class DeltaInfluence(Detector):
             return analysis.pairwise_scores(TensorDataset(scored, torch.full((len(scored),), label)))
 
         profiles = influence.scores[:, decision.flagged].T
-        return verify(data, decision.flagged, profiles, candidates, support, self.verification)
+        apart = None if decision.unsupportive is None else torch.isin(decision.flagged, decision.unsupportive)
+        return verify(data, decision.flagged, profiles, candidates, support, self.verification, apart=apart)
 
     name = "delta_influence"
 
@@ -258,7 +274,7 @@ class DeltaInfluenceAudit(Evidence):
         if decision.contrast is not None:
             torch.save(
                 {"collapsed": decision.collapsed, "contrast": decision.contrast, "ratio": decision.contrast_ratio,
-                 "same_label": decision.same_label},
+                 "same_label": decision.same_label, "floor": decision.floor, "unsupportive": decision.unsupportive},
                 folder / "contrast.pt",
             )  # fmt: skip
             plots.plot_contrast(self.scores[0], decision, folder / "contrast.png", view.poison_indices)
@@ -284,6 +300,11 @@ class DeltaInfluenceAudit(Evidence):
                 "transformed": [1, self.decision.num_transforms],
                 "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
             },
+            **(
+                {"floor": self.decision.floor, "unsupportive": len(self.decision.unsupportive)}
+                if self.decision.unsupportive is not None
+                else {}
+            ),
             "verified": self.verification.summary() if self.verification is not None else None,
             **({"process_timings": self.process_timings} if self.process_timings else {}),
         }

@@ -9,6 +9,8 @@ from torchmetrics.functional.classification import binary_f1_score, binary_preci
 
 from delta_influence.errors import ConfigError
 
+SUPPORT_FLOOR = 0.05  # the default support floor of the audit (DeltaInfluence, the callback); see flag_collapsed
+
 
 @dataclass(frozen=True)
 class CollapseResult:
@@ -24,6 +26,9 @@ class CollapseResult:
     contrast: Optional[Tensor] = None  # [N] mean (or largest |.|) score on the contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
     same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
+    support_floor: Optional[float] = None
+    floor: Optional[float] = None  # support_floor times the median contrast score of the attacker's label
+    unsupportive: Optional[Tensor] = None  # [F'] sorted indices the floor flagged and the ratio alone would not
 
 
 def flag_collapsed(
@@ -34,6 +39,7 @@ def flag_collapsed(
     contrast_ratio: float = 2.0,
     same_label: Optional[Tensor] = None,
     contrast_statistic: str = "mean",
+    support_floor: Optional[float] = None,
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
@@ -49,6 +55,13 @@ def flag_collapsed(
     either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the reference rule,
     bit for bit.
 
+    Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
+    the clean images far less than its label does, ``C[i] < support_floor * median(C[same_label])``. A clean member
+    of the label supports its clean test images about as much as its classmates; a poison carries the label through
+    its trigger or perturbation rather than its content, so it supports them little or not at all. This catches
+    clean-label poisons (Witches' Brew), whose support for the query is not specific enough for the ratio: they
+    are fitted to a small loss and support everything little, the query included.
+
     Args:
         scores: Influence scores ``[1 + n + num_contrast, N]``: row 0 the original query, rows 1..n its transformed
             copies, then the contrast queries.
@@ -60,6 +73,8 @@ def flag_collapsed(
             those stay flagged. ``None``: any label (for attacks whose poisons carry other labels).
         contrast_statistic: What C[i] is: ``"mean"``, the mean of the sample's scores on the contrast images, or
             ``"max"``, the largest of their magnitudes (stricter: one clean image the sample moves is enough).
+        support_floor: The share of its label's median contrast score below which a collapsed sample of the
+            attacker's label is flagged whatever the ratio says; needs ``same_label``. ``None``: the ratio alone.
 
     Returns:
         The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
@@ -75,6 +90,10 @@ def flag_collapsed(
         (tensor([0]), tensor([0, 1]), tensor([0.5000, 5.0000]))
         >>> flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=torch.tensor([False, True])).flagged
         tensor([], dtype=torch.int64)
+        >>> # three samples of the label; sample 0 supports the clean images a tenth as much as the label's median
+        >>> scores = torch.tensor([[5.0, 5.0, 5.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, 6.0, 5.0], [0.0, 4.0, 5.0]])
+        >>> flag_collapsed(scores, 0.0, 0, 2, 20.0, torch.ones(3, dtype=torch.bool), support_floor=0.3).flagged
+        tensor([0])
     """
     if scores.dim() != 2:
         raise ConfigError(f"scores has shape {tuple(scores.shape)}; expected [1 + n + num_contrast, N].")
@@ -90,7 +109,12 @@ def flag_collapsed(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
-    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio, contrast_statistic)
+    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio, contrast_statistic, support_floor)
+    if support_floor is not None and same_label is None:
+        raise ConfigError(
+            f"support_floor={support_floor} compares a sample with the others of the attacker's label; pass "
+            "same_label, or support_floor=None."
+        )
     if same_label is not None:
         if num_contrast == 0:
             raise ConfigError("same_label belongs to the clean-class contrast; with num_contrast=0 leave it None.")
@@ -108,6 +132,12 @@ def flag_collapsed(
     rows = scores[1 + num_transforms :]
     contrast = rows.mean(dim=0) if contrast_statistic == "mean" else rows.abs().max(dim=0).values
     specific = scores[0] > contrast_ratio * contrast.abs()
+    floor, unsupportive = None, None
+    if support_floor is not None and same_label.any():
+        floor = support_floor * contrast[same_label].median().item()
+        unsupportive = collapsed & same_label & (contrast < floor) & ~specific
+        specific |= unsupportive
+        unsupportive = torch.nonzero(unsupportive).flatten()
     if same_label is not None:
         specific &= same_label
     return CollapseResult(
@@ -121,11 +151,19 @@ def flag_collapsed(
         contrast=contrast,
         contrast_ratio=contrast_ratio,
         same_label=same_label,
+        support_floor=support_floor,
+        floor=floor,
+        unsupportive=unsupportive,
     )
 
 
 def check_rule(
-    num_transforms: int, tolerance: int, num_contrast: int, contrast_ratio: float, contrast_statistic: str = "mean"
+    num_transforms: int,
+    tolerance: int,
+    num_contrast: int,
+    contrast_ratio: float,
+    contrast_statistic: str = "mean",
+    support_floor: Optional[float] = None,
 ) -> None:
     """The one check of the rule's settings (``DeltaInfluence`` and ``flag_collapsed`` both call it).
 
@@ -150,6 +188,11 @@ def check_rule(
         )
     if contrast_statistic not in ("mean", "max"):
         raise ConfigError(f"contrast_statistic={contrast_statistic!r} is not known; use 'mean' or 'max'.")
+    if support_floor is not None and not 0 <= support_floor < 1:
+        raise ConfigError(
+            f"support_floor={support_floor} must lie in [0, 1) (a share of the label's median contrast score), or be "
+            "None to turn the floor off."
+        )
 
 
 def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tensor] = None) -> dict[str, float]:

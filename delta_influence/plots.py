@@ -78,7 +78,7 @@ def plot_collapse_counts(
 def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poisons: Optional[Tensor] = None) -> None:
     """Why samples were flagged: each collapsed sample's score on the misbehaving query against its mean score on the
     clean contrast queries, poisons marked when known, samples of other labels greyed out when the contrast keeps only
-    the query's label, and the contrast boundary drawn (flagged above it)."""
+    the query's label, and the contrast boundary drawn (flagged above it, and left of the support floor if any)."""
     figure = Figure(figsize=(6, 4.5))
     axis = figure.subplots()
     collapsed = decision.collapsed
@@ -104,6 +104,9 @@ def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poison
     edge = torch.cat([-half.flip(0), torch.zeros(1), half]).numpy()
     axis.plot(edge, decision.contrast_ratio * abs(edge), color="black", linestyle="--", linewidth=1,
               label=f"boundary: query = {decision.contrast_ratio:g} x |class|")  # fmt: skip
+    if decision.floor is not None:
+        axis.axvline(decision.floor, color="black", linestyle=":", linewidth=1,
+                     label=f"support floor: class = {decision.support_floor:g} x the label's median")  # fmt: skip
     axis.set_xlabel("mean score on clean queries of the label")
     axis.set_ylabel("score on the misbehaving query")
     axis.set_title(f"Clean-class contrast: {len(decision.flagged)} of {len(collapsed)} collapsed samples kept")

@@ -14,7 +14,9 @@ their labels), so that a test costs a fraction of a second, not a training run.
   set does in the same run. A part that is not holds no sample the query depends on and is dropped; a guilty part is
   split again until it has at most ``min_group`` samples, then kept (a guilty group neither of whose halves is guilty
   alone is kept whole). Unlearning a group of clean images of the label
-  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them.
+  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them. When the
+  rule flagged samples on two kinds of evidence (the contrast ratio, and the support floor alone), the first split is
+  by evidence instead, so that the few clean samples the floor may add are tested on their own, not among poisons.
 - **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
   well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
@@ -220,6 +222,7 @@ def verify(
     support: Support,
     settings: Verification = Verification(),
     progress: bool = True,
+    apart: Optional[Tensor] = None,
 ) -> VerificationResult:
     """Prunes ``flagged`` by unlearning its parts, then recovers the ``candidates`` that support the query once the
     kept set is unlearned.
@@ -233,12 +236,18 @@ def verify(
         support: Scores training samples on the query under an unlearned head (see ``Support``).
         settings: The stage's settings.
         progress: Show a progress bar over the unlearning tests.
+        apart: ``[len(flagged)]`` bool, the samples flagged on other evidence (the support floor's): the first split
+            of the prune is theirs against the others, so that each evidence's samples are tested on their own.
 
     Returns:
         The verified set, what was kept, dropped and recovered, and every test's evidence.
     """
     if len(profiles) != len(flagged):
         raise ConfigError(f"profiles has {len(profiles)} rows for {len(flagged)} flagged samples; give one each.")
+    if apart is not None and (apart.dtype != torch.bool or apart.shape != flagged.shape):
+        raise ConfigError(
+            f"apart has dtype {apart.dtype} and shape {tuple(apart.shape)}; expected bool {tuple(flagged.shape)}."
+        )
     if not len(data.contrast):
         raise ConfigError("the verification stage measures the query against clean contrast images; none were given.")
     tester = _Tester(data, _retain(data, flagged, settings.seed), settings)
@@ -250,7 +259,8 @@ def verify(
         return result  # unlearning the flagged set does not weaken the query: nothing to judge its parts against
     with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
         result.threshold = threshold = settings.keep_fraction * reference
-        result.kept = _prune(tester, flagged, F.normalize(profiles.float(), dim=1), threshold, result.groups, bar)
+        profiles = F.normalize(profiles.float(), dim=1)
+        result.kept = _prune(tester, flagged, profiles, threshold, result.groups, bar, apart)
         chosen, unlearned = result.kept, None  # the head unlearned on ``chosen``, once a round has made it
         for _ in range(settings.rounds):
             pending = candidates[~torch.isin(candidates, chosen)]
@@ -269,20 +279,30 @@ def verify(
 
 
 def _prune(
-    tester: _Tester, flagged: Tensor, profiles: Tensor, threshold: float, groups: list[dict], bar: tqdm
+    tester: _Tester,
+    flagged: Tensor,
+    profiles: Tensor,
+    threshold: float,
+    groups: list[dict],
+    bar: tqdm,
+    apart: Optional[Tensor] = None,
 ) -> Tensor:
-    """Group testing over 2-means splits of the flagged set: a part whose unlearning leaves the query as it was holds
-    no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then kept; a
-    guilty group neither of whose parts is guilty alone is kept whole. Returns the kept indices, sorted."""
+    """Group testing over 2-means splits of the flagged set (the first split: ``apart`` against the rest, when both
+    are there): a part whose unlearning leaves the query as it was holds no poison and is dropped; a guilty part is
+    split again until it has at most ``min_group`` samples, then kept; a guilty group neither of whose parts is guilty
+    alone is kept whole. Returns the kept indices, sorted."""
     kept: list[Tensor] = []
-    stack = [torch.arange(len(flagged))]  # positions in the flagged set; every node on it was found guilty
+    root = torch.arange(len(flagged))
+    stack = [root]  # positions in the flagged set; every node on it was found guilty
     while stack:
         node = stack.pop()
-        if len(node) <= tester.settings.min_group:
+        first = node is root and apart is not None and 0 < int(apart.sum()) < len(flagged)
+        if len(node) <= tester.settings.min_group and not first:
             kept.append(node)
             continue
         guilty = []
-        for part in _split(profiles[node], tester.settings.seed):
+        parts = [torch.nonzero(~apart).flatten(), torch.nonzero(apart).flatten()] if first else None
+        for part in parts or _split(profiles[node], tester.settings.seed):
             effect = tester.effect(flagged[node[part]])
             bar.update()
             groups.append({"indices": flagged[node[part]].tolist(), "effect": effect, "guilty": effect >= threshold})

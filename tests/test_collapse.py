@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from delta_influence import detection_metrics, flag_collapsed
+from delta_influence.audit import DeltaInfluence
 from delta_influence.collapse import topk_recall
 from delta_influence.detectors.base import labels_of
 
@@ -102,3 +103,44 @@ def test_the_contrast_can_take_the_largest_magnitude_instead_of_the_mean():
     assert strict.flagged.tolist() == [0] and strict.contrast.tolist() == [1.0, 4.0]
     with pytest.raises(ValueError, match="contrast_statistic='median' is not known"):
         flag_collapsed(scores, tolerance=0, num_contrast=2, contrast_statistic="median")
+
+
+def test_the_support_floor_flags_samples_of_the_label_that_barely_support_their_clean_class():
+    # rows: query, one copy (all collapse), two contrast images. Samples 0-4 carry the label: 0 supports the query
+    # far more than the class (a trigger poison), 1-3 support class and query alike (clean members), 4 supports
+    # everything little (a clean-label poison fitted to a small loss). Sample 5 carries another label.
+    scores = torch.tensor(
+        [
+            [20.0, 10.0, 12.0, 9.0, 1.0, 1.0],
+            [0.0] * 6,
+            [1.0, 10.0, 11.0, 8.0, 0.8, 0.1],
+            [1.0, 10.0, 9.0, 10.0, 0.8, 0.1],
+        ]
+    )
+    same_label = torch.tensor([True, True, True, True, True, False])
+    ratio_alone = flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=same_label)
+    assert ratio_alone.flagged.tolist() == [0] and ratio_alone.floor is None
+    result = flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=same_label, support_floor=0.3)
+    assert result.flagged.tolist() == [0, 4]
+    assert result.floor == pytest.approx(0.3 * 9.0) and result.unsupportive.tolist() == [4]  # 0 passes the ratio
+    # a sample that does not collapse is never flagged by the floor
+    scores[1, 4] = 5.0
+    assert flag_collapsed(scores, 0.0, 0, 2, 2.0, same_label, support_floor=0.3).flagged.tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    ("support_floor", "same_label", "message"),
+    [
+        (-0.1, torch.ones(3, dtype=torch.bool), r"support_floor=-0.1 must lie in \[0, 1\)"),
+        (1.0, torch.ones(3, dtype=torch.bool), r"support_floor=1.0 must lie in \[0, 1\)"),
+        (0.3, None, "pass same_label, or support_floor=None"),
+    ],
+)
+def test_bad_support_floors_are_refused(support_floor, same_label, message):
+    with pytest.raises(ValueError, match=message):
+        flag_collapsed(
+            torch.ones(4, 3), tolerance=0, num_contrast=2, same_label=same_label, support_floor=support_floor
+        )
+    if same_label is not None:
+        with pytest.raises(ValueError, match=message):
+            DeltaInfluence(support_floor=support_floor)

@@ -127,3 +127,16 @@ def test_without_contrast_images_the_stage_refuses_to_judge():
     data.contrast = data.contrast[:0]
     with pytest.raises(ConfigError, match="measures the query against clean contrast images; none were given"):
         verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
+
+
+def test_samples_flagged_on_other_evidence_are_tested_apart_first():
+    data, flagged, poisons, candidates = toy()
+    same = torch.ones(len(flagged), 2)  # profiles that do not tell the poisons from the clean samples
+    mixed = verify(data, flagged, same, candidates, head_support(data), Verification(rounds=0), False)
+    assert mixed.kept.tolist() == flagged.tolist() and not mixed.groups  # 27 <= min_group: kept whole, untested
+    apart = flagged >= 20  # the clean samples, flagged on the other evidence (the support floor's)
+    result = verify(data, flagged, same, candidates, head_support(data), Verification(rounds=0), False, apart=apart)
+    assert [group["indices"] for group in result.groups] == [list(range(1, 20)), list(range(20, 28))]
+    assert result.kept.tolist() == list(range(1, 20)) and result.dropped.tolist() == list(range(20, 28))
+    with pytest.raises(ConfigError, match=r"apart has dtype torch.int64 and shape \(27,\); expected bool \(27,\)"):
+        verify(data, flagged, same, candidates, head_support(data), progress=False, apart=apart.long())
