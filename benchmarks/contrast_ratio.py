@@ -7,6 +7,7 @@ filter, on victims of seeds other than the README's tables.
 
 The rule is applied to the scores each audit saved (its collapse settings from its summary.json), so no influence is
 computed again. The defaults are chosen on these held-out victims; the README's tables (seed 0) then measure them.
+The last rows add the support floor (``--floors``) to the default ratio; ``floor`` None is the ratio alone.
 """
 
 import argparse
@@ -24,10 +25,12 @@ def main() -> None:
         [
             ("--runs", str, "badnets:1,smooth:1", "attack:seed pairs whose detection.py audits are read"),
             ("--ratios", str, "1,1.5,2,2.5,3,4,5,6,8", "contrast ratios to try"),
+            ("--floors", str, "0.03,0.05,0.075,0.1,0.2,0.3", "support floors to try (same label, ratio 2)"),
         ],
     )
     ratios = [float(r) for r in args.ratios.split(",")]
-    rows = [{"same_label": same, "ratio": ratio} for same in (True, False) for ratio in ratios]
+    rows = [{"same_label": same, "ratio": ratio, "floor": None} for same in (True, False) for ratio in ratios]
+    rows += [{"same_label": True, "ratio": 2.0, "floor": float(floor)} for floor in args.floors.split(",")]
     for run in args.runs.split(","):
         attack, seed = run.split(":")
         settings = argparse.Namespace(**{**vars(args), "attack": attack, "seed": int(seed)})
@@ -41,7 +44,7 @@ def main() -> None:
         for row in rows:
             decision = flag_collapsed(
                 scores, summary["threshold"], summary["tolerance"], summary["num_contrast"], row["ratio"],
-                same_label if row["same_label"] else None,
+                same_label if row["same_label"] else None, support_floor=row["floor"],
             )  # fmt: skip
             metrics = detection_metrics(decision.flagged, scores.shape[1], data.poison_indices)
             row[f"{run} flagged"] = int(metrics["flagged"])
@@ -51,7 +54,7 @@ def main() -> None:
         row["mean F1"] = sum(f1s) / len(f1s)
     report(f"contrast_ratio_{args.runs.replace(':', '_s').replace(',', '_')}", rows, list(rows[0]))
     best = max(rows, key=lambda row: row["mean F1"])
-    setting = f"same_label={best['same_label']}, contrast_ratio={best['ratio']:g}"
+    setting = f"same_label={best['same_label']}, contrast_ratio={best['ratio']:g}, support_floor={best['floor']}"
     print(f"highest mean F1: {setting} ({100 * best['mean F1']:.1f} %)")
 
 

@@ -39,7 +39,8 @@ from lightning_modules.unlearning import Retrain
 CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
     "pair", "target", "true", "intended", "surrogate_p", "brew_loss", "surrogate_s", "brew_s", "train_s", "clean_acc",
-    "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "ref_flagged",
+    "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "rule_flagged",
+    "rule_precision", "rule_recall", "ref_flagged",
     "ref_precision", "ref_recall", "ac_flagged", "ac_precision", "ac_recall", "ss_flagged", "ss_precision", "ss_recall",
     "retrain_acc", "retrain_success",
 ]  # fmt: skip
@@ -57,6 +58,9 @@ def main() -> None:
             ("--restarts", int, 1, "restarts per brew (lowest loss kept)"),
             ("--ensemble", int, 1, "surrogates brewed against at once"),
             ("--known-init", int, 0, "1: also train a victim from the first surrogate's init and batch order"),
+            ("--only", str, "", "pair numbers, e.g. 0,1: run only those (results/witches_brew_only.json)"),
+            ("--victim-seed", int, VICTIM_SEED, "victims train from this + the pair's number (another: held out)"),
+            ("--retrain", int, 0, "1: train the victims again even where this script saved them"),
         ],
     )
     command = _command(args)
@@ -64,17 +68,34 @@ def main() -> None:
     clean = train.main([*command, "--data.attack=null"], run=False).datamodule  # what the surrogate trains on
     pairs = draw_pairs(clean, configured.datamodule.attack, args.pairs, args.seed)
     print("pairs (test index, true class -> intended class):", [(t, c, i) for t, c, i, _ in pairs])
+    only = {int(number) for number in args.only.split(",")} if args.only else set(range(len(pairs)))
+    name = (
+        "witches_brew"
+        + ("_only" if args.only else "")
+        + (f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else "")
+    )
     rows = []
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
+        if number not in only:
+            continue
         pair = ["--data.attack.init_args.target", str(target), "--data.attack.init_args.intended", str(intended)]
-        pair += ["--seed_everything", str(VICTIM_SEED + number)]
+        pair += ["--seed_everything", str(args.victim_seed + number)]
         start = time.perf_counter()
-        cli = train.main(["fit", *command, *pair, "--delta_influence=null"])  # the victim; the audit follows
+        saved = RESULTS / f"{name.replace('_only', '')}_victim_{number}.pt"
+        trained = args.retrain or not saved.exists()
+        if not trained:  # the victim this script trained before, for the same pair and seed
+            cli = train.main([*command, *pair], run=False)
+            cli.datamodule.prepare_data()
+            cli.datamodule.setup("fit")
+            cli.model.load_state_dict(torch.load(saved))
+        else:
+            cli = train.main(["fit", *command, *pair, "--delta_influence=null"])  # the victim; the audit follows
+            torch.save(cli.model.state_dict(), saved)
         data, victim = cli.datamodule, cli.model
         row = {"pair": number, "target": target, "true": true, "intended": intended, "surrogate_p": surrogate_p,
                "brew_loss": data.attack_info["loss"], "surrogate_s": data.attack_info["surrogate_s"],
                "brew_s": data.attack_info["brew_s"],
-               "train_s": time.perf_counter() - start - data.attack_info["brew_s"],
+               "train_s": time.perf_counter() - start - data.attack_info["brew_s"] if trained else None,
                "clean_acc": evaluate(victim, data)["clean_acc"]}  # fmt: skip
         image, label = data.attack_test_set[0]
         with torch.no_grad(), evaluating(victim):
@@ -88,9 +109,9 @@ def main() -> None:
                 known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
             row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
         if row["success"]:
-            row |= audit(cli, audit_callback(configured), number, args.seed)
+            row |= audit(cli, audit_callback(configured), number, args.seed, name)
         rows.append(row)
-        report("witches_brew", rows, COLUMNS)  # kept up to date after every pair
+        report(name, rows, COLUMNS)  # kept up to date after every pair
     successes = [row for row in rows if row["success"]]
     print(f"\nsuccess: {len(successes)} of {len(rows)} targets (budget {args.budget}, eps {args.eps:g}/255, "
           f"{args.restarts} restarts x {args.steps} steps, {args.ensemble} surrogate(s))")  # fmt: skip
@@ -137,12 +158,12 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
     return pairs
 
 
-def audit(cli, configured, number: int, seed: int) -> dict:
+def audit(cli, configured, number: int, seed: int, table: str) -> dict:
     """The config's Δ-Influence on the target (one scoring pass, both rules), activation clustering and spectral
     signatures beside it, then retraining without the default rule's set."""
     data, victim = cli.datamodule, cli.model
     total, poisons = len(data.eval_train_set), data.poison_indices
-    folder = RESULTS / f"witches_brew_audit_{number}"
+    folder = RESULTS / f"{table.replace('_only', '')}_audit_{number}"
     share = len(poisons) / int((data.eval_train_set.labels == data.attack.intended).sum())  # epsilon in its label
     baselines = {"ac": ActivationClustering(), "ss": SpectralSignatures(expected_fraction=min(share, 0.66))}
     found = {}
@@ -158,6 +179,7 @@ def audit(cli, configured, number: int, seed: int) -> dict:
     retrained = fit.run(victim, Retrain(seed=seed), result.flagged) or {"acc": None, "asr": None}  # None: nothing
     return {
         "flagged": int(default["flagged"]), "precision": default["precision"], "recall": default["recall"],
+        **{f"rule_{key}": default.get(f"rule_{key}") for key in ("flagged", "precision", "recall")},  # unverified
         "ref_flagged": int(reference["flagged"]), "ref_precision": reference["precision"],
         "ref_recall": reference["recall"], "retrain_acc": retrained["acc"], "retrain_success": retrained["asr"],
     } | found  # fmt: skip
