@@ -69,11 +69,8 @@ def main() -> None:
     pairs = draw_pairs(clean, configured.datamodule.attack, args.pairs, args.seed)
     print("pairs (test index, true class -> intended class):", [(t, c, i) for t, c, i, _ in pairs])
     only = {int(number) for number in args.only.split(",")} if args.only else set(range(len(pairs)))
-    name = (
-        "witches_brew"
-        + ("_only" if args.only else "")
-        + (f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else "")
-    )
+    tag = "witches_brew" + (f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else "")  # victims, audits
+    name = tag + ("_only" if args.only else "")  # the table
     rows = []
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
         if number not in only:
@@ -81,7 +78,7 @@ def main() -> None:
         pair = ["--data.attack.init_args.target", str(target), "--data.attack.init_args.intended", str(intended)]
         pair += ["--seed_everything", str(args.victim_seed + number)]
         start = time.perf_counter()
-        saved = RESULTS / f"{name.replace('_only', '')}_victim_{number}.pt"
+        saved = RESULTS / f"{tag}_victim_{number}.pt"
         trained = args.retrain or not saved.exists()
         if not trained:  # the victim this script trained before, for the same pair and seed
             cli = train.main([*command, *pair], run=False)
@@ -109,7 +106,7 @@ def main() -> None:
                 known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
             row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
         if row["success"]:
-            row |= audit(cli, audit_callback(configured), number, args.seed, name)
+            row |= audit(cli, audit_callback(configured), number, args.seed, tag)
         rows.append(row)
         report(name, rows, COLUMNS)  # kept up to date after every pair
     successes = [row for row in rows if row["success"]]
@@ -158,12 +155,12 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
     return pairs
 
 
-def audit(cli, configured, number: int, seed: int, table: str) -> dict:
+def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     """The config's Δ-Influence on the target (one scoring pass, both rules), activation clustering and spectral
     signatures beside it, then retraining without the default rule's set."""
     data, victim = cli.datamodule, cli.model
     total, poisons = len(data.eval_train_set), data.poison_indices
-    folder = RESULTS / f"{table.replace('_only', '')}_audit_{number}"
+    folder = RESULTS / f"{tag}_audit_{number}"
     share = len(poisons) / int((data.eval_train_set.labels == data.attack.intended).sum())  # epsilon in its label
     baselines = {"ac": ActivationClustering(), "ss": SpectralSignatures(expected_fraction=min(share, 0.66))}
     found = {}
