@@ -5,8 +5,9 @@ filter, on victims of seeds other than the README's tables.
     python benchmarks/detection.py --attack smooth --seed 1
     python benchmarks/contrast_ratio.py                      # --runs badnets:1,smooth:1 by default
 
-The rule is applied to the scores each audit saved (its collapse settings from its summary.json), so no influence is
-computed again. The defaults are chosen on these held-out victims; the README's tables (seed 0) then measure them.
+The rule is applied to the scores of every sample that each detection.py run saved (``..._every_sample``, its
+collapse settings from its summary.json), so no influence is computed again. The defaults are chosen on these
+held-out victims; the README's tables (seed 0) then measure them.
 The last rows add the support floor (``--floors``) to the default ratio; ``floor`` None is the ratio alone.
 """
 
@@ -34,7 +35,7 @@ def main() -> None:
     for run in args.runs.split(","):
         attack, seed = run.split(":")
         settings = argparse.Namespace(**{**vars(args), "attack": attack, "seed": int(seed)})
-        audit = RESULTS / f"detection_audit_{attack}{run_tag(settings)}"
+        audit = RESULTS / f"detection_audit_{attack}{run_tag(settings)}_every_sample"  # scores of every sample
         if not (audit / "scores.pt").exists():
             raise SystemExit(f"No audit in {audit}: run benchmarks/detection.py --attack {attack} --seed {seed} first.")
         summary = json.loads((audit / "summary.json").read_text())

@@ -4,17 +4,21 @@ python benchmarks/detection.py                  # configs/benchmarks/cifar10_bad
 python benchmarks/detection.py --attack smooth  # configs/benchmarks/cifar10_smooth_cpu.yaml
 
 The victim is trained and audited by ``train.py fit`` on the config, with fresh factors (so that their cost is
-measured) and the audit written to results/detection_audit_<attack>[_s<seed>]. One audit, one scoring pass; the
-decision rules are read off the same scores: the reference rule (collapse alone, as in the paper), collapse plus the
-clean-class contrast, and that rule's flagged set after the verification stage (the default). The audit's time is
-given without the verification stage (``rule_audit_s``) and with it (``audit_s``), from the same run.
+measured) and the audit written to results/detection_audit_<attack>[_s<seed>]. The default audit scores only the
+samples of the attacker's label, all its rule can flag; a second scoring pass on the same factors scores every
+sample (``score_all``, the rule alone, written to ``..._every_sample``: the scores ``contrast_ratio.py`` reads), for
+the reference rule (collapse alone, as in the paper). Rows: that rule, collapse plus the clean-class contrast, and
+that rule's flagged set after the verification stage (the default). The audit's time is the default's, given
+without the verification stage (``rule_audit_s``) and with it (``audit_s``).
 """
 
+import dataclasses
 import tempfile
 
 from common import AUDIT_STAGES, RESULTS, audit_callback, parse_args, report, run_tag, train_victim
 
 from delta_influence import detection_metrics
+from delta_influence.pipeline import AuditData, run_audit
 
 
 def main() -> None:
@@ -23,10 +27,14 @@ def main() -> None:
         output = RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"
         cli = train_victim(args, [f"--delta_influence.{key}={value}" for key, value in
                                   (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
-    data, victim, result = cli.datamodule, cli.victim_metrics, audit_callback(cli).result
+        callback = audit_callback(cli)
+        every = dataclasses.replace(callback.delta_influence, score_all=True, verification=None)
+        reference = run_audit(cli.model, AuditData.of(cli.datamodule), every, f"{output}_every_sample", factors,
+                              callback.choice).evidence.decision.collapsed  # fmt: skip
+    data, victim, result = cli.datamodule, cli.victim_metrics, callback.result
     decision, timings = result.evidence.decision, result.metrics
     rows = []
-    rules = [("reference rule", decision.collapsed), ("with contrast", decision.flagged)]
+    rules = [("reference rule", reference), ("with contrast", decision.flagged)]
     if result.evidence.verification is not None:
         rules.append(("verified (default)", result.evidence.verification.flagged))
     for rule, flagged in rules:

@@ -14,13 +14,14 @@ practice; each target's intended class is drawn uniformly among the other classe
 pair has its own brew and its own victim, trained from seed 100 + the pair's number (the surrogates: --seed, +1, ...).
 Success: the victim classifies the target as the intended class. With --known-init 1, a second victim per pair is
 trained from the first surrogate's initial weights and batch order (the "known init" check, which does not depend on
-transfer). On each success, the config's audit (through the audit pipeline, one scoring pass) gives both decision
-rules (the default with the clean-class contrast and the reference rule without it), beside activation clustering and
-spectral signatures (epsilon: the poisons' share of the intended class); the victim is then retrained
+transfer). On each success, the config's audit (through the audit pipeline) gives the default rule, and a second
+scoring pass of every sample on the same factors (``..._every_sample``) the reference rule, beside activation
+clustering and spectral signatures (epsilon: the poisons' share of the intended class); the victim is then retrained
 from scratch without the default rule's flagged samples, by the config's corrective fit. The table is printed and
 written to results/witches_brew.json.
 """
 
+import dataclasses
 import tempfile
 import time
 
@@ -166,11 +167,13 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     found = {}
     with tempfile.TemporaryDirectory() as factors:
         result = run_audit(victim, AuditData.of(data), configured.delta_influence, folder, factors, configured.choice)
+        every = dataclasses.replace(configured.delta_influence, score_all=True, verification=None)  # the reference
+        every = run_audit(victim, AuditData.of(data), every, f"{folder}_every_sample", factors, configured.choice)
         for name, detector in baselines.items():
             metrics = run_audit(victim, AuditData.of(data), detector, folder / name, factors).metrics
             found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}
     default = result.metrics
-    reference = detection_metrics(result.evidence.decision.collapsed, total, poisons)
+    reference = detection_metrics(every.evidence.decision.collapsed, total, poisons)
     fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn")
     torch.manual_seed(seed)
     retrained = fit.run(victim, Retrain(seed=seed), result.flagged) or {"acc": None, "asr": None}  # None: nothing

@@ -2,8 +2,8 @@
 successful brew, the reference rule, the clean-class contrast at several ratios, the same-label filter alone, and the
 contrast with the support floor at several shares (the verification stage is not applied here).
 
-    python benchmarks/witches_brew.py        # first: the brews, victims and audits (results/witches_brew_audit_<n>)
-    python benchmarks/witches_brew_rules.py  # then this table, from their saved scores; nothing is computed again
+    python benchmarks/witches_brew.py        # first: brews, victims, audits (results/witches_brew_audit_<n>...)
+    python benchmarks/witches_brew_rules.py  # then this table from every sample's saved scores; nothing computed again
 
 Witches' Brew's poisons are images of the intended class with their true labels, so the contrast (clean test images
 of that class) also sees them support ordinary members of their class; this shows what each step keeps of them. The
@@ -49,7 +49,7 @@ def main() -> None:
         rules[f"collapse + same label + contrast 2 + support floor {floor:g}"] = floor
     results = {name: [] for name in rules}
     for row in rows:
-        audit = RESULTS / f"witches_brew_audit_{row['pair']}"
+        audit = RESULTS / f"witches_brew_audit_{row['pair']}_every_sample"  # every sample's scores, the rule alone
         scores, evidence = torch.load(audit / "scores.pt"), torch.load(audit / "contrast.pt")
         summary = json.loads((audit / "summary.json").read_text())
         brew = attack.__class__(**{**vars(attack), "intended": row["intended"], "target": (row["target"],)})

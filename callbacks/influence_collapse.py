@@ -75,6 +75,8 @@ class InfluenceCollapseCallback(Callback):
         train_batch_size: Batch size of kronfluence's passes over the training set.
         num_workers: Data loader workers for kronfluence.
         factor_examples: How many training samples the EK-FAC factor fits see (a seeded random sample); ``None``: all.
+        score_all: Score every training sample; ``False``: only those of the query's label when the rule can flag no
+            other (``same_label`` with the contrast), the others' columns of ``scores.pt`` NaN.
         verify: Test the rule's flagged set by unlearning its parts and recover the poisons the model no longer
             feels (``delta_influence.verification``); ``None``: on whenever the contrast is (``num_contrast > 0``).
         verification: The verification stage's settings.
@@ -108,6 +110,7 @@ class InfluenceCollapseCallback(Callback):
         train_batch_size: int = 128,
         num_workers: int = 0,
         factor_examples: Optional[int] = None,
+        score_all: bool = False,
         verify: Optional[bool] = None,
         verification: Verification = Verification(),
         output_dir: Optional[str] = None,
@@ -142,6 +145,7 @@ class InfluenceCollapseCallback(Callback):
             train_batch_size=train_batch_size,
             num_workers=num_workers,
             factor_examples=factor_examples,
+            score_all=score_all,
             verification=verification if (num_contrast > 0 if verify is None else verify) else None,
         )
         contrast = tuple(contrast_images) if contrast_images is not None else None

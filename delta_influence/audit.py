@@ -34,7 +34,7 @@ from delta_influence.influence import (
     compute_influence_scores,
 )
 from delta_influence.queries import QuerySet, make_queries
-from delta_influence.verification import Verification, VerificationResult, head_data, head_of, verify
+from delta_influence.verification import Verification, VerificationResult, head_data, head_of, retain_rows, verify
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,11 @@ class DeltaInfluence(Detector):
     factor_examples: Optional[int] = field(
         default=None, metadata={"help": "training samples the factor fits see (a seeded sample); None: all"}
     )
+    score_all: bool = field(
+        default=False,
+        metadata={"help": "score every training sample; False: only the query's label when the rule can flag no "
+                          "other (same_label with the contrast), the others' scores NaN"},
+    )  # fmt: skip
     num_workers: int = field(default=0, metadata={"help": "data loader workers of kronfluence"})
     verification: Optional[Verification] = field(
         default=Verification(),
@@ -142,17 +147,16 @@ class DeltaInfluence(Detector):
         queries = make_queries(
             image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std
         )  # fmt: skip
+        same_label = labels_of(train_set) == label if len(contrast) and self.same_label else None
+        scored = None if same_label is None or self.score_all else same_label  # all the rule can flag
         influence = compute_influence_scores(
             model, train_set, _scored(queries, contrast), factors_dir, self.strategy, device,
             self.train_batch_size, num_workers=self.num_workers, seed=self.seed, factor_examples=self.factor_examples,
-            partitions=partitions,
+            partitions=partitions, scored=None if scored is None else torch.nonzero(scored).flatten(),
         )  # fmt: skip
-        same_label = None
-        if len(contrast) and self.same_label:
-            same_label = labels_of(train_set) == label
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label,
-            self.contrast_statistic, self.support_floor if same_label is not None else None,
+            self.contrast_statistic, self.support_floor if same_label is not None else None, scored,
         )  # fmt: skip
         timings = dict(influence.timings)
         verified = None
@@ -180,7 +184,8 @@ class DeltaInfluence(Detector):
         """The verification stage on the rule's flagged set: the candidates for recovery are the training samples of
         the query's label (any label without ``same_label``), their support EK-FAC scores with the audit's factors."""
         image, label = queries.images[0], int(queries.labels[0])
-        data = head_data(model, train_set, image, label, contrast, device)
+        rows = retain_rows(labels_of(train_set), label, self.verification.seed) if self.same_label else None
+        data = head_data(model, train_set, image, label, contrast, device, rows)  # with same_label: what tests read
         candidates = torch.nonzero(data.labels == label).flatten() if self.same_label else torch.arange(len(train_set))
 
         def support(weight: Tensor, bias: Tensor, indices: Tensor) -> Tensor:
@@ -269,7 +274,7 @@ class DeltaInfluenceAudit(Evidence):
         plots.plot_queries(queries, folder / "queries.png", view.mean, view.std, view.classes)
         plots.plot_collapse_counts(
             decision.counts, decision.num_transforms, decision.tolerance, folder / "collapse_counts.png",
-            view.poison_indices,
+            view.poison_indices, decision.scored,
         )  # fmt: skip
         if decision.contrast is not None:
             torch.save(

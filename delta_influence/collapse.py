@@ -22,13 +22,15 @@ class CollapseResult:
     num_transforms: int
     threshold: float
     tolerance: int
-    collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer)
+    collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer among
+    # the scored samples)
     contrast: Optional[Tensor] = None  # [N] mean (or largest |.|) score on the contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
     same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
     support_floor: Optional[float] = None
     floor: Optional[float] = None  # support_floor times the median contrast score of the attacker's label
     unsupportive: Optional[Tensor] = None  # [F'] sorted indices the floor flagged and the ratio alone would not
+    scored: Optional[Tensor] = None  # [N] bool: the samples whose scores were computed; None: every one
 
 
 def flag_collapsed(
@@ -40,6 +42,7 @@ def flag_collapsed(
     same_label: Optional[Tensor] = None,
     contrast_statistic: str = "mean",
     support_floor: Optional[float] = None,
+    scored: Optional[Tensor] = None,
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
@@ -75,6 +78,8 @@ def flag_collapsed(
             ``"max"``, the largest of their magnitudes (stricter: one clean image the sample moves is enough).
         support_floor: The share of its label's median contrast score below which a collapsed sample of the
             attacker's label is flagged whatever the ratio says; needs ``same_label``. ``None``: the ratio alone.
+        scored: ``[N]`` bool, the samples whose scores were computed (the others' columns may hold anything, e.g.
+            NaN, and are never flagged); it must cover ``same_label``. ``None``: every sample was scored.
 
     Returns:
         The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
@@ -103,8 +108,14 @@ def flag_collapsed(
             f"scores has {scores.shape[0]} rows, which leaves {num_transforms} transformed queries after the original "
             f"and {num_contrast} contrast rows; expected [1 + n + num_contrast, N] with n >= 1."
         )
-    if not torch.isfinite(scores).all():
-        bad = (~torch.isfinite(scores)).sum().item()
+    if scored is not None and (scored.dtype != torch.bool or scored.shape != scores.shape[1:]):
+        raise ConfigError(
+            f"scored has dtype {scored.dtype} and shape {tuple(scored.shape)}; expected bool [{scores.shape[1]}], one "
+            "entry per training sample."
+        )
+    computed = scores if scored is None else scores[:, scored]  # the others are NaN, never collapse nor pass
+    if not torch.isfinite(computed).all():
+        bad = (~torch.isfinite(computed)).sum().item()
         raise ConfigError(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
@@ -123,12 +134,19 @@ def flag_collapsed(
                 f"same_label has dtype {same_label.dtype} and shape {tuple(same_label.shape)}; expected bool "
                 f"[{scores.shape[1]}], one entry per training sample."
             )
+        if scored is not None and (same_label & ~scored).any():
+            raise ConfigError(
+                f"{int((same_label & ~scored).sum())} samples of the attacker's label were not scored; the contrast "
+                "compares every one of them, so score at least those."
+            )
     deltas = scores[1 : 1 + num_transforms] - scores[:1]
     counts = (deltas < threshold).sum(dim=0)
+    if scored is not None:
+        counts = counts.where(scored, 0)  # whatever an unscored column holds
     collapsed = counts >= num_transforms - tolerance
     if num_contrast == 0:
         flagged = torch.nonzero(collapsed).flatten()
-        return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged)
+        return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged, scored=scored)
     rows = scores[1 + num_transforms :]
     contrast = rows.mean(dim=0) if contrast_statistic == "mean" else rows.abs().max(dim=0).values
     specific = scores[0] > contrast_ratio * contrast.abs()
@@ -154,6 +172,7 @@ def flag_collapsed(
         support_floor=support_floor,
         floor=floor,
         unsupportive=unsupportive,
+        scored=scored,
     )
 
 
@@ -215,11 +234,12 @@ def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tenso
 
 
 def topk_recall(scores: Tensor, poisons: Tensor) -> float:
-    """Share of the poisons among the ``k = len(poisons)`` highest-scoring samples: the raw influence ranking.
+    """Share of the poisons among the ``k = len(poisons)`` highest-scoring samples (NaN: not scored, never among
+    them): the raw influence ranking.
 
     Example:
         >>> topk_recall(torch.tensor([0.1, 0.9, 0.5, 0.2]), torch.tensor([1, 3]))
         0.5
     """
-    top = scores.topk(len(poisons)).indices
+    top = scores.nan_to_num(float("-inf")).topk(len(poisons)).indices  # NaN: not scored
     return torch.isin(top, poisons).float().mean().item()

@@ -2,6 +2,7 @@
 process or split by data partition across the processes of a distributed run."""
 
 import copy
+import gc
 import os
 import shutil
 import time
@@ -163,8 +164,8 @@ def label_margins(logits: Tensor, labels: Tensor) -> Tensor:
 
 @dataclass
 class InfluenceScores(Evidence):
-    """Scores ``[Q, N]`` of N training samples on Q queries, the factors they came from, and how long each stage
-    took. As a detector's evidence it names the factors in the audit's summary."""
+    """Scores ``[Q, N]`` of N training samples on Q queries (NaN: not scored), the factors they came from, and how
+    long each stage took. As a detector's evidence it names the factors in the audit's summary."""
 
     scores: Tensor
     factors_name: str
@@ -180,6 +181,22 @@ class InfluenceScores(Evidence):
         if self.process_timings:  # split across processes: each one's seconds of each pass
             summary["process_timings"] = self.process_timings
         return summary
+
+
+@contextmanager
+def _old_objects_frozen() -> Iterator[None]:
+    """kronfluence collects garbage (``gc.collect``) several times in every pass, and each collection walks every
+    object of the process: 0.2 s a time in a training script with Lightning and its data loaded, about a fifth of a
+    score pass on a small model. The objects that exist when the pass starts are set aside from the collector for its
+    duration (``gc.freeze``; garbage that the pass makes is collected as before), unless someone already froze some."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class InfluenceAnalysis:
@@ -199,7 +216,9 @@ class InfluenceAnalysis:
         seed: Seeds the labels that the true Fisher samples from the model's predictions while fitting, and the
             sample of ``factor_examples``.
         factor_examples: How many training samples the factor fits (covariance, eigen-corrections) see: a seeded
-            random sample; ``None``: all of them. Scores are always computed on every sample.
+            random sample; ``None``: all of them.
+        scored: The training samples ``pairwise_scores`` scores (sorted indices); ``None``: every one. The factors
+            are the whole training set's either way.
         factors_name: Score with the factors fitted under this name (another analysis's ``factors_name``, in the same
             ``output_dir``) instead of this model's own: an approximation for a model that differs from the one they
             were fitted on only a little (e.g. in its last layer).
@@ -222,11 +241,14 @@ class InfluenceAnalysis:
         factor_examples: Optional[int] = None,
         factors_name: Optional[str] = None,
         partitions: Optional[DataPartitions] = None,
+        scored: Optional[Tensor] = None,
     ) -> None:
         check_strategy(strategy)
         check_factor_examples(factor_examples)
         check_trackable(model)
+        check_scored(scored, len(train_set))
         self.train_set = train_set
+        self.score_set = train_set if scored is None else Subset(train_set, scored.tolist())
         self.factor_set = train_set
         chosen = list(range(len(train_set)))
         if factor_examples is not None and factor_examples < len(train_set):
@@ -268,6 +290,7 @@ class InfluenceAnalysis:
         self.timings: dict[str, float] = {}  # seconds of each stage of the last fit
         self.process_timings: dict[str, list[float]] = {}  # with partitions: each process's seconds of each stage
 
+    @_old_objects_frozen()
     def fit_factors(self) -> bool:
         """Fits the factors unless a finished set for these weights, data and settings is on disk; returns whether
         reused.
@@ -362,9 +385,10 @@ class InfluenceAnalysis:
         for path in self.analyzer.factors_output_dir(own).glob("*_arguments.json"):
             shutil.copy(path, target / path.name)
 
+    @_old_objects_frozen()
     def pairwise_scores(self, queries: Dataset, query_batch_size: Optional[int] = None) -> Optional[Tensor]:
-        """Scores ``[len(queries), N]`` of every training sample on every query (with partitions: on process 0;
-        the others return ``None``).
+        """Scores ``[len(queries), N]`` of every scored training sample on every query (``N`` of them; with
+        partitions: on process 0, the others return ``None``).
 
         kronfluence makes one pass over the training set per batch of queries, so the default puts all queries in
         one batch: one pass in all.
@@ -375,7 +399,7 @@ class InfluenceAnalysis:
         compute = {
             "factors_name": self.factors_name,
             "query_dataset": queries,
-            "train_dataset": self.train_set,
+            "train_dataset": self.score_set,
             "per_device_query_batch_size": query_batch_size or len(queries),
             "per_device_train_batch_size": self.train_batch_size,
             "overwrite_output_dir": True,
@@ -436,6 +460,19 @@ def check_factor_examples(factor_examples: Optional[int]) -> None:
         raise ConfigError(f"factor_examples={factor_examples} must be at least 1, or null for every sample.")
 
 
+def check_scored(scored: Optional[Tensor], size: int) -> None:
+    """The one check of which training samples to score: sorted, distinct indices of a training set of ``size``."""
+    if scored is None:
+        return
+    if scored.dtype != torch.int64 or scored.dim() != 1 or not len(scored):
+        raise ConfigError(
+            f"scored has dtype {scored.dtype} and shape {tuple(scored.shape)}; expected a non-empty int64 vector of "
+            "training indices, or None for every sample."
+        )
+    if scored[0] < 0 or scored[-1] >= size or not (scored[1:] > scored[:-1]).all():
+        raise ConfigError(f"scored must hold sorted, distinct indices in 0..{size - 1} (the training set's).")
+
+
 def check_trackable(model: nn.Module) -> None:
     """Raises ``UnsupportedModelError`` (a ``TypeError``) when the model has no layer that kronfluence tracks."""
     if not any(isinstance(module, (nn.Linear, nn.Conv2d)) for module in model.modules()):
@@ -459,19 +496,21 @@ def compute_influence_scores(
     seed: int = 0,
     factor_examples: Optional[int] = None,
     partitions: Optional[DataPartitions] = None,
+    scored: Optional[Tensor] = None,
 ) -> InfluenceScores:
-    """Fits (or reuses) the factors and scores every training sample on every query in one pass.
+    """Fits (or reuses) the factors and scores every training sample (or the ``scored`` ones) on every query in one
+    pass.
 
     With ``partitions``, called on process 0 while the others ``serve``: every pass is split across the processes
     (``InfluenceAnalysis``), and ``timings`` are those of the slowest process, ``process_timings`` each one's.
 
     Returns:
         Scores ``[len(queries), len(train_set)]``; positive means training on the sample raises the query label's
-        margin.
+        margin. With ``scored``, the other samples' columns are NaN: not computed.
     """
     start = time.perf_counter()
     settings = {"strategy": strategy, "train_batch_size": train_batch_size, "num_workers": num_workers,
-                "damping": damping, "seed": seed, "factor_examples": factor_examples}  # fmt: skip
+                "damping": damping, "seed": seed, "factor_examples": factor_examples, "scored": scored}  # fmt: skip
     if partitions is not None and partitions.count > 1 and partitions.rank == 0:
         partitions.share(("scores", {"queries": queries, "query_batch_size": query_batch_size, **settings}))
     made: list[InfluenceAnalysis] = []
@@ -489,6 +528,8 @@ def compute_influence_scores(
     reused = analysis.fit_factors()
     fitted = time.perf_counter()
     scores = analysis.pairwise_scores(queries, query_batch_size)
+    if scored is not None and scores is not None:
+        scores = torch.full((len(scores), len(train_set)), float("nan")).index_copy_(1, scored, scores)
     done = time.perf_counter()
     return InfluenceScores(
         scores=scores,

@@ -53,15 +53,24 @@ def plot_queries(
 
 
 def plot_collapse_counts(
-    counts: Tensor, num_transforms: int, tolerance: int, path: Path, poisons: Optional[Tensor] = None
+    counts: Tensor,
+    num_transforms: int,
+    tolerance: int,
+    path: Path,
+    poisons: Optional[Tensor] = None,
+    scored: Optional[Tensor] = None,
 ) -> None:
-    """Histogram of per-sample collapse counts, poisons and clean samples apart when the poisons are known."""
+    """Histogram of per-sample collapse counts (of the ``scored`` samples when not every one was), poisons and clean
+    samples apart when the poisons are known."""
     figure = Figure(figsize=(6, 3.5))
     axis = figure.subplots()
     bins = torch.arange(num_transforms + 2).numpy() - 0.5
+    scored = torch.ones(len(counts), dtype=torch.bool) if scored is None else scored
+    counts = counts[scored]
     if poisons is not None and len(poisons):
-        is_poison = torch.zeros(len(counts), dtype=torch.bool)
+        is_poison = torch.zeros(len(scored), dtype=torch.bool)
         is_poison[poisons] = True
+        is_poison = is_poison[scored]
         axis.hist(counts[~is_poison].numpy(), bins=bins, alpha=0.6, label="clean", log=True)
         axis.hist(counts[is_poison].numpy(), bins=bins, alpha=0.8, label="poison", log=True)
         axis.legend()
@@ -70,7 +79,8 @@ def plot_collapse_counts(
     axis.axvline(num_transforms - tolerance - 0.5, color="black", linestyle="--", linewidth=1)
     axis.set_xlabel("transformed queries that lowered the sample's influence")
     axis.set_ylabel("training samples")
-    axis.set_title(f"Influence collapse (flagged right of the line: >= {num_transforms - tolerance})")
+    scope = "" if bool(scored.all()) else f", the {len(counts)} samples of the query's label"
+    axis.set_title(f"Influence collapse (flagged right of the line: >= {num_transforms - tolerance}{scope})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from delta_influence.detectors.base import head_of as detector_head
@@ -146,10 +146,17 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def head_data(
-    model: nn.Module, train_set: Dataset, query: Tensor, query_label: int, contrast: Tensor, device: torch.device | str
+    model: nn.Module,
+    train_set: Dataset,
+    query: Tensor,
+    query_label: int,
+    contrast: Tensor,
+    device: torch.device | str,
+    rows: Optional[Tensor] = None,
 ) -> HeadData:
-    """The head's weights and the features feeding it for every training sample, the query and the contrast images,
-    checking that the head alone turns features into the model's logits."""
+    """The head's weights and the features feeding it for every training sample (or the ``rows``, e.g.
+    ``retain_rows``; the others' features are NaN, and a test that reads one fails), the query and the contrast
+    images, checking that the head alone turns features into the model's logits."""
     head = head_of(model)
     images = torch.cat([query[None], contrast.to(query.dtype)])
     features = penultimate_activations(model, TensorDataset(images, torch.zeros(len(images))), device)
@@ -168,8 +175,19 @@ def head_data(
             f"the last linear layer of {type(model).__name__} does not produce the logits on its own (something comes "
             "after it): the verification stage unlearns that layer. Turn it off (verify=false) for this model."
         )
-    train = penultimate_activations(model, train_set, device).float()
+    if rows is None:
+        train = penultimate_activations(model, train_set, device).float()
+    else:
+        read = penultimate_activations(model, Subset(train_set, rows.tolist()), device).float()
+        train = read.new_full((len(train_set), read.shape[1]), float("nan")).index_copy_(0, rows, read)
     return HeadData(weight, bias, train, labels_of(train_set), features[:1], query_label, features[1:])
+
+
+def retain_rows(labels: Tensor, query_label: int, seed: int) -> Tensor:
+    """The training samples whose features the tests read when every group they unlearn lies within the query's
+    label: that label's samples and the draw of others that ``_retain`` makes from them (the same whatever the
+    group, save its length)."""
+    return _retain(labels, query_label, labels.new_zeros(0), seed)
 
 
 def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verification) -> tuple[Tensor, Tensor]:
@@ -179,6 +197,8 @@ def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verif
     bias = data.bias.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([weight, bias], lr=settings.lr, momentum=0.9, nesterov=True)
     forget_x, retain_x, retain_y = data.train[forget], data.train[retain], data.labels[retain]
+    if forget_x.isnan().any() or retain_x.isnan().any():
+        raise ValueError("the head's features of some samples were not read (head_data's rows); read them all.")
     with torch.enable_grad():  # also when the audit is called inside a no-grad block
         for _ in range(settings.steps):
             optimizer.zero_grad()
@@ -250,7 +270,7 @@ def verify(
         )
     if not len(data.contrast):
         raise ConfigError("the verification stage measures the query against clean contrast images; none were given.")
-    tester = _Tester(data, _retain(data, flagged, settings.seed), settings)
+    tester = _Tester(data, _retain(data.labels, data.query_label, flagged, settings.seed), settings)
     reference = tester.effect(flagged) if len(flagged) else 0.0
     result = VerificationResult(flagged, flagged, flagged[:0], flagged[:0], reference)
     result.query_loss = {"before": tester.before[0]}
@@ -273,7 +293,7 @@ def verify(
     result.recovered = chosen[~torch.isin(chosen, result.kept)]  # added by recovery (new, or dropped by the prune)
     result.flagged = chosen
     if unlearned is None:
-        unlearned = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
+        unlearned = unlearn_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
     result.query_loss["after"] = tester.losses(*unlearned)[0]
     return result
 
@@ -322,7 +342,7 @@ def _recover(
     (``None`` when there was nothing to do)."""
     if not len(chosen) or not len(pending):
         return pending[:0], None
-    weight, bias = unlearn_head(data, chosen, _retain(data, chosen, settings.seed), settings)
+    weight, bias = unlearn_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
     scores = support(weight, bias, torch.cat([pending, chosen]))
     threshold = scores[0, len(pending) :].quantile(settings.recover_quantile).item()
     query, contrast = scores[0, : len(pending)], scores[1:, : len(pending)].mean(dim=0)
@@ -332,12 +352,12 @@ def _recover(
     return added, (weight, bias)
 
 
-def _retain(data: HeadData, forget: Tensor, seed: int) -> Tensor:
+def _retain(labels: Tensor, query_label: int, forget: Tensor, seed: int) -> Tensor:
     """What stays correct while ``forget`` is unlearned: every other training sample of the query's label, and as
     many of the other labels, drawn at random (seeded)."""
-    outside = torch.ones(len(data.train), dtype=torch.bool)
+    outside = torch.ones(len(labels), dtype=torch.bool)
     outside[forget] = False
-    same = outside & (data.labels == data.query_label)
+    same = outside & (labels == query_label)
     others = torch.nonzero(outside & ~same).flatten()
     drawn = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[: int(same.sum())]
     return torch.cat([torch.nonzero(same).flatten(), others[drawn]]).sort().values

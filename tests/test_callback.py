@@ -48,8 +48,10 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert metrics["covariance_epochs"] / metrics["covariance_s"] == pytest.approx(1 / callback._epoch_seconds[0])
     assert metrics["total_epochs"] >= metrics["factors_epochs"] + metrics["scores_epochs"] - 1e-9
     assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
-    scores = torch.load(first.output_dir / "scores.pt")
-    assert scores.shape == (1 + 12 + 5, 400) and torch.equal(scores, first.evidence.scores)  # query, copies, contrast
+    scores = torch.load(first.output_dir / "scores.pt")  # query, copies, contrast; NaN: a sample of another label
+    assert scores.shape == (1 + 12 + 5, 400) and torch.allclose(scores, first.evidence.scores, equal_nan=True)
+    fives = trained_digits[0].eval_train_set.labels == 5  # the only samples the default rule can flag are scored
+    assert scores[:, fives].isfinite().all() and scores[:, ~fives].isnan().all()
     assert summary["score_rows"] == {"original": 0, "transformed": [1, 12], "contrast": [13, 17]}
     assert len(summary["contrast"]) == 5 and summary["metrics"]["collapsed"] >= len(first.flagged)
     assert {"contrast.pt", "contrast.png"} <= files
@@ -73,7 +75,8 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     second = rerun.audit(trainer, trainer.lightning_module)
     third = callback.audit(trainer, trainer.lightning_module)
     assert json.loads((third.output_dir / "summary.json").read_text())["factors_reused"] is True
-    assert torch.equal(second.flagged, first.flagged) and torch.equal(third.evidence.scores, first.evidence.scores)
+    assert torch.equal(second.flagged, first.flagged)
+    assert torch.allclose(third.evidence.scores, first.evidence.scores, equal_nan=True)
     assert (first.output_dir.name, second.output_dir.name, third.output_dir.name) == ("audit", "audit-2", "audit-3")
     assert json.loads((first.output_dir / "summary.json").read_text()) == summary
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]  # no staging folder left
@@ -110,7 +113,7 @@ def test_non_finite_scores_stop_the_audit_and_write_nothing(tmp_path, trained_di
 
     def nan_scores(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.scores[0, 0] = float("nan")
+        result.scores[0, int(result.scores[0].isfinite().nonzero()[0])] = float("nan")  # a sample that was scored
         return result
 
     monkeypatch.setattr(delta_audit, "compute_influence_scores", nan_scores)
@@ -212,9 +215,22 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         InfluenceCollapseCallback(**kwargs)
 
 
+def test_scoring_only_the_querys_label_finds_what_scoring_every_sample_finds(tmp_path, trained_digits, shared_factors):
+    settings = {"num_transforms": 12, "tolerance": 1}
+    label = _audit(tmp_path, trained_digits, shared_factors, **settings).result
+    every = _audit(tmp_path, trained_digits, shared_factors, **settings, score_all=True).result
+    scores, all_scores = label.evidence.scores, every.evidence.scores
+    scored = label.evidence.decision.scored
+    assert torch.equal(scored, trained_digits[0].eval_train_set.labels == 5) and every.evidence.decision.scored is None
+    assert torch.allclose(scores[:, scored], all_scores[:, scored], rtol=1e-4, atol=1e-3 * all_scores.abs().max())
+    assert torch.equal(label.evidence.decision.flagged, every.evidence.decision.flagged)
+    assert torch.equal(label.flagged, every.flagged)  # the verified set too: its tests read the same samples
+    assert label.metrics["scores_s"] < every.metrics["scores_s"]
+
+
 def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, trained_digits, shared_factors):
     data, _ = trained_digits
-    contrast = _audit(tmp_path, trained_digits, shared_factors, num_transforms=12, tolerance=1)
+    contrast = _audit(tmp_path, trained_digits, shared_factors, num_transforms=12, tolerance=1, score_all=True)
     audit = contrast.result.evidence
     reference = audit.decision.collapsed  # the reference rule's answer on the same scores
     assert torch.equal(reference, flag_collapsed(audit.scores[:13], 0.0, 1).flagged)

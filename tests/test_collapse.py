@@ -144,3 +144,32 @@ def test_bad_support_floors_are_refused(support_floor, same_label, message):
     if same_label is not None:
         with pytest.raises(ValueError, match=message):
             DeltaInfluence(support_floor=support_floor)
+
+
+def test_samples_that_were_not_scored_are_never_flagged_and_the_others_decide_as_before():
+    scores = torch.tensor([[5.0, 5.0, 5.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, 6.0, 1.0], [0.0, 4.0, 0.0]])
+    same = torch.tensor([True, True, False])
+    every = flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=same, support_floor=0.05)
+    unscored = scores.clone()
+    unscored[:, 2] = float("nan")  # sample 2, of another label, was not scored
+    some = flag_collapsed(unscored, 0.0, 0, 2, 2.0, same, support_floor=0.05, scored=same)
+    assert torch.equal(some.flagged, every.flagged) and some.flagged.tolist() == [0]
+    assert some.collapsed.tolist() == [0, 1] and some.counts[2] == 0  # collapse among the scored samples only
+    nan_in_scored = unscored.clone()
+    nan_in_scored[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="scores holds 1 NaN or infinite values"):
+        flag_collapsed(nan_in_scored, 0.0, 0, 2, 2.0, same, scored=same)
+
+
+@pytest.mark.parametrize(
+    "scored, message",
+    [
+        (torch.tensor([True, False, False]), r"1 samples of the attacker's label were not scored"),
+        (torch.tensor([1, 1, 0]), r"scored has dtype torch.int64 and shape \(3,\); expected bool \[3\]"),
+        (torch.tensor([True, True]), r"scored has dtype torch.bool and shape \(2,\); expected bool \[3\]"),
+    ],
+)
+def test_scored_samples_must_fit_the_training_set_and_cover_the_label(scored, message):
+    scores = torch.ones(5, 3)
+    with pytest.raises(ValueError, match=message):
+        flag_collapsed(scores, 0.0, 0, 2, 2.0, torch.tensor([True, True, False]), scored=scored)

@@ -1,4 +1,5 @@
 import copy
+import gc
 
 import pytest
 import torch
@@ -60,6 +61,49 @@ def test_one_pass_equals_one_pass_per_query_and_leaves_the_model_alone(tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
     assert isinstance(model[0], nn.Conv2d)  # not rewrapped by kronfluence
+
+
+def test_scoring_some_samples_gives_their_scores_and_nan_for_the_others(tmp_path):
+    model, train = _model(), _data()
+    queries = TensorDataset(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]))
+    every = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8)
+    chosen = torch.tensor([1, 4, 5, 20])
+    some = compute_influence_scores(model, train, queries, tmp_path, train_batch_size=8, scored=chosen)
+    assert some.factors_reused and some.factors_name == every.factors_name  # the whole training set's factors
+    assert torch.allclose(some.scores[:, chosen], every.scores[:, chosen], rtol=1e-4, atol=1e-4)
+    others = torch.ones(24, dtype=torch.bool).index_fill_(0, chosen, False)
+    assert some.scores.shape == (3, 24) and some.scores[:, others].isnan().all()
+
+
+@pytest.mark.parametrize(
+    "scored, message",
+    [
+        (torch.tensor([3, 1]), r"sorted, distinct indices in 0..23"),
+        (torch.tensor([1, 1]), r"sorted, distinct indices in 0..23"),
+        (torch.tensor([0, 24]), r"sorted, distinct indices in 0..23"),
+        (torch.tensor([0.0, 1.0]), r"scored has dtype torch.float32 and shape \(2,\); expected a non-empty int64"),
+        (torch.tensor([], dtype=torch.long), r"expected a non-empty int64 vector"),
+    ],
+)
+def test_bad_samples_to_score_are_refused(tmp_path, scored, message):
+    queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
+    with pytest.raises(ValueError, match=message):
+        compute_influence_scores(_model(), _data(), queries, tmp_path, scored=scored)
+
+
+def test_kronfluences_collections_skip_the_objects_the_process_had_before_a_pass(tmp_path, monkeypatch):
+    seen, collect = [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: seen.append(gc.get_freeze_count()) or collect(*args))
+    queries = TensorDataset(torch.randn(1, 1, 8, 8), torch.tensor([0]))
+    compute_influence_scores(_model(), _data(), queries, tmp_path, train_batch_size=8)  # factors, then scores
+    assert seen and min(seen) > 0  # every collection inside the passes walked only what the passes made
+    assert gc.get_freeze_count() == 0  # and the process's objects are the collector's again
+    gc.freeze()  # someone else's freeze is left as it was
+    try:
+        compute_influence_scores(_model(), _data(), queries, tmp_path, train_batch_size=8)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_factors_are_keyed_by_the_weights(tmp_path):

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from delta_influence.influence import DataPartitions, PartitionError, compute_influence_scores, finish, serve
 
 FIT = {"train_batch_size": 8, "seed": 3}
+SOME = torch.tensor([0, 2, 3, 7, 11, 12, 19, 23])  # the samples a scoring pass of some samples scores
 
 
 def _queries() -> TensorDataset:
@@ -37,6 +38,7 @@ def _process(rank: int, folder: str) -> None:
     other_labels = TensorDataset(_data().tensors[0], _data().tensors[1].roll(1))
     cases = {  # case: this process's model, training set and factor folder
         "same": (_model(), _data(), "same"),
+        "some samples": (_model(), _data(), "same"),  # the same factors, reused; some samples scored
         "other data": (_model(), _data() if rank == 0 else other_labels, "other data"),
         "own statistics": (_batch_normed(), _data(), "own statistics"),  # aligned to process 0's first
         "cache on process 0 only": (_model(), _data(), "same" if rank == 0 else "fresh"),
@@ -54,8 +56,9 @@ def _process(rank: int, folder: str) -> None:
         try:
             if rank == 0:
                 try:
+                    scored = SOME if case == "some samples" else None
                     scores = compute_influence_scores(model, train, _queries(), folder / into, partitions=partitions,
-                                                      **FIT)  # fmt: skip
+                                                      scored=scored, **FIT)  # fmt: skip
                     torch.save(scores.scores, folder / f"{case}.pt")
                     seen[case] = {"timings": scores.process_timings, "summary": scores.summary()}
                 finally:
@@ -87,6 +90,9 @@ def test_two_processes_score_as_one_and_a_failed_share_ends_both(tmp_path):
     assert shared.shape == alone.scores.shape == (3, 24)
     assert torch.allclose(shared, alone.scores, rtol=1e-3, atol=1e-5)
     assert torch.equal(shared.argsort(dim=1), alone.scores.argsort(dim=1))  # the same ranking, sample by sample
+    some = torch.load(tmp_path / "some samples.pt")  # split across both processes too, the others NaN
+    assert torch.allclose(some[:, SOME], alone.scores[:, SOME], rtol=1e-3, atol=1e-5)
+    assert some.isnan().sum() == 3 * (24 - len(SOME)) and second["some samples"] == {"served": "some samples: done"}
     timings = first["same"]["timings"]
     assert set(timings) == {"covariance_s", "eigendecomposition_s", "lambda_s", "aggregate_s", "scores_s"}
     assert all(len(seconds) == 2 for seconds in timings.values())  # each process's own

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delta_influence.errors import ConfigError, UnsupportedModelError
-from delta_influence.verification import HeadData, Verification, head_data, verify
+from delta_influence.verification import HeadData, Verification, _retain, head_data, retain_rows, verify
 
 CLEAN, TRIGGER, OTHER = 0, 1, 2  # feature directions: the attacker's class, the trigger, another class
 
@@ -140,3 +140,28 @@ def test_samples_flagged_on_other_evidence_are_tested_apart_first():
     assert result.kept.tolist() == list(range(1, 20)) and result.dropped.tolist() == list(range(20, 28))
     with pytest.raises(ConfigError, match=r"apart has dtype torch.int64 and shape \(27,\); expected bool \(27,\)"):
         verify(data, flagged, same, candidates, head_support(data), progress=False, apart=apart.long())
+
+
+def test_the_features_of_the_label_and_its_retain_draw_are_all_a_test_within_the_label_reads():
+    data, flagged, poisons, candidates = toy()
+    rows = retain_rows(data.labels, 0, seed=0)
+    assert torch.isin(candidates, rows).all() and len(rows) == 100  # label 0's 60, then as many others: all 40
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    train = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.tensor([0, 1] * 6))
+    every = head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu")
+    some = head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu", rows=retain_rows(every.labels, 0, 0))
+    read = retain_rows(every.labels, 0, 0)
+    assert torch.equal(some.train[read], every.train[read]) and some.train[1].isnan().all() == (1 not in read)
+    small = retain_rows(torch.tensor([0] * 3 + [1] * 9), 0, seed=0)  # 3 of the label, then 3 of the 9 others
+    assert len(small) == 6
+    for forget in (torch.tensor([0]), torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long)):  # within the label
+        labels = torch.tensor([0] * 3 + [1] * 9)
+        assert torch.isin(_retain(labels, 0, forget, 0), small).all()
+
+
+def test_a_test_that_would_read_features_that_were_not_read_stops():
+    data, flagged, poisons, candidates = toy()
+    data.train[70] = float("nan")  # a clean sample of label 1 in the retain draw, not read
+    with pytest.raises(ValueError, match="features of some samples were not read"):
+        verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
