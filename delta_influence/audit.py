@@ -316,6 +316,8 @@ class DeltaInfluenceAudit(Evidence):
 
     def metrics(self, poisons: Optional[Tensor]) -> dict[str, float]:
         metrics = {"collapsed": float(len(self.decision.collapsed))}
+        if self.decision.scored is not None:  # collapse among these only: the paper's rule needs score_all
+            metrics["scored"] = float(self.decision.scored.sum())
         if poisons is not None:
             metrics["raw_topk_recall"] = topk_recall(self.scores[0], poisons)
         if self.verification is not None:  # the rule's own answer beside the verified one

@@ -164,7 +164,9 @@ class AuditResult:
                 f"; verification kept {int(metrics['kept'])} of the rule's {int(metrics['rule_flagged'])}, dropped "
                 f"{int(metrics['dropped'])} and recovered {int(metrics['recovered'])}"
             )
-        if "collapsed" in metrics:
+        if "scored" in metrics:
+            text += f"; {int(metrics['collapsed'])} of the {int(metrics['scored'])} samples of the label collapse"
+        elif "collapsed" in metrics:
             text += f"; the paper's rule alone (collapse, no contrast) flags {int(metrics['collapsed'])}"
         if "raw_topk_recall" in metrics:
             text += f" (raw influence top-k recall {100 * metrics['raw_topk_recall']:.1f} %)"

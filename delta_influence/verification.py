@@ -20,10 +20,11 @@ their labels), so that a test costs a fraction of a second, not a training run.
 - **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
   well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
-  as they do. Those that support it at least as much as the ``recover_quantile`` of the kept set (0: its least
-  supporting sample) and ``contrast_ratio`` times more than the clean contrast images on the same head are added;
-  rounds repeat on the grown set until nothing new is found. (The contrast test keeps a kept set that still holds
-  clean samples from lowering the threshold into the clean class.)
+  as they do. Those that support it ``contrast_ratio`` times more than the clean contrast images on the same head,
+  and at least as much as the ``recover_quantile`` of the kept samples that pass that same test (0: the least
+  supporting of them), are added; rounds repeat on the grown set until nothing new is found. (A clean sample the
+  prune kept supports the query no more than its class once the poisons are unlearned, so it fails the test and does
+  not lower the threshold into the clean class.)
 """
 
 import math
@@ -337,18 +338,22 @@ def _prune(
 def _recover(
     data: HeadData, chosen: Tensor, pending: Tensor, support: Support, settings: Verification, rounds: list[dict]
 ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """One recovery round: unlearns ``chosen`` and returns the ``pending`` samples that now support the query at
-    least as much as the ``recover_quantile`` of the chosen ones and more than the contrast, with the unlearned head
-    (``None`` when there was nothing to do)."""
+    """One recovery round: unlearns ``chosen`` and returns the ``pending`` samples that now support the query more
+    than ``contrast_ratio`` times the contrast and at least as much as the ``recover_quantile`` of the chosen ones
+    that pass the same test (all of them when none does: a clean sample the prune kept does not lower the bar), with
+    the unlearned head (``None`` when there was nothing to do)."""
     if not len(chosen) or not len(pending):
         return pending[:0], None
     weight, bias = unlearn_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
     scores = support(weight, bias, torch.cat([pending, chosen]))
-    threshold = scores[0, len(pending) :].quantile(settings.recover_quantile).item()
-    query, contrast = scores[0, : len(pending)], scores[1:, : len(pending)].mean(dim=0)
-    added = pending[(query >= threshold) & (query > settings.contrast_ratio * contrast.abs())]
-    rounds.append({"indices": pending.tolist(), "support": query.tolist(), "contrast": contrast.tolist(),
-                   "threshold": threshold, "added": added.tolist()})  # fmt: skip
+    query, contrast = scores[0], scores[1:].mean(dim=0)
+    specific = query > settings.contrast_ratio * contrast.abs()
+    bar = specific[len(pending) :] if specific[len(pending) :].any() else torch.ones(len(chosen), dtype=torch.bool)
+    threshold = query[len(pending) :][bar].quantile(settings.recover_quantile).item()
+    added = pending[(query[: len(pending)] >= threshold) & specific[: len(pending)]]
+    rounds.append({"indices": pending.tolist(), "support": query[: len(pending)].tolist(),
+                   "contrast": contrast[: len(pending)].tolist(), "threshold": threshold,
+                   "threshold_from": int(bar.sum()), "added": added.tolist()})  # fmt: skip
     return added, (weight, bias)
 
 

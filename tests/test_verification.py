@@ -165,3 +165,17 @@ def test_a_test_that_would_read_features_that_were_not_read_stops():
     data.train[70] = float("nan")  # a clean sample of label 1 in the retain draw, not read
     with pytest.raises(ValueError, match="features of some samples were not read"):
         verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
+
+
+def test_a_clean_sample_the_prune_kept_does_not_lower_the_bar_for_recovery():
+    data, _, poisons, candidates = toy()
+    kept = torch.tensor([1, 2, 3, 20])  # three poisons, and a clean sample of the label that the prune kept with them
+    table = torch.ones(1 + len(data.contrast), len(data.train))  # every sample supports each contrast image by 1
+    table[0, poisons] = 10.0  # the poisons support the query 10 times as much,
+    table[0, 21:40] = 3.0  # some clean samples 3 times as much (they pass the contrast test alone),
+    table[0, 20] = 1.0  # and the kept clean sample no more than its class: it does not set the bar
+    result = verify(data, kept, profiles_of(kept, poisons), candidates, lambda w, b, indices: table[:, indices],
+                    Verification(rounds=1), progress=False)  # fmt: skip
+    assert result.kept.tolist() == kept.tolist()  # four samples: kept whole, untested
+    assert result.recovered.tolist() == [0, *range(4, 20)]  # the other poisons, and none of the clean samples
+    assert result.rounds[0]["threshold"] == 10.0 and result.rounds[0]["threshold_from"] == 3
