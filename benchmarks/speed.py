@@ -3,12 +3,13 @@
     python benchmarks/speed.py                 # the detection benchmark's victim, data and audit settings
     python benchmarks/speed.py --per-query 56  # time every per-query pass instead of a sample of them
 
-The audit pipeline runs the config's Δ-Influence (fresh factors, then all queries and contrast images in one pass);
-then, on the same factors and queries, passes of one query each are timed. They cost the same each, so by default a
-sample of ``--per-query`` of them is timed and the total for all queries is projected from their mean; the table
-says which.
+The audit pipeline runs the config's Δ-Influence scoring every sample (``score_all``; fresh factors, then all
+queries and contrast images in one pass); then, on the same factors and queries, passes of one query each are timed.
+They cost the same each, so by default a sample of ``--per-query`` of them is timed and the total for all queries is
+projected from their mean; the table says which.
 """
 
+import dataclasses
 import tempfile
 import time
 
@@ -23,7 +24,7 @@ def main() -> None:
     args = parse_args(__doc__, extra=[("--per-query", int, 5, "per-query passes to time")])
     cli = load_victim(args)
     data, model, victim = cli.datamodule, cli.model, cli.victim_metrics
-    settings = audit_callback(cli).delta_influence
+    settings = dataclasses.replace(audit_callback(cli).delta_influence, score_all=True)  # every sample, as per query
     with tempfile.TemporaryDirectory() as cache:  # fresh factors, so that their cost is measured too
         result = run_audit(model, AuditData.of(data), settings, RESULTS / f"speed_audit{run_tag(args)}", cache)
         audit = result.evidence

@@ -148,6 +148,11 @@ class DeltaInfluence(Detector):
             image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std
         )  # fmt: skip
         same_label = labels_of(train_set) == label if len(contrast) and self.same_label else None
+        if same_label is not None and not same_label.any():
+            raise ConfigError(
+                f"no training sample carries the query's label {label}, and with same_label=True only those can be "
+                "flagged; check the query's label, or set same_label=False."
+            )
         scored = None if same_label is None or self.score_all else same_label  # all the rule can flag
         influence = compute_influence_scores(
             model, train_set, _scored(queries, contrast), factors_dir, self.strategy, device,

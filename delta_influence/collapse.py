@@ -113,7 +113,7 @@ def flag_collapsed(
             f"scored has dtype {scored.dtype} and shape {tuple(scored.shape)}; expected bool [{scores.shape[1]}], one "
             "entry per training sample."
         )
-    computed = scores if scored is None else scores[:, scored]  # the others are NaN, never collapse nor pass
+    computed = scores if scored is None else scores[:, scored]  # the others (NaN) are masked out below
     if not torch.isfinite(computed).all():
         bad = (~torch.isfinite(computed)).sum().item()
         raise ConfigError(

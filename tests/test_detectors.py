@@ -131,3 +131,12 @@ def test_callback_runs_another_detector_and_corrects_on_its_answer(trained_digit
     flagged = json.loads((out / "flagged.json").read_text())["flagged"]
     assert flagged == callback.result.flagged.tolist() and callback.corrective["forgotten"] == len(flagged)
     assert 0 < summary["metrics"]["recall"] and summary["metrics"]["flagged"] == len(flagged)
+
+
+def test_a_query_label_no_training_sample_carries_is_refused(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 24 * 24, 3))
+    train = TensorDataset(torch.randn(6, 3, 24, 24), torch.tensor([0, 1] * 3))
+    query, contrast = (torch.randn(3, 24, 24), 2), torch.randn(2, 3, 24, 24)  # label 2: no training sample has it
+    inputs = DetectionInput(model, train, 3, tmp_path, query=query, contrast=contrast)
+    with pytest.raises(ConfigError, match="no training sample carries the query's label 2, and with same_label=True"):
+        DeltaInfluence(num_transforms=4, tolerance=1).detect(inputs)
