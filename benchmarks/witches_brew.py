@@ -170,7 +170,7 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
         every = dataclasses.replace(configured.delta_influence, score_all=True, verification=None)  # the reference
         every = run_audit(victim, AuditData.of(data), every, f"{folder}_every_sample", factors, configured.choice)
         for name, detector in baselines.items():
-            metrics = run_audit(victim, AuditData.of(data), detector, folder / name, factors).metrics
+            metrics = run_audit(victim, AuditData.of(data), detector, result.output_dir / name, factors).metrics
             found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}
     default = result.metrics
     reference = detection_metrics(every.evidence.decision.collapsed, total, poisons)
