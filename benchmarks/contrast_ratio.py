@@ -35,7 +35,9 @@ def main() -> None:
     for run in args.runs.split(","):
         attack, seed = run.split(":")
         settings = argparse.Namespace(**{**vars(args), "attack": attack, "seed": int(seed)})
-        audit = RESULTS / f"detection_audit_{attack}{run_tag(settings)}_every_sample"  # scores of every sample
+        saved = sorted(RESULTS.glob(f"detection_audit_{attack}{run_tag(settings)}_every_sample*"),
+                       key=lambda path: path.stat().st_mtime)  # fmt: skip
+        audit = saved[-1] if saved else RESULTS / "missing"  # the newest: a rerun publishes beside the earlier ones
         if not (audit / "scores.pt").exists():
             raise SystemExit(f"No audit in {audit}: run benchmarks/detection.py --attack {attack} --seed {seed} first.")
         summary = json.loads((audit / "summary.json").read_text())

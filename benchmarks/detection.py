@@ -29,12 +29,12 @@ def main() -> None:
                                   (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
         callback = audit_callback(cli)
         every = dataclasses.replace(callback.delta_influence, score_all=True, verification=None)
-        reference = run_audit(cli.model, AuditData.of(cli.datamodule), every, f"{output}_every_sample", factors,
-                              callback.choice).evidence.decision.collapsed  # fmt: skip
+        every = run_audit(cli.model, AuditData.of(cli.datamodule), every, f"{output}_every_sample", factors,
+                          callback.choice)  # fmt: skip
     data, victim, result = cli.datamodule, cli.victim_metrics, callback.result
     decision, timings = result.evidence.decision, result.metrics
     rows = []
-    rules = [("reference rule", reference), ("with contrast", decision.flagged)]
+    rules = [("reference rule", every.evidence.decision.collapsed), ("with contrast", decision.flagged)]
     if result.evidence.verification is not None:
         rules.append(("verified (default)", result.evidence.verification.flagged))
     for rule, flagged in rules:
@@ -50,7 +50,7 @@ def main() -> None:
                 "precision": m["precision"],
                 "recall": m["recall"],
                 "f1": m["f1"],
-                "raw_topk_recall": timings["raw_topk_recall"],
+                "raw_topk_recall": every.metrics["raw_topk_recall"],  # the ranking of every sample
                 **data.attack_info,  # the smooth trigger's surrogate and generation times, as recorded when made
                 "train_s": victim["train_s"],
                 "factors_s": timings["factors_s"],

@@ -5,9 +5,9 @@
     python benchmarks/factor_sample.py --attack smooth
 
 Every row is the config's Δ-Influence audit through the audit pipeline, with fresh factors fitted on a seeded random
-sample (``delta_influence.factor_examples``); scores are always computed on every training sample. Times are also
-given in epochs of training (one epoch of the victim's recipe, measured at the start of the same run), the unit to
-plan with.
+sample (``delta_influence.factor_examples``); scores as the config's audit computes them (the attacker's label).
+Times are also given in epochs of training (one epoch of the victim's recipe, measured at the start of the same run),
+the unit to plan with.
 """
 
 import dataclasses

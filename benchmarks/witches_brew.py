@@ -157,8 +157,8 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
 
 
 def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
-    """The config's Δ-Influence on the target (one scoring pass, both rules), activation clustering and spectral
-    signatures beside it, then retraining without the default rule's set."""
+    """The config's Δ-Influence on the target (and every sample scored for the reference rule), activation clustering
+    and spectral signatures beside it, then retraining without the default rule's set."""
     data, victim = cli.datamodule, cli.model
     total, poisons = len(data.eval_train_set), data.poison_indices
     folder = RESULTS / f"{tag}_audit_{number}"

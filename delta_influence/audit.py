@@ -125,7 +125,8 @@ class DeltaInfluence(Detector):
         std: Optional[Sequence[float]] = None,
         partitions: Optional[DataPartitions] = None,
     ) -> "DeltaInfluenceAudit":
-        """Audits ``model``: scores every training sample on the query, its copies and the contrast in one pass.
+        """Audits ``model``: scores the training samples (those of ``label``, unless ``score_all`` or the rule needs
+        every one) on the query, its copies and the contrast in one pass.
 
         Args:
             model: The trained classifier (its forward returns logits); it is not modified.
@@ -244,8 +245,8 @@ class DeltaInfluence(Detector):
 
 @dataclass
 class DeltaInfluenceAudit(Evidence):
-    """What an audit computed: the queries, the scores of every training sample on them, and the decision; the
-    evidence behind Δ-Influence's flagged set."""
+    """What an audit computed: the queries, the training samples' scores on them (NaN: not scored), and the
+    decision; the evidence behind Δ-Influence's flagged set."""
 
     queries: QuerySet  # the original query and its transformed copies
     contrast: Tensor  # [k, C, H, W] clean contrast images (k = 0 without contrast)
@@ -323,7 +324,7 @@ class DeltaInfluenceAudit(Evidence):
         metrics = {"collapsed": float(len(self.decision.collapsed))}
         if self.decision.scored is not None:  # collapse among these only: the paper's rule needs score_all
             metrics["scored"] = float(self.decision.scored.sum())
-        if poisons is not None:
+        if poisons is not None and self.decision.scored is None:  # the raw ranking needs every sample's score
             metrics["raw_topk_recall"] = topk_recall(self.scores[0], poisons)
         if self.verification is not None:  # the rule's own answer beside the verified one
             rule = detection_metrics(self.decision.flagged, self.scores.shape[1], poisons)

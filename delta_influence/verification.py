@@ -62,7 +62,11 @@ class Verification:
     lr: float = field(default=0.03, metadata={"help": "learning rate of those steps (SGD, Nesterov momentum 0.9)"})
     keep_fraction: float = field(default=0.1, metadata={"help": "share of the reference effect a group must reach"})
     recover_quantile: float = field(
-        default=0.0, metadata={"help": "a recovered sample supports the query as much as this quantile of the kept"}
+        default=0.0,
+        metadata={
+            "help": "a recovered sample supports the query as much as this quantile of the chosen samples that "
+            "pass the contrast test"
+        },
     )
     contrast_ratio: float = field(
         default=2.0, metadata={"help": "a recovered sample supports the query this many times more than the contrast"}
@@ -98,8 +102,8 @@ class Verification:
 
 @dataclass
 class HeadData:
-    """What the unlearning tests read: the features feeding the model's head for every training sample, the
-    query and the contrast images, with the head's weights."""
+    """What the unlearning tests read: the features feeding the model's head for the training samples (NaN: not
+    read), the query and the contrast images, with the head's weights."""
 
     weight: Tensor  # [K, D]
     bias: Tensor  # [K]
@@ -199,7 +203,10 @@ def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verif
     optimizer = torch.optim.SGD([weight, bias], lr=settings.lr, momentum=0.9, nesterov=True)
     forget_x, retain_x, retain_y = data.train[forget], data.train[retain], data.labels[retain]
     if forget_x.isnan().any() or retain_x.isnan().any():
-        raise ValueError("the head's features of some samples were not read (head_data's rows); read them all.")
+        raise ValueError(
+            "the head's features of some samples are NaN: not read (head_data's rows; read them all) or the model's "
+            "outputs are not finite."
+        )
     with torch.enable_grad():  # also when the audit is called inside a no-grad block
         for _ in range(settings.steps):
             optimizer.zero_grad()

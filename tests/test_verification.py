@@ -148,11 +148,13 @@ def test_the_features_of_the_label_and_its_retain_draw_are_all_a_test_within_the
     assert torch.isin(candidates, rows).all() and len(rows) == 100  # label 0's 60, then as many others: all 40
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    train = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.tensor([0, 1] * 6))
+    train = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.tensor([0, 1, 1, 1] * 3))  # 3 of label 0
     every = head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu")
     some = head_data(model, train, torch.ones(4), 0, torch.ones(2, 4), "cpu", rows=retain_rows(every.labels, 0, 0))
     read = retain_rows(every.labels, 0, 0)
-    assert torch.equal(some.train[read], every.train[read]) and some.train[1].isnan().all() == (1 not in read)
+    assert len(read) == 6 and torch.equal(some.train[read], every.train[read])  # the 3 of label 0 and 3 others
+    unread = torch.ones(12, dtype=torch.bool).index_fill_(0, read, False)
+    assert some.train[unread].isnan().all() and every.train.isfinite().all()
     small = retain_rows(torch.tensor([0] * 3 + [1] * 9), 0, seed=0)  # 3 of the label, then 3 of the 9 others
     assert len(small) == 6
     for forget in (torch.tensor([0]), torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long)):  # within the label
@@ -163,7 +165,7 @@ def test_the_features_of_the_label_and_its_retain_draw_are_all_a_test_within_the
 def test_a_test_that_would_read_features_that_were_not_read_stops():
     data, flagged, poisons, candidates = toy()
     data.train[70] = float("nan")  # a clean sample of label 1 in the retain draw, not read
-    with pytest.raises(ValueError, match="features of some samples were not read"):
+    with pytest.raises(ValueError, match=r"features of some samples are NaN: not read \(head_data.s rows"):
         verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
 
 
