@@ -46,6 +46,13 @@ COLUMNS = [
     "retrain_acc", "retrain_success",
 ]  # fmt: skip
 VICTIM_SEED = 100  # victims train from seed 100 + the pair's number, far from the surrogates' seeds
+BREW_FLAGS = [  # what makes the poisons: a setting other than its default names the saved victims and audits
+    ("--budget", float, 0.05, "poisons per target: a fraction of the training set, or a count"),
+    ("--eps", float, 16.0, "L-inf bound in 8-bit levels (of the [0, 1] pixel range: 16 = 16/255)"),
+    ("--steps", int, 100, "signed-Adam steps per restart"),
+    ("--restarts", int, 1, "restarts per brew (lowest loss kept)"),
+    ("--ensemble", int, 1, "surrogates brewed against at once"),
+]
 
 
 def main() -> None:
@@ -53,11 +60,7 @@ def main() -> None:
         __doc__,
         [
             ("--pairs", int, 8, "(target, intended class) pairs"),
-            ("--budget", float, 0.05, "poisons per target: a fraction of the training set, or a count"),
-            ("--eps", float, 16.0, "L-inf bound in 8-bit levels (of the [0, 1] pixel range: 16 = 16/255)"),
-            ("--steps", int, 100, "signed-Adam steps per restart"),
-            ("--restarts", int, 1, "restarts per brew (lowest loss kept)"),
-            ("--ensemble", int, 1, "surrogates brewed against at once"),
+            *BREW_FLAGS,
             ("--known-init", int, 0, "1: also train a victim from the first surrogate's init and batch order"),
             ("--only", str, "", "pair numbers, e.g. 0,1: run only those (results/witches_brew_only.json)"),
             ("--victim-seed", int, VICTIM_SEED, "victims train from this + the pair's number (another: held out)"),
@@ -70,7 +73,10 @@ def main() -> None:
     pairs = draw_pairs(clean, configured.datamodule.attack, args.pairs, args.seed)
     print("pairs (test index, true class -> intended class):", [(t, c, i) for t, c, i, _ in pairs])
     only = {int(number) for number in args.only.split(",")} if args.only else set(range(len(pairs)))
-    tag = "witches_brew" + (f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else "")  # victims, audits
+    brew = "".join(f"_{flag[2:]}{getattr(args, flag[2:]):g}" for flag, _, default, _ in BREW_FLAGS
+                   if getattr(args, flag[2:]) != default)  # fmt: skip
+    held_out = f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else ""
+    tag = "witches_brew" + brew + held_out  # names the victims and audits: e.g. witches_brew_eps32_v200
     name = tag + ("_only" if args.only else "")  # the table
     rows = []
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
