@@ -148,7 +148,8 @@ class DeltaInfluence(Detector):
         queries = make_queries(
             image, label, num_classes, self.num_transforms, self.seed, self.space, mean, std
         )  # fmt: skip
-        same_label = labels_of(train_set) == label if len(contrast) and self.same_label else None
+        labels = labels_of(train_set) if len(contrast) and self.same_label else None  # read once: may be a pass
+        same_label = labels == label if labels is not None else None
         if same_label is not None and not same_label.any():
             raise ConfigError(
                 f"no training sample carries the query's label {label}, and with same_label=True only those can be "
@@ -168,7 +169,9 @@ class DeltaInfluence(Detector):
         verified = None
         if self.verification is not None:
             began = time.perf_counter()
-            verified = self._verify(model, train_set, queries, contrast, influence, decision, factors_dir, device)
+            verified = self._verify(
+                model, train_set, queries, contrast, influence, decision, factors_dir, device, labels
+            )  # fmt: skip
             timings["verify_s"] = time.perf_counter() - began
         timings["total_s"] = time.perf_counter() - start
         return DeltaInfluenceAudit(
@@ -186,11 +189,12 @@ class DeltaInfluence(Detector):
         decision: CollapseResult,
         factors_dir: str | Path,
         device: torch.device | str,
+        labels: Optional[Tensor],
     ) -> VerificationResult:
         """The verification stage on the rule's flagged set: the candidates for recovery are the training samples of
         the query's label (any label without ``same_label``), their support EK-FAC scores with the audit's factors."""
         image, label = queries.images[0], int(queries.labels[0])
-        rows = retain_rows(labels_of(train_set), label, self.verification.seed) if self.same_label else None
+        rows = retain_rows(labels, label, self.verification.seed) if labels is not None else None
         data = head_data(model, train_set, image, label, contrast, device, rows)  # with same_label: what tests read
         candidates = torch.nonzero(data.labels == label).flatten() if self.same_label else torch.arange(len(train_set))
 
