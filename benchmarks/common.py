@@ -21,6 +21,7 @@ import torch
 import train
 from callbacks import InfluenceCollapseCallback
 from delta_influence.examples import accuracy
+from delta_influence.pipeline import AuditData, AuditResult, run_audit
 from lightning_modules.unlearning import CorrectiveFit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,23 @@ def epoch_seconds(cli: train.DeltaInfluenceCLI) -> float:
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     return time.perf_counter() - start
+
+
+def every_sample_audit(model, data, settings, output: Path, factors: str, choice) -> AuditResult:
+    """The audit's rule (``settings``, without its verification) on every training sample's scores (``score_all``), on
+    the same factors, published as ``<output>_every_sample``: the reference rule's answer, and the scores that
+    ``contrast_ratio.py`` and ``witches_brew_rules.py`` read again."""
+    every = dataclasses.replace(settings, score_all=True, verification=None)
+    return run_audit(model, AuditData.of(data), every, f"{output}_every_sample", factors, choice)
+
+
+def newest(name: str, first: str) -> Path:
+    """The newest published ``results/<name>`` (a rerun publishes ``<name>-2``, ... beside it, never over it); else
+    stops, naming the command to run ``first``."""
+    saved = sorted([*RESULTS.glob(name), *RESULTS.glob(f"{name}-*")], key=lambda path: path.stat().st_mtime)
+    if not saved:
+        raise SystemExit(f"No {RESULTS / name}: run {first} first.")
+    return saved[-1]
 
 
 def victim_path(args: argparse.Namespace) -> Path:

@@ -15,7 +15,7 @@ import argparse
 import json
 
 import torch
-from common import RESULTS, configured, parse_args, report, run_tag
+from common import configured, newest, parse_args, report, run_tag
 
 from delta_influence import detection_metrics, flag_collapsed
 
@@ -35,11 +35,8 @@ def main() -> None:
     for run in args.runs.split(","):
         attack, seed = run.split(":")
         settings = argparse.Namespace(**{**vars(args), "attack": attack, "seed": int(seed)})
-        saved = sorted(RESULTS.glob(f"detection_audit_{attack}{run_tag(settings)}_every_sample*"),
-                       key=lambda path: path.stat().st_mtime)  # fmt: skip
-        audit = saved[-1] if saved else RESULTS / "missing"  # the newest: a rerun publishes beside the earlier ones
-        if not (audit / "scores.pt").exists():
-            raise SystemExit(f"No audit in {audit}: run benchmarks/detection.py --attack {attack} --seed {seed} first.")
+        audit = newest(f"detection_audit_{attack}{run_tag(settings)}_every_sample",
+                       f"benchmarks/detection.py --attack {attack} --seed {seed}")  # fmt: skip
         summary = json.loads((audit / "summary.json").read_text())
         scores = torch.load(audit / "scores.pt")
         data = configured(settings).datamodule

@@ -12,13 +12,11 @@ that rule's flagged set after the verification stage (the default). The audit's 
 without the verification stage (``rule_audit_s``) and with it (``audit_s``).
 """
 
-import dataclasses
 import tempfile
 
-from common import AUDIT_STAGES, RESULTS, audit_callback, parse_args, report, run_tag, train_victim
+from common import AUDIT_STAGES, RESULTS, audit_callback, every_sample_audit, parse_args, report, run_tag, train_victim
 
 from delta_influence import detection_metrics
-from delta_influence.pipeline import AuditData, run_audit
 
 
 def main() -> None:
@@ -28,9 +26,9 @@ def main() -> None:
         cli = train_victim(args, [f"--delta_influence.{key}={value}" for key, value in
                                   (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
         callback = audit_callback(cli)
-        every = dataclasses.replace(callback.delta_influence, score_all=True, verification=None)
-        every = run_audit(cli.model, AuditData.of(cli.datamodule), every, f"{output}_every_sample", factors,
-                          callback.choice)  # fmt: skip
+        every = every_sample_audit(
+            cli.model, cli.datamodule, callback.delta_influence, output, factors, callback.choice
+        )
     data, victim, result = cli.datamodule, cli.victim_metrics, callback.result
     decision, timings = result.evidence.decision, result.metrics
     rows = []

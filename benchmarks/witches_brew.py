@@ -21,12 +21,20 @@ from scratch without the default rule's flagged samples, by the config's correct
 written to results/witches_brew.json.
 """
 
-import dataclasses
 import tempfile
 import time
 
 import torch
-from common import RESULTS, audit_callback, config_args, corrective_fit, evaluate, parse_args, report
+from common import (
+    RESULTS,
+    audit_callback,
+    config_args,
+    corrective_fit,
+    evaluate,
+    every_sample_audit,
+    parse_args,
+    report,
+)
 
 import train
 from delta_influence import detection_metrics
@@ -173,8 +181,7 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     found = {}
     with tempfile.TemporaryDirectory() as factors:
         result = run_audit(victim, AuditData.of(data), configured.delta_influence, folder, factors, configured.choice)
-        every = dataclasses.replace(configured.delta_influence, score_all=True, verification=None)  # the reference
-        every = run_audit(victim, AuditData.of(data), every, f"{folder}_every_sample", factors, configured.choice)
+        every = every_sample_audit(victim, data, configured.delta_influence, folder, factors, configured.choice)
         for name, detector in baselines.items():
             metrics = run_audit(victim, AuditData.of(data), detector, result.output_dir / name, factors).metrics
             found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}

@@ -14,7 +14,7 @@ catches them by what they do not do: they support the clean images of their clas
 import json
 
 import torch
-from common import RESULTS, config_args, parse_args, report
+from common import RESULTS, config_args, newest, parse_args, report
 from witches_brew import CONFIG
 
 import train
@@ -49,10 +49,7 @@ def main() -> None:
         rules[f"collapse + same label + contrast 2 + support floor {floor:g}"] = floor
     results = {name: [] for name in rules}
     for row in rows:
-        saved = sorted(RESULTS.glob(f"witches_brew_audit_{row['pair']}_every_sample*"), key=lambda p: p.stat().st_mtime)
-        if not saved:
-            raise SystemExit(f"No audit of every sample for pair {row['pair']}: run benchmarks/witches_brew.py first.")
-        audit = saved[-1]  # the newest: a rerun publishes next to the earlier ones, never over them
+        audit = newest(f"witches_brew_audit_{row['pair']}_every_sample", "benchmarks/witches_brew.py")
         scores, evidence = torch.load(audit / "scores.pt"), torch.load(audit / "contrast.pt")
         summary = json.loads((audit / "summary.json").read_text())
         brew = attack.__class__(**{**vars(attack), "intended": row["intended"], "target": (row["target"],)})
