@@ -42,6 +42,7 @@ from lightning_modules.unlearning import (
     UnlearningError,
     retain_loader,
 )
+from lightning_modules.unlearning.distillation import ScrubModule
 from lightning_modules.unlearning.methods import _reinitialised
 from lightning_modules.unlearning.runner import verdict
 
@@ -145,7 +146,8 @@ def _run(method, trained_digits, tmp_path, flagged=None):
         # parameters, at share 1) before the forget set is misclassified: with one thread per process the ASR falls
         # only from 1.0 to 0.93, with two to 0.18 at 17 % clean accuracy; the bar is the verdict, beyond noise
         (Potion(), 0.95),
-        (SCRUB(batch_size=64, lr=0.005, epochs=1), 0.1),  # a tiny retained set: smaller batches and steps
+        # a tiny retained set: smaller batches and steps, one rate throughout (as the reference)
+        (SCRUB(batch_size=64, lr=0.005, forget_lr=None, epochs=1, decay=False), 0.1),
         (BadTeacher(batch_size=64, lr=1e-3), 0.1),
     ],
     ids=lambda m: getattr(m, "name", ""),
@@ -180,6 +182,43 @@ def test_every_method_corrects_a_copy_and_all_but_fine_tuning_lower_the_asr(
         assert 0 < report["details"]["dampened_fraction"] < 0.2 and report["details"]["q1"] > 1
     saved = json.loads(Path(report["report"]).read_text())
     assert saved["verdict"] == report["verdict"] and saved["details"] == json.loads(json.dumps(report["details"]))
+
+
+def test_scrub_max_steps_run_at_their_own_rate_and_without_alpha_the_teacher_sees_only_the_forget_set(
+    trained_digits, monkeypatch
+):
+    """The max-steps use ``forget_lr`` (decayed as far as ``lr``), the min-steps ``lr`` again; with ``alpha`` 0 the
+    teacher's forward pass runs on forget batches only."""
+    data, victim = trained_digits
+    rates, teacher_batches = [], []
+    original = ScrubModule._step
+
+    def step(module, loss):
+        rates.append(module.optimizers().optimizer.param_groups[0]["lr"])
+        original(module, loss)
+
+    monkeypatch.setattr(ScrubModule, "_step", step)
+    monkeypatch.setattr(ScrubModule, "teacher", property(lambda module: _Counted(module.teachers[0], teacher_batches)))
+    retain = torch.utils.data.Subset(data.train_set, range(20, 400))  # 380 = 5 x 64 + 60: six batches an epoch
+    forget = torch.utils.data.Subset(data.eval_train_set, range(20))
+    method = SCRUB(epochs=2, forget_epochs=1, lr=0.01, forget_lr=0.002, batch_size=64, forget_batch_size=8)
+    method.run(victim, UnlearningData(retain, forget, data.eval_train_set, FitSettings(32, progress_bar=False)))
+    # epoch 0: three max-steps (20 = 8 + 8 + 4) at forget_lr, then six min-steps from lr decaying to 0 over twelve
+    assert rates[:3] == pytest.approx([0.002] * 3)
+    assert rates[3:] == pytest.approx([0.01 * (1 - step / 12) for step in range(12)])
+    assert teacher_batches == [8, 8, 4]
+
+
+class _Counted(nn.Module):
+    """A model that records the size of every batch it sees."""
+
+    def __init__(self, model: nn.Module, seen: list) -> None:
+        super().__init__()
+        self.model, self.seen = model, seen
+
+    def forward(self, inputs):
+        self.seen.append(len(inputs))
+        return self.model(inputs)
 
 
 def test_ssd_on_fitted_samples_dampens_nothing_and_says_so(trained_digits, tmp_path):
@@ -218,6 +257,8 @@ def test_a_fall_of_the_asr_within_its_noise_is_not_called_a_weakened_attack(befo
         (lambda: Potion(step=1.0), "Potion needs .*step > 1.*step=1.0"),
         (lambda: SCRUB(forget_epochs=-1), "SCRUB needs .*forget_epochs >= 0.*forget_epochs=-1"),
         (lambda: SCRUB(lr=0), "SCRUB needs .*lr > 0.*lr=0"),
+        (lambda: SCRUB(forget_lr=-1e-3), "SCRUB needs .*forget_lr > 0.*forget_lr=-0.001"),
+        (lambda: SCRUB(alpha=-1), "SCRUB needs .*alpha >= 0.*alpha=-1"),
         (lambda: BadTeacher(retain_fraction=0), "BadTeacher needs .*0 < retain_fraction <= 1.*retain_fraction=0"),
         (lambda: BadTeacher(epochs=0), "BadTeacher needs epochs >= 1.*epochs=0"),
         (lambda: FineTune(max_epochs=0), "max_epochs=0 must be at least 1"),
@@ -253,12 +294,16 @@ def test_retrain_trains_as_long_as_the_victim_in_steps_or_epochs(trained_digits,
     data, victim = trained_digits
     by_steps = CorrectiveFit.of(data, tiny_trainer(tmp_path, max_epochs=None, max_steps=3), tmp_path)
     assert (by_steps.settings.max_epochs, by_steps.settings.max_steps) == (None, 3)
+    rarely = CorrectiveFit.of(data, tiny_trainer(tmp_path, check_val_every_n_epoch=4), tmp_path).settings
+    assert rarely.check_val_every_n_epoch == 4  # a retrain validates as often as the victim did
     retain = torch.utils.data.Subset(data.train_set, range(200))
     for length, steps in (({"max_epochs": None, "max_steps": 3}, 3), ({"max_epochs": 2, "max_steps": -1}, 12)):
         corrected = Retrain(seed=1).run(victim, UnlearningData(retain, retain, retain, FitSettings(32, **length)))
         assert corrected.trainer.global_step == steps  # 200 = 6 x 32 + 8: 6 batches an epoch (the 8 dropped)
-    once = Retrain(max_epochs=1).run(victim, UnlearningData(retain, retain, retain, FitSettings(32, max_epochs=5)))
+    settings = FitSettings(32, max_epochs=5, check_val_every_n_epoch=4)
+    once = Retrain(max_epochs=1).run(victim, UnlearningData(retain, retain, retain, settings))
     assert once.trainer.global_step == 6  # the method's own length wins
+    assert once.trainer.check_val_every_n_epoch == 4
     with pytest.raises(UnlearningError, match="max_epochs=0 must be at least 1"):
         Retrain(max_epochs=0)
 

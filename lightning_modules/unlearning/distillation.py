@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -52,15 +53,24 @@ class ScrubModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         method = self.method
         if batch_idx == 0 and self.current_epoch < method.forget_epochs:
+            groups = self.optimizers().optimizer.param_groups
+            rates = [group["lr"] for group in groups]
+            for group in groups:  # the max-steps' own rate, decayed as far as the min-steps' is
+                group["lr"] *= method.forget_lr / method.lr
             for inputs, _ in self.forget:
                 inputs = inputs.to(self.device)
                 with torch.no_grad():
                     teacher = self.teacher(inputs)
                 self._step(scrub_forget_loss(self.student(inputs), teacher, method.temperature))
+            for group, rate in zip(groups, rates):
+                group["lr"] = rate
         inputs, labels = batch
-        with torch.no_grad():
-            teacher = self.teacher(inputs)
-        loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
+        if method.alpha:
+            with torch.no_grad():
+                teacher = self.teacher(inputs)
+            loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
+        else:  # no divergence term: the teacher's forward pass is not needed
+            loss = F.cross_entropy(self.student(inputs), labels)
         self._step(loss)
         if method.decay:
             self.lr_schedulers().step()

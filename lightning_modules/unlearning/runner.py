@@ -65,6 +65,7 @@ class CorrectiveFit:
                 max_epochs=trainer.max_epochs,
                 max_steps=trainer.max_steps,
                 val_dataloaders=datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule) else None,
+                check_val_every_n_epoch=trainer.check_val_every_n_epoch,
                 accelerator=accelerator_of(trainer.strategy.root_device),
                 strategy="ddp" if distributed else "auto",
                 devices=trainer.num_devices if distributed else 1,
