@@ -9,19 +9,20 @@ Per row: clean accuracy, ASR and the clean accuracy on the attacker's label afte
 predictions it changed and its verdict, its time and that time as a share of the retrain's on the same forget set.
 """
 
-import sys
-
 import torch
-from common import RESULTS, corrective_fit, load_victim, parse_args, report, run_tag
+from common import RESULTS, corrective_fit, load_victim, newest, parse_args, report, run_tag
 
 from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Potion, Retrain
 
 
 def main() -> None:
     args = parse_args(__doc__, [("--share", float, 0.1, "share of the true poisons in set (b)")])
-    audit = RESULTS / f"detection_audit_{args.attack}{run_tag(args)}"
-    if not (audit / "flagged.pt").exists():
-        sys.exit(f"No audit in {audit}: run benchmarks/detection.py --attack {args.attack} --seed {args.seed} first.")
+    # the newest audit of this victim (a rerun of detection.py publishes beside the earlier ones)
+    audit = newest(
+        f"detection_audit_{args.attack}{run_tag(args)}",
+        f"benchmarks/detection.py --attack {args.attack} --seed {args.seed}",
+    )
+    print(f"Forgetting the flagged set of {audit}", flush=True)
     cli = load_victim(args)
     data, victim, metrics = cli.datamodule, cli.model, cli.victim_metrics
     fit = corrective_fit(cli, RESULTS / "unlearn")
