@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from delta_influence.examples import accuracy
 from delta_influence.pipeline import eval_train_set_of
-from delta_influence.unlearning import dampen, importance_ratios, importances, retained_indices
-from delta_influence.unlearning.ssd import percentile, percentile_of_share
+from delta_influence.unlearning import dampen_share, importance_ratios, importances, retained_indices
 
 
 def main() -> None:
@@ -43,9 +42,7 @@ def main() -> None:
     share, rows = len(flagged) / len(train) / 25 / 1.21**6, []  # from below Potion's start
     for _ in range(args.points):
         model = copy.deepcopy(victim)
-        fraction = dampen(
-            model, forget_importance, kept_importance, percentile(ratios, percentile_of_share(share)), 1.0
-        )
+        _, fraction = dampen_share(model, forget_importance, kept_importance, ratios, share)
         rows.append(
             {
                 "share": share,

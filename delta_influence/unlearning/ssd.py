@@ -120,6 +120,20 @@ def percentile_of_share(share: float) -> float:
     return 100.0 - math.log1p(100.0 * share)
 
 
+def dampen_share(
+    model: nn.Module, forget: dict[str, Tensor], kept: dict[str, Tensor], ratios: Tensor, share: float
+) -> tuple[float, float]:
+    """Potion's dampening of ``model`` in place for a share ``s`` of the training set thought to be poisoned: the
+    parameters whose ``I_F / I_D`` exceeds the ascending ``ratios``' ``percentile_of_share(s)``-th percentile are
+    scaled by ``min(1, I_D / I_F)``.
+
+    Returns:
+        The selection ratio (``alpha``) and the share of parameters dampened.
+    """
+    alpha = percentile(ratios, percentile_of_share(share))
+    return alpha, dampen(model, forget, kept, alpha, lam=1.0)
+
+
 def percentile(sorted_values: Tensor, level: float) -> float:
     """The ``level``-th percentile (0-100) of ascending ``sorted_values``, interpolated linearly between ranks.
 
@@ -181,9 +195,8 @@ def potion_search(
 
     def attempt(share: float) -> SearchResult:
         level = percentile_of_share(share)
-        alpha = percentile(ratios, level)
         candidate = copy.deepcopy(model)
-        fraction = dampen(candidate, forget, kept, alpha, lam=1.0)
+        alpha, fraction = dampen_share(candidate, forget, kept, ratios, share)
         after = forget_accuracy(candidate)
         reached = after <= rho * before
         return SearchResult(candidate, share, level, alpha, 0, before, after, reached, fraction, quantiles)
