@@ -1,5 +1,7 @@
 """Distillation losses of SCRUB (Kurmanji et al., 2023) and Bad Teacher (Chundawat et al., 2023)."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,12 +27,18 @@ def scrub_forget_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 
 def scrub_retain_loss(
-    student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, alpha: float = 0.001, temperature: float = 4.0
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Optional[Tensor],
+    alpha: float = 0.001,
+    temperature: float = 4.0,
 ) -> Tensor:
     """SCRUB's min-step on the retained set: cross-entropy plus ``alpha`` times the divergence from the teacher
-    (scaled by ``T^2``)."""
-    kl = distillation_kl(student_logits, teacher_logits, temperature)
-    return F.cross_entropy(student_logits, labels) + alpha * temperature**2 * kl
+    (scaled by ``T^2``); with ``alpha`` 0 the teacher's logits are not needed (``None``)."""
+    loss = F.cross_entropy(student_logits, labels)
+    if not alpha:
+        return loss
+    return loss + alpha * temperature**2 * distillation_kl(student_logits, teacher_logits, temperature)
 
 
 def bad_teacher_loss(

@@ -4,7 +4,6 @@ from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -65,12 +64,9 @@ class ScrubModule(pl.LightningModule):
             for group, rate in zip(groups, rates):
                 group["lr"] = rate
         inputs, labels = batch
-        if method.alpha:
-            with torch.no_grad():
-                teacher = self.teacher(inputs)
-            loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
-        else:  # no divergence term: the teacher's forward pass is not needed
-            loss = F.cross_entropy(self.student(inputs), labels)
+        with torch.no_grad():  # without the divergence term (alpha 0) the teacher's pass is not needed
+            teacher = self.teacher(inputs) if method.alpha else None
+        loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
         self._step(loss)
         if method.decay:
             self.lr_schedulers().step()
