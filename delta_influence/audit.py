@@ -211,8 +211,8 @@ class DeltaInfluence(Detector):
             return analysis.pairwise_scores(TensorDataset(scored, torch.full((len(scored),), label)))
 
         profiles = influence.scores[:, decision.flagged].T
-        apart = None if decision.unsupportive is None else torch.isin(decision.flagged, decision.unsupportive)
-        return verify(data, decision.flagged, profiles, candidates, support, self.verification, apart=apart)
+        untested = None if decision.unsupportive is None else torch.isin(decision.flagged, decision.unsupportive)
+        return verify(data, decision.flagged, profiles, candidates, support, self.verification, untested=untested)
 
     name = "delta_influence"
 
@@ -299,6 +299,7 @@ class DeltaInfluenceAudit(Evidence):
                 json.dumps(
                     {**verified.summary(), "rule_flagged": decision.flagged.tolist(), "kept": verified.kept.tolist(),
                      "dropped": verified.dropped.tolist(), "recovered": verified.recovered.tolist(),
+                     "untested": [] if verified.untested is None else verified.untested.tolist(),
                      "groups": verified.groups, "rounds": verified.rounds}
                 )
             )  # fmt: skip

@@ -14,9 +14,11 @@ their labels), so that a test costs a fraction of a second, not a training run.
   set does in the same run. A part that is not holds no sample the query depends on and is dropped; a guilty part is
   split again until it has at most ``min_group`` samples, then kept (a guilty group neither of whose halves is guilty
   alone is kept whole). Unlearning a group of clean images of the label
-  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them. When the
-  rule flagged samples on two kinds of evidence (the contrast ratio, and the support floor alone), the first split is
-  by evidence instead, so that the few clean samples the floor may add are tested on their own, not among poisons.
+  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them. Samples
+  the rule flagged on the support floor alone are kept as flagged, untested: that evidence marks clean-label poisons,
+  which act through the features they shape rather than through the head (on a Witches' Brew victim, unlearning 403
+  such samples, 402 of them poisons, in the head lowered the target's loss), so the head's verdict on them says
+  nothing; the prune judges the rest, against the effect of unlearning all of the rest.
 - **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
   well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
@@ -125,6 +127,7 @@ class VerificationResult:
     reference_effect: float  # the whole flagged set's effect, against which the groups are judged
     threshold: float = 0.0  # the effect a group needed to be guilty
     groups: list[dict] = field(default_factory=list)  # each test: indices, effect, verdict
+    untested: Optional[Tensor] = None  # sorted indices kept without a test (flagged on the support floor alone)
     rounds: list[dict] = field(default_factory=list)  # each recovery round: candidates' effects and what was added
     query_loss: dict[str, float] = field(default_factory=dict)  # the query's loss before and after unlearning
 
@@ -135,6 +138,7 @@ class VerificationResult:
             "kept": len(self.kept),
             "dropped": len(self.dropped),
             "recovered": len(self.recovered),
+            "untested": 0 if self.untested is None else len(self.untested),
             "groups_tested": len(self.groups),
             "recovery_rounds": len(self.rounds),
             "query_loss": self.query_loss,
@@ -250,7 +254,7 @@ def verify(
     support: Support,
     settings: Verification = Verification(),
     progress: bool = True,
-    apart: Optional[Tensor] = None,
+    untested: Optional[Tensor] = None,
 ) -> VerificationResult:
     """Prunes ``flagged`` by unlearning its parts, then recovers the ``candidates`` that support the query once the
     kept set is unlearned.
@@ -264,31 +268,36 @@ def verify(
         support: Scores training samples on the query under an unlearned head (see ``Support``).
         settings: The stage's settings.
         progress: Show a progress bar over the unlearning tests.
-        apart: ``[len(flagged)]`` bool, the samples flagged on other evidence (the support floor's): the first split
-            of the prune is theirs against the others, so that each evidence's samples are tested on their own.
+        untested: ``[len(flagged)]`` bool, the samples flagged on evidence the head's unlearning cannot judge (the
+            support floor's): they are kept without a test, and the prune judges the others against the effect of
+            unlearning all of those.
 
     Returns:
         The verified set, what was kept, dropped and recovered, and every test's evidence.
     """
     if len(profiles) != len(flagged):
         raise ConfigError(f"profiles has {len(profiles)} rows for {len(flagged)} flagged samples; give one each.")
-    if apart is not None and (apart.dtype != torch.bool or apart.shape != flagged.shape):
+    if untested is not None and (untested.dtype != torch.bool or untested.shape != flagged.shape):
         raise ConfigError(
-            f"apart has dtype {apart.dtype} and shape {tuple(apart.shape)}; expected bool {tuple(flagged.shape)}."
+            f"untested has dtype {untested.dtype} and shape {tuple(untested.shape)}; expected bool "
+            f"{tuple(flagged.shape)}."
         )
     if not len(data.contrast):
         raise ConfigError("the verification stage measures the query against clean contrast images; none were given.")
+    untested = torch.zeros(len(flagged), dtype=torch.bool) if untested is None else untested
+    tested = flagged[~untested]
     tester = _Tester(data, _retain(data.labels, data.query_label, flagged, settings.seed), settings)
-    reference = tester.effect(flagged) if len(flagged) else 0.0
-    result = VerificationResult(flagged, flagged, flagged[:0], flagged[:0], reference)
+    reference = tester.effect(tested) if len(tested) else 0.0
+    result = VerificationResult(flagged, flagged, flagged[:0], flagged[:0], reference, untested=flagged[untested])
     result.query_loss = {"before": tester.before[0]}
-    if not len(flagged) or not math.isfinite(reference) or reference <= 0:
+    if not len(tested) or not math.isfinite(reference) or reference <= 0:
         result.query_loss["after"] = result.query_loss["before"]
-        return result  # unlearning the flagged set does not weaken the query: nothing to judge its parts against
+        return result  # unlearning the tested samples does not weaken the query: nothing to judge their parts against
     with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
         result.threshold = threshold = settings.keep_fraction * reference
-        profiles = F.normalize(profiles.float(), dim=1)
-        result.kept = _prune(tester, flagged, profiles, threshold, result.groups, bar, apart)
+        profiles = F.normalize(profiles[~untested].float(), dim=1)
+        pruned = _prune(tester, tested, profiles, threshold, result.groups, bar)
+        result.kept = torch.cat([pruned, flagged[untested]]).sort().values
         chosen, unlearned = result.kept, None  # the head unlearned on ``chosen``, once a round has made it
         for _ in range(settings.rounds):
             pending = candidates[~torch.isin(candidates, chosen)]
@@ -307,30 +316,20 @@ def verify(
 
 
 def _prune(
-    tester: _Tester,
-    flagged: Tensor,
-    profiles: Tensor,
-    threshold: float,
-    groups: list[dict],
-    bar: tqdm,
-    apart: Optional[Tensor] = None,
+    tester: _Tester, flagged: Tensor, profiles: Tensor, threshold: float, groups: list[dict], bar: tqdm
 ) -> Tensor:
-    """Group testing over 2-means splits of the flagged set (the first split: ``apart`` against the rest, when both
-    are there): a part whose unlearning leaves the query as it was holds no poison and is dropped; a guilty part is
-    split again until it has at most ``min_group`` samples, then kept; a guilty group neither of whose parts is guilty
-    alone is kept whole. Returns the kept indices, sorted."""
+    """Group testing over 2-means splits of the flagged set: a part whose unlearning leaves the query as it was
+    holds no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then
+    kept; a guilty group neither of whose parts is guilty alone is kept whole. Returns the kept indices, sorted."""
     kept: list[Tensor] = []
-    root = torch.arange(len(flagged))
-    stack = [root]  # positions in the flagged set; every node on it was found guilty
+    stack = [torch.arange(len(flagged))]  # positions in the flagged set; every node on it was found guilty
     while stack:
         node = stack.pop()
-        first = node is root and apart is not None and 0 < int(apart.sum()) < len(flagged)
-        if len(node) <= tester.settings.min_group and not first:
+        if len(node) <= tester.settings.min_group:
             kept.append(node)
             continue
         guilty = []
-        parts = [torch.nonzero(~apart).flatten(), torch.nonzero(apart).flatten()] if first else None
-        for part in parts or _split(profiles[node], tester.settings.seed):
+        for part in _split(profiles[node], tester.settings.seed):
             effect = tester.effect(flagged[node[part]])
             bar.update()
             groups.append({"indices": flagged[node[part]].tolist(), "effect": effect, "guilty": effect >= threshold})

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delta_influence.errors import ConfigError, UnsupportedModelError
-from delta_influence.verification import HeadData, Verification, _retain, head_data, retain_rows, verify
+from delta_influence.verification import HeadData, Verification, _retain, _Tester, head_data, retain_rows, verify
 
 CLEAN, TRIGGER, OTHER = 0, 1, 2  # feature directions: the attacker's class, the trigger, another class
 
@@ -129,17 +129,28 @@ def test_without_contrast_images_the_stage_refuses_to_judge():
         verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False)
 
 
-def test_samples_flagged_on_other_evidence_are_tested_apart_first():
+def test_samples_flagged_on_evidence_the_head_cannot_judge_are_kept_untested_and_the_rest_judged_alone():
     data, flagged, poisons, candidates = toy()
-    same = torch.ones(len(flagged), 2)  # profiles that do not tell the poisons from the clean samples
-    mixed = verify(data, flagged, same, candidates, head_support(data), Verification(rounds=0), False)
-    assert mixed.kept.tolist() == flagged.tolist() and not mixed.groups  # 27 <= min_group: kept whole, untested
-    apart = flagged >= 20  # the clean samples, flagged on the other evidence (the support floor's)
-    result = verify(data, flagged, same, candidates, head_support(data), Verification(rounds=0), False, apart=apart)
-    assert [group["indices"] for group in result.groups] == [list(range(1, 20)), list(range(20, 28))]
-    assert result.kept.tolist() == list(range(1, 20)) and result.dropped.tolist() == list(range(20, 28))
-    with pytest.raises(ConfigError, match=r"apart has dtype torch.int64 and shape \(27,\); expected bool \(27,\)"):
-        verify(data, flagged, same, candidates, head_support(data), progress=False, apart=apart.long())
+    untested = flagged >= 20  # the clean samples, as if flagged on the support floor alone
+    settings = Verification(rounds=0, min_group=4)
+    judged = verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), settings, False)
+    assert set(range(20, 28)).isdisjoint(judged.kept.tolist())  # tested, the clean samples are dropped
+    result = verify(
+        data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), settings, False, untested
+    )
+    assert result.untested.tolist() == list(range(20, 28)) and set(range(20, 28)) <= set(result.kept.tolist())
+    assert all(set(group["indices"]) <= set(range(1, 20)) for group in result.groups)  # never in a test
+    tester = _Tester(data, _retain(data.labels, 0, flagged, settings.seed), settings)
+    assert result.reference_effect == pytest.approx(tester.effect(flagged[~untested]))  # the tested samples alone
+    assert result.reference_effect != pytest.approx(judged.reference_effect) and result.summary()["untested"] == 8
+    everything = verify(
+        data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), settings, False,
+        torch.ones(len(flagged), dtype=torch.bool),
+    )  # fmt: skip
+    assert everything.kept.tolist() == flagged.tolist() and not everything.groups  # nothing left to judge
+    with pytest.raises(ConfigError, match=r"untested has dtype torch.int64 and shape \(27,\); expected bool \(27,\)"):
+        verify(data, flagged, profiles_of(flagged, poisons), candidates, head_support(data), progress=False,
+               untested=untested.long())  # fmt: skip
 
 
 def test_the_features_of_the_label_and_its_retain_draw_are_all_a_test_within_the_label_reads():
