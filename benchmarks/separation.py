@@ -7,6 +7,9 @@ poisons against the flagged clean samples (1: every poison scores above every cl
   the query, made of the training sample instead (does its label survive the transformations?);
 - consensus: the sample's median support (EK-FAC) for the other flagged samples, each query's row normalised by its
   median |score| on the unflagged clean members of the label, over |C| (a trigger is shared by the poisons);
+- trigger removed: the victim's probability of the label lost once an estimate of a shared additive trigger is
+  subtracted from the sample (1 - p(label | x - 1.5 d), d: the flagged set's mean input minus the other labels'
+  mean input; a poison's label comes from the trigger, a clean member's from its content);
 - whole model: unlearning groups of 8 flagged samples in the whole network, not only the head (30 SGD steps at 0.01,
   Nesterov 0.9: the group toward uniform predictions, the label's other samples and as many others toward their
   labels, batches of 128), the query's loss rise minus the contrast images' (the verification's effect); groups of
@@ -33,7 +36,7 @@ from delta_influence.influence import InfluenceAnalysis
 from delta_influence.pipeline import eval_train_set_of
 from delta_influence.queries import make_queries
 
-GROUP, GROUPS, STEPS, LR = 8, 4, 30, 0.01
+GROUP, GROUPS, STEPS, LR, REMOVAL = 8, 4, 30, 0.01, 1.5
 
 
 def main() -> None:
@@ -58,6 +61,12 @@ def main() -> None:
     kept = torch.stack([label_kept(victim, train, int(i)) for i in flagged])
     rows.append(auroc("label kept under the 50 transformations", kept, is_poison))
 
+    images = torch.stack([torch.as_tensor(train[i][0]) for i in range(len(train))])
+    trigger = images[flagged].mean(dim=0) - images[labels != label].mean(dim=0)
+    with torch.no_grad(), evaluating(victim):
+        lost = 1 - victim(images[flagged] - REMOVAL * trigger).softmax(dim=1)[:, label]
+    rows.append(auroc("trigger removed: label lost", lost, is_poison))
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as factors:
         analysis = InfluenceAnalysis(victim, train, factors, train_batch_size=256, scored=members)
@@ -71,7 +80,7 @@ def main() -> None:
     rows[-1]["seconds"] = time.perf_counter() - start
 
     query, contrast_images = audit_images(audit)
-    tester = WholeModel(victim, train, labels, label, query, contrast_images)
+    tester = WholeModel(victim, images, labels, label, query, contrast_images)
     generator = torch.Generator().manual_seed(args.seed)
     for name, pool in (
         ("whole model: groups of poisons", flagged[is_poison]),
@@ -121,9 +130,9 @@ class WholeModel:
     """Unlearns a group in every layer of a copy of the model and measures the query's loss rise over the
     contrast's."""
 
-    def __init__(self, model, train, labels, label, query, contrast) -> None:
-        self.model, self.labels, self.label, (self.query, _), self.contrast = model, labels, label, query, contrast
-        self.images = torch.stack([torch.as_tensor(train[i][0]) for i in range(len(train))])
+    def __init__(self, model, images, labels, label, query, contrast) -> None:
+        self.model, self.images, self.labels, self.label = model, images, labels, label
+        (self.query, _), self.contrast = query, contrast
         self.before, self.seconds = self.losses(model), 0.0
 
     def losses(self, model) -> tuple[float, float]:
