@@ -90,7 +90,8 @@ def main() -> None:
         effects = [
             tester.effect(pool[k * GROUP : (k + 1) * GROUP], flagged) for k in range(min(GROUPS, len(pool) // GROUP))
         ]
-        mean = float(np.mean(effects)) if effects else None
+        finite = [effect for effect in effects if np.isfinite(effect)]  # a test can diverge: shown as nan
+        mean = float(np.mean(finite)) if finite else None
         shown = ", ".join(f"{effect:.2f}" for effect in effects)
         rows.append(
             {"test": name, "groups": len(effects), "effects": shown, "mean_effect": mean, "seconds": tester.seconds}
