@@ -121,7 +121,7 @@ class VerificationResult:
     """The verified set and every decision behind it."""
 
     flagged: Tensor  # sorted indices: the kept groups plus the recovered samples
-    kept: Tensor  # sorted indices of the flagged set the prune stage kept
+    kept: Tensor  # sorted indices of the flagged set the prune stage kept, the untested ones included
     dropped: Tensor  # sorted indices of the flagged set that are not in the verified set
     recovered: Tensor  # sorted indices recovery added (samples the rule missed, or that the prune dropped)
     reference_effect: float  # the whole flagged set's effect, against which the groups are judged
