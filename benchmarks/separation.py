@@ -35,6 +35,7 @@ from delta_influence.examples import evaluating
 from delta_influence.influence import InfluenceAnalysis
 from delta_influence.pipeline import eval_train_set_of
 from delta_influence.queries import make_queries
+from delta_influence.verification import _retain
 
 GROUP, GROUPS, STEPS, LR, REMOVAL = 8, 4, 30, 0.01, 1.5
 
@@ -73,23 +74,21 @@ def main() -> None:
         analysis.fit_factors()
         support = analysis.pairwise_scores(Subset(train, flagged.tolist()))  # [flagged queries, members]
     column = {int(m): k for k, m in enumerate(members)}
-    clean = [column[int(m)] for m in members if not torch.isin(m, torch.cat([poisons, flagged]))]
+    clean = torch.nonzero(~torch.isin(members, torch.cat([poisons, flagged]))).flatten()  # columns: unflagged, clean
     normalised = support / support[:, clean].abs().median(dim=1).values[:, None]
     among = normalised[:, [column[int(i)] for i in flagged]].clone().fill_diagonal_(float("nan"))
     rows.append(auroc("consensus / |C|", torch.nanmedian(among, dim=0).values / C, is_poison))
     rows[-1]["seconds"] = time.perf_counter() - start
 
     query, contrast_images = audit_images(audit)
-    tester = WholeModel(victim, images, labels, label, query, contrast_images)
+    tester = WholeModel(victim, images, labels, label, query, contrast_images, flagged)
     generator = torch.Generator().manual_seed(args.seed)
     for name, pool in (
         ("whole model: groups of poisons", flagged[is_poison]),
         ("whole model: groups of clean", flagged[~is_poison]),
     ):
         pool, tester.seconds = pool[torch.randperm(len(pool), generator=generator)], 0.0
-        effects = [
-            tester.effect(pool[k * GROUP : (k + 1) * GROUP], flagged) for k in range(min(GROUPS, len(pool) // GROUP))
-        ]
+        effects = [tester.effect(pool[k * GROUP : (k + 1) * GROUP]) for k in range(min(GROUPS, len(pool) // GROUP))]
         finite = [effect for effect in effects if np.isfinite(effect)]  # a test can diverge: shown as nan
         mean = float(np.mean(finite)) if finite else None
         shown = ", ".join(f"{effect:.2f}" for effect in effects)
@@ -131,9 +130,10 @@ class WholeModel:
     """Unlearns a group in every layer of a copy of the model and measures the query's loss rise over the
     contrast's."""
 
-    def __init__(self, model, images, labels, label, query, contrast) -> None:
+    def __init__(self, model, images, labels, label, query, contrast, flagged) -> None:
         self.model, self.images, self.labels, self.label = model, images, labels, label
         (self.query, _), self.contrast = query, contrast
+        self.retain = _retain(labels, label, flagged, seed=0)  # as the verification's: the label, as many others
         self.before, self.seconds = self.losses(model), 0.0
 
     def losses(self, model) -> tuple[float, float]:
@@ -142,17 +142,13 @@ class WholeModel:
             contrast = F.cross_entropy(model(self.contrast), torch.full((len(self.contrast),), self.label)).item()
         return query, contrast
 
-    def effect(self, group: torch.Tensor, flagged: torch.Tensor) -> float:
+    def effect(self, group: torch.Tensor) -> float:
         start = time.perf_counter()
-        outside = ~torch.isin(torch.arange(len(self.labels)), flagged)
-        same = torch.nonzero(outside & (self.labels == self.label)).flatten()
-        others = torch.nonzero(outside & (self.labels != self.label)).flatten()
         generator = torch.Generator().manual_seed(0)
-        retain = torch.cat([same, others[torch.randperm(len(others), generator=generator)[: len(same)]]])
         model = copy.deepcopy(self.model).eval()  # the victim's normalisation statistics stay as they are
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True)
         for _ in range(STEPS):
-            batch = retain[torch.randint(len(retain), (128,), generator=generator)]
+            batch = self.retain[torch.randint(len(self.retain), (128,), generator=generator)]
             optimizer.zero_grad()
             loss = -F.log_softmax(model(self.images[group]), dim=-1).mean()
             (loss + F.cross_entropy(model(self.images[batch]), self.labels[batch])).backward()

@@ -299,7 +299,7 @@ class DeltaInfluenceAudit(Evidence):
                 json.dumps(
                     {**verified.summary(), "rule_flagged": decision.flagged.tolist(), "kept": verified.kept.tolist(),
                      "dropped": verified.dropped.tolist(), "recovered": verified.recovered.tolist(),
-                     "untested": [] if verified.untested is None else verified.untested.tolist(),
+                     "untested": verified.untested.tolist(),
                      "groups": verified.groups, "rounds": verified.rounds}
                 )
             )  # fmt: skip

@@ -124,10 +124,11 @@ class VerificationResult:
     kept: Tensor  # sorted indices of the flagged set the prune stage kept, the untested ones included
     dropped: Tensor  # sorted indices of the flagged set that are not in the verified set
     recovered: Tensor  # sorted indices recovery added (samples the rule missed, or that the prune dropped)
-    reference_effect: float  # the whole flagged set's effect, against which the groups are judged
+    reference_effect: float  # the tested samples' effect (all but the untested), against which groups are judged
     threshold: float = 0.0  # the effect a group needed to be guilty
     groups: list[dict] = field(default_factory=list)  # each test: indices, effect, verdict
-    untested: Optional[Tensor] = None  # sorted indices kept without a test (flagged on the support floor alone)
+    # sorted indices kept without a test (flagged on the support floor alone)
+    untested: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     rounds: list[dict] = field(default_factory=list)  # each recovery round: candidates' effects and what was added
     query_loss: dict[str, float] = field(default_factory=dict)  # the query's loss before and after unlearning
 
@@ -138,7 +139,7 @@ class VerificationResult:
             "kept": len(self.kept),
             "dropped": len(self.dropped),
             "recovered": len(self.recovered),
-            "untested": 0 if self.untested is None else len(self.untested),
+            "untested": len(self.untested),
             "groups_tested": len(self.groups),
             "recovery_rounds": len(self.rounds),
             "query_loss": self.query_loss,
