@@ -1,6 +1,8 @@
 """What tells the rule's clean members of the attacker's label from its poisons: the rule's own contrast ratio beside
-three other tests, on a victim's newest audit (the rule's flagged set, before verification). Per test, the AUROC of
-poisons against the flagged clean samples (1: every poison scores above every clean sample; 0.5: no separation):
+four other tests, on a victim's newest audit (the rule's flagged set, before verification). Per test, the AUROC of
+poisons against the flagged clean samples (1: every poison scores above every clean sample; 0.5: no separation) and
+the most of all the poisons that a cut on it keeps at 95 % precision, the cut chosen knowing the poisons (an upper
+bound on any rule that uses the test on this set):
 
 - ratio: the rule's statistic, the query's score over |C| (C: the mean score on the clean contrast images);
 - label kept: the victim's mean probability of the sample's label over the 50 transformed copies the audit makes of
@@ -20,6 +22,7 @@ poisons against the flagged clean samples (1: every poison scores above every cl
 """
 
 import copy
+import functools
 import json
 import tempfile
 import time
@@ -57,16 +60,19 @@ def main() -> None:
     clean_count = int((~is_poison).sum())
     print(f"{audit.name}: the rule flagged {len(flagged)}, {int(is_poison.sum())} poisons, {clean_count} clean")
     C = contrast[flagged].abs()
-    rows = [auroc("ratio: query / |C|", query_scores[flagged] / C, is_poison)]
+    auroc = functools.partial(separation, is_poison=is_poison, poisons=len(poisons))
+    ratio = query_scores[flagged] / C
+    rows = [auroc("ratio: query / |C|", ratio)]
 
     kept = torch.stack([label_kept(victim, train, int(i)) for i in flagged])
-    rows.append(auroc("label kept under the 50 transformations", kept, is_poison))
+    rows.append(auroc("label kept under the 50 transformations", kept))
 
     images = torch.stack([torch.as_tensor(train[i][0]) for i in range(len(train))])
     trigger = images[flagged].mean(dim=0) - images[labels != label].mean(dim=0)
     with torch.no_grad(), evaluating(victim):
         lost = 1 - victim(images[flagged] - REMOVAL * trigger).softmax(dim=1)[:, label]
-    rows.append(auroc("trigger removed: label lost", lost, is_poison))
+    rows.append(auroc("trigger removed: label lost", lost))
+    rows.append(auroc("ratio + trigger removed (ranks)", ranks(ratio) + ranks(lost)))
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as factors:
@@ -77,7 +83,7 @@ def main() -> None:
     clean = torch.nonzero(~torch.isin(members, torch.cat([poisons, flagged]))).flatten()  # columns: unflagged, clean
     normalised = support / support[:, clean].abs().median(dim=1).values[:, None]
     among = normalised[:, [column[int(i)] for i in flagged]].clone().fill_diagonal_(float("nan"))
-    rows.append(auroc("consensus / |C|", torch.nanmedian(among, dim=0).values / C, is_poison))
+    rows.append(auroc("consensus / |C|", torch.nanmedian(among, dim=0).values / C))
     rows[-1]["seconds"] = time.perf_counter() - start
 
     query, contrast_images = audit_images(audit)
@@ -95,20 +101,30 @@ def main() -> None:
         rows.append(
             {"test": name, "groups": len(effects), "effects": shown, "mean_effect": mean, "seconds": tester.seconds}
         )
-    columns = ["test", "auroc", "poisons_median", "clean_median", "groups", "effects", "mean_effect", "seconds"]
+    columns = ["test", "auroc", "best_recall_at_95", "poisons_median", "clean_median", "groups", "effects"]
+    columns += ["mean_effect", "seconds"]
     report(f"separation_{args.attack}{run_tag(args)}", rows, columns)
 
 
-def auroc(name: str, values: torch.Tensor, is_poison: np.ndarray) -> dict:
-    """The AUROC of poisons against clean samples on ``values``, with each side's median."""
+def separation(name: str, values: torch.Tensor, is_poison: np.ndarray, poisons: int) -> dict:
+    """The AUROC of poisons against clean samples on ``values``, the largest share of all ``poisons`` kept by a cut
+    (the ``k`` highest values) at a precision of at least 95 %, and each side's median."""
     values = values.float().numpy()
     both = 0 < is_poison.sum() < len(is_poison)
+    found = np.cumsum(is_poison[np.argsort(-values, kind="stable")])  # poisons among the k highest, k = 1, 2, ...
+    precise = found / np.arange(1, len(found) + 1) >= 0.95
     return {
         "test": name,
         "auroc": float(roc_auc_score(is_poison, values)) if both else None,
+        "best_recall_at_95": float(found[precise].max() / poisons) if precise.any() else 0.0,
         "poisons_median": float(np.median(values[is_poison])),
         "clean_median": float(np.median(values[~is_poison])) if both else None,
     }
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank, 0 for the smallest."""
+    return values.argsort().argsort().float()
 
 
 @torch.no_grad()
