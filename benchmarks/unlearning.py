@@ -5,8 +5,11 @@ retained set), plus a retrain without all the true poisons for reference.
     python benchmarks/detection.py [--attack smooth]    # first: trains the victim and flags samples
     python benchmarks/unlearning.py [--attack smooth]
 
+    python benchmarks/unlearning.py --seed 1 --methods potion --potion-reference class   # one method, one option
+
 Per row: clean accuracy, ASR and the clean accuracy on the attacker's label after the fit, the share of test
-predictions it changed and its verdict, its time and that time as a share of the retrain's on the same forget set.
+predictions it changed and its verdict, its time and that time as a share of the retrain's on the same forget set
+(when the retrain is among the methods).
 """
 
 import torch
@@ -14,9 +17,21 @@ from common import RESULTS, corrective_fit, load_victim, newest, parse_args, rep
 
 from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Potion, Retrain
 
+METHODS = ("retrain", "finetune", "ssd", "potion", "scrub", "bad_teacher")
+
 
 def main() -> None:
-    args = parse_args(__doc__, [("--share", float, 0.1, "share of the true poisons in set (b)")])
+    args = parse_args(
+        __doc__,
+        [
+            ("--share", float, 0.1, "share of the true poisons in set (b)"),
+            ("--methods", str, ",".join(METHODS), "the methods to run, comma-separated"),
+            ("--potion-reference", str, "retained", "Potion's reference importance: retained (Potion's) or class"),
+        ],
+    )
+    names = args.methods.split(",")
+    if unknown := sorted(set(names) - set(METHODS)):
+        raise SystemExit(f"--methods={args.methods}: {', '.join(unknown)} unknown; choose among {', '.join(METHODS)}.")
     # the newest audit of this victim (a rerun of detection.py publishes beside the earlier ones)
     audit = newest(
         f"detection_audit_{args.attack}{run_tag(args)}",
@@ -30,9 +45,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     part = poisons[torch.randperm(len(poisons), generator=generator)[: round(args.share * len(poisons))]]
     sets = [("Δ-Influence (default)", torch.load(audit / "flagged.pt")), (f"{args.share:.0%} of the poisons", part)]
-    methods = [Retrain(seed=args.seed), FineTune(), SSD(), Potion(), SCRUB(), BadTeacher(seed=args.seed)]
+    methods = [Retrain(seed=args.seed), FineTune(), SSD(), Potion(reference=args.potion_reference), SCRUB(),
+               BadTeacher(seed=args.seed)]  # fmt: skip
+    methods = [method for method in methods if method.name in names]
     runs = [(name, indices, method) for name, indices in sets for method in methods]
-    runs.append(("all true poisons", poisons, Retrain(seed=args.seed)))
+    if "retrain" in names:
+        runs.append(("all true poisons", poisons, Retrain(seed=args.seed)))
     rows, retrain_s = [], {}
     for forget, indices, method in runs:
         torch.manual_seed(args.seed)
@@ -61,7 +79,9 @@ def main() -> None:
                   "label_acc": result["before_label_acc"], "time_s": metrics["train_s"]}  # fmt: skip
     columns = ["forget", "method", "removed", "poisons_removed", "clean_acc", "asr", "label_acc", "changed", "verdict",
                "dampened", "time_s", "vs_retrain"]  # fmt: skip
-    report(f"unlearning_{args.attack}{run_tag(args)}", [victim_row, *rows], columns)
+    chosen = "" if names == list(METHODS) else "_" + "-".join(names)
+    chosen += "" if args.potion_reference == "retained" else f"_potion-{args.potion_reference}"
+    report(f"unlearning_{args.attack}{run_tag(args)}{chosen}", [victim_row, *rows], columns)
 
 
 if __name__ == "__main__":

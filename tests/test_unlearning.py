@@ -12,6 +12,7 @@ from conftest import tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from wandb_records import logged_keys, read_run
 
 import unlearn
@@ -21,9 +22,11 @@ from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy, evaluating
 from delta_influence.unlearning import (
     bad_teacher_loss,
+    dampen,
     distillation_kl,
     importance_ratios,
     importances,
+    largest_class_importance,
     potion_search,
     ratio_quantiles,
     scrub_forget_loss,
@@ -121,6 +124,22 @@ def test_potion_search_stops_at_the_first_share_that_neutralises_the_forget_set(
     assert missed.reached and missed.tries == 0 and missed.dampened_fraction == 0.0
 
 
+def test_the_class_reference_protects_what_one_class_needs_where_the_whole_retained_set_does_not():
+    layer = nn.Linear(2, 2, bias=False)
+    # the forget set looks like class 1, which is a tenth of the retained set: against the retained set as a whole,
+    # the weights that read class 1's input stand out tenfold; against class 1 alone, not at all
+    retained = TensorDataset(torch.tensor([[1.0, 0.0]] * 9 + [[0.0, 1.0]]), torch.tensor([0] * 9 + [1]))
+    forget = importances(layer, [(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))], "cpu", "logit_norm")
+    whole = importances(layer, DataLoader(retained, batch_size=10), "cpu", "logit_norm")
+    largest = largest_class_importance(layer, retained, torch.tensor([0] * 9 + [1]), "cpu", "logit_norm", 10)
+    per_class = [importances(layer, [retained[i : i + 1]], "cpu", "logit_norm") for i in (0, 9)]
+    assert torch.equal(largest["weight"], torch.maximum(per_class[0]["weight"], per_class[1]["weight"]))
+    assert dampen(copy.deepcopy(layer), forget, whole, alpha=5.0) == 0.5  # the column that reads class 1's input
+    assert dampen(copy.deepcopy(layer), forget, largest, alpha=5.0) == 0.0
+    with pytest.raises(ConfigError, match="labels has shape"):
+        largest_class_importance(layer, retained, torch.tensor([0, 1]), "cpu", "logit_norm", 10)
+
+
 def test_importance_ratio_quantiles_leave_out_undefined_ratios():
     ratios = importance_ratios({"w": torch.tensor([1.0, 0.0, 3.0, 5.0])}, {"w": torch.tensor([1.0, 0.0, 0.0, 1.0])})
     assert ratios.tolist() == [1.0, 5.0]
@@ -146,6 +165,7 @@ def _run(method, trained_digits, tmp_path, flagged=None):
         # parameters, at share 1) before the forget set is misclassified: with one thread per process the ASR falls
         # only from 1.0 to 0.93, with two to 0.18 at 17 % clean accuracy; the bar is the verdict, beyond noise
         (Potion(), 0.95),
+        (Potion(reference="class"), 0.95),
         # a tiny retained set: smaller batches and steps, one rate throughout (as the reference)
         (SCRUB(batch_size=64, lr=0.005, forget_lr=None, epochs=1, decay=False), 0.1),
         (BadTeacher(batch_size=64, lr=1e-3), 0.1),
@@ -255,6 +275,7 @@ def test_a_fall_of_the_asr_within_its_noise_is_not_called_a_weakened_attack(befo
         (lambda: SSD(importance="fisher"), "SSD's importance='fisher' is not one of cross_entropy, logit_norm"),
         (lambda: Potion(rho=1.0), "Potion needs 0 <= rho < 1.*got rho=1.0"),
         (lambda: Potion(step=1.0), "Potion needs .*step > 1.*step=1.0"),
+        (lambda: Potion(reference="dogs"), "Potion's reference='dogs' is not one of retained, class"),
         (lambda: SCRUB(forget_epochs=-1), "SCRUB needs .*forget_epochs >= 0.*forget_epochs=-1"),
         (lambda: SCRUB(lr=0), "SCRUB needs .*lr > 0.*lr=0"),
         (lambda: SCRUB(forget_lr=-1e-3), "SCRUB needs .*forget_lr > 0.*forget_lr=-0.001"),

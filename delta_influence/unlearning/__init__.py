@@ -10,6 +10,7 @@ from delta_influence.unlearning.ssd import (
     dampen_share,
     importance_ratios,
     importances,
+    largest_class_importance,
     potion_search,
     ratio_quantiles,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "distillation_kl",
     "importance_ratios",
     "importances",
+    "largest_class_importance",
     "potion_search",
     "ratio_quantiles",
     "retained_indices",

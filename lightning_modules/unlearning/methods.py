@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
+from delta_influence.detectors.base import labels_of
 from delta_influence.devices import device_of
 from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy
@@ -26,6 +27,7 @@ from delta_influence.unlearning import (
     dampen,
     importance_ratios,
     importances,
+    largest_class_importance,
     potion_search,
     ratio_quantiles,
 )
@@ -186,29 +188,51 @@ class Potion(Unlearning):
     the attacker's class as a whole (Smooth Trigger: clean accuracy 66.3 % -> 60.0 %, dogs 60 % -> 12 %; at 0.1:
     63.6 %, ASR 6.2 %; BadNets: 62.7 % and dogs 58 % -> 30 %, at 0.1: 65.0 %, dogs 63 %, ASR 6.7 %).
 
+    ``reference`` ``"retained"`` is Potion's ``I_D``, the importance to the retained set as a whole; ``"class"`` is
+    the largest of the importances to each retained class alone, so that no parameter that one class needs is
+    selected. Potion's reference cannot tell a trigger from the attacker's class when the poisons' trigger is what
+    the class itself looks like (the Smooth Trigger): the parameters that stand out are those that make a dog a dog,
+    and the attacker's class is dampened with the backdoor (benchmarks/README.md, "How selective dampening is").
+
     Args:
         rho: Stop once the forget set's accuracy on its labels is at most ``rho`` times the victim's.
         step: Factor between successive shares.
         max_tries: Most shares tried.
         batch_size: Batch size of the importance passes (the reference: 512).
+        reference: What the forget set's importance is compared with: ``"retained"`` (Potion's) or ``"class"``.
     """
 
     name = "potion"
+    REFERENCES = ("retained", "class")
 
-    def __init__(self, rho: float = 0.1, step: float = 1.1, max_tries: int = 500, batch_size: int = 512) -> None:
+    def __init__(
+        self, rho: float = 0.1, step: float = 1.1, max_tries: int = 500, batch_size: int = 512,
+        reference: str = "retained",
+    ) -> None:  # fmt: skip
         if not 0.0 <= rho < 1.0 or step <= 1.0 or max_tries < 1 or batch_size < 1:
             raise UnlearningError(
                 f"Potion needs 0 <= rho < 1, step > 1, max_tries >= 1 and batch_size >= 1; got rho={rho}, "
                 f"step={step}, max_tries={max_tries}, batch_size={batch_size}."
             )
+        if reference not in self.REFERENCES:
+            raise UnlearningError(
+                f"Potion's reference={reference!r} is not one of {', '.join(self.REFERENCES)}: 'retained' compares "
+                "with the retained set as a whole (Potion's), 'class' with the largest of its classes."
+            )
         self.rho, self.step, self.max_tries, self.batch_size = rho, step, max_tries, batch_size
+        self.reference = reference
 
     def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
         device = device_of(data.settings.accelerator)
         model = _copy(victim).to(device)
         forget = importances(model, DataLoader(data.forget, batch_size=self.batch_size), device, "logit_norm")
         retained = data.kept if data.kept is not None else data.retain  # evaluation form, as the forget set
-        kept = importances(model, DataLoader(retained, batch_size=self.batch_size), device, "logit_norm")
+        if self.reference == "class":
+            kept = largest_class_importance(
+                model, retained, labels_of(retained), device, "logit_norm", self.batch_size
+            )  # fmt: skip
+        else:
+            kept = importances(model, DataLoader(retained, batch_size=self.batch_size), device, "logit_norm")
         start = len(data.forget) / (len(data.forget) + len(data.retain)) / 25
         found = potion_search(
             model, forget, kept, lambda candidate: accuracy(candidate, data.forget, device), start, self.step,
