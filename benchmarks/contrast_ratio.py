@@ -26,7 +26,7 @@ def main() -> None:
         [
             ("--runs", str, "badnets:1,smooth:1", "attack:seed pairs whose detection.py audits are read"),
             ("--ratios", str, "1,1.5,2,2.5,3,4,5,6,8", "contrast ratios to try"),
-            ("--floors", str, "0.03,0.05,0.075,0.1,0.2,0.3", "support floors to try (same label, ratio 2)"),
+            ("--floors", str, "0.03,0.04,0.045,0.05,0.075,0.1", "support floors to try (same label, ratio 2)"),
         ],
     )
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -28,7 +28,7 @@ def main() -> None:
         __doc__,
         [
             ("--ratios", str, "2,1,0.5,0", "contrast ratios to try"),
-            ("--floors", str, "0.05,0.1,0.2,0.3", "support floors to try with the contrast ratio 2"),
+            ("--floors", str, "0.03,0.04,0.045,0.05,0.075", "support floors to try with the contrast ratio 2"),
         ],
     )
     rows = [row for row in json.loads((RESULTS / "witches_brew.json").read_text())["rows"] if row["success"]]

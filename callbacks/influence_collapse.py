@@ -65,8 +65,8 @@ class InfluenceCollapseCallback(Callback):
         contrast_statistic: A sample's contrast score: the ``mean`` of its scores on the contrast images, or the
             largest magnitude (``max``).
         support_floor: With ``same_label``, also flag a collapsed sample of the query's label whose contrast score
-            is below this share of its label's median (it supports the clean class far less than its classmates:
-            clean-label poisons); ``None``: the ratio alone.
+            is below this share of its label's median (of the scores at or above the floor: it supports the clean
+            class far less than its classmates, clean-label poisons); ``None``: the ratio alone.
         contrast_images: Image files of clean samples of the query's label to use as the contrast, instead of
             the test set; they must have the training images' size and channels.
         strategy: kronfluence's Hessian approximation.

@@ -72,7 +72,7 @@ class DeltaInfluence(Detector):
     support_floor: Optional[float] = field(
         default=SUPPORT_FLOOR,
         metadata={"help": "also flag collapsed samples of the label below this share of its median contrast score "
-                          "(clean-label poisons); applies with same_label; None: off"},
+                          "(of the scores above the floor; clean-label poisons); applies with same_label; None: off"},
     )  # fmt: skip
     strategy: Strategy = field(default="ekfac", metadata={"help": "kronfluence's Hessian approximation"})
     space: Literal["normalized", "pixel"] = field(

@@ -9,7 +9,7 @@ from torchmetrics.functional.classification import binary_f1_score, binary_preci
 
 from delta_influence.errors import ConfigError
 
-SUPPORT_FLOOR = 0.05  # the default support floor of the audit (DeltaInfluence, the callback); see flag_collapsed
+SUPPORT_FLOOR = 0.045  # the default support floor of the audit (DeltaInfluence, the callback); see flag_collapsed
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,14 @@ def flag_collapsed(
     bit for bit.
 
     Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
-    the clean images far less than its label does, ``C[i] < support_floor * median(C[same_label])``. A clean member
-    of the label supports its clean test images about as much as its classmates; a poison carries the label through
-    its trigger or perturbation rather than its content, so it supports them little or not at all. This catches
-    clean-label poisons (Witches' Brew), whose support for the query is not specific enough for the ratio: they
-    are fitted to a small loss and support everything little, the query included.
+    the clean images far less than its label does, ``C[i] < floor``, with ``floor = support_floor * median`` of the
+    label's contrast scores at or above the floor itself (``support_floor_of``). A clean member of the label supports
+    its clean test images about as much as its classmates; a poison carries the label through its trigger or
+    perturbation rather than its content, so it supports them little or not at all. This catches clean-label poisons
+    (Witches' Brew), whose support for the query is not specific enough for the ratio: they are fitted to a small
+    loss and support everything little, the query included. The median is taken above the floor because such poisons
+    can be a large share of their label (half of it at a 5 % budget on ten balanced classes): the label's plain
+    median then falls among them and the floor with it.
 
     Args:
         scores: Influence scores ``[1 + n + num_contrast, N]``: row 0 the original query, rows 1..n its transformed
@@ -76,8 +79,9 @@ def flag_collapsed(
             those stay flagged. ``None``: any label (for attacks whose poisons carry other labels).
         contrast_statistic: What C[i] is: ``"mean"``, the mean of the sample's scores on the contrast images, or
             ``"max"``, the largest of their magnitudes (stricter: one clean image the sample moves is enough).
-        support_floor: The share of its label's median contrast score below which a collapsed sample of the
-            attacker's label is flagged whatever the ratio says; needs ``same_label``. ``None``: the ratio alone.
+        support_floor: The share of its label's median contrast score (above the floor) below which a collapsed
+            sample of the attacker's label is flagged whatever the ratio says; needs ``same_label``. ``None``: the
+            ratio alone.
         scored: ``[N]`` bool, the samples whose scores were computed (the others' columns may hold anything, e.g.
             NaN, and are never flagged); it must cover ``same_label``. ``None``: every sample was scored.
 
@@ -152,7 +156,7 @@ def flag_collapsed(
     specific = scores[0] > contrast_ratio * contrast.abs()
     floor, unsupportive = None, None
     if support_floor is not None and same_label.any():
-        floor = support_floor * contrast[same_label].median().item()
+        floor = support_floor_of(contrast[same_label], support_floor)
         unsupportive = collapsed & same_label & (contrast < floor) & ~specific
         specific |= unsupportive
         unsupportive = torch.nonzero(unsupportive).flatten()
@@ -174,6 +178,29 @@ def flag_collapsed(
         unsupportive=unsupportive,
         scored=scored,
     )
+
+
+def support_floor_of(contrast: Tensor, share: float) -> float:
+    """The support floor: ``share`` times the median of the ``contrast`` scores at or above the floor. The fixed point
+    is reached from ``share`` times the plain median; each step leaves out the scores below the floor, which raises
+    the median, until no score crosses it. A few low scores move it little; a low cluster of poisons no longer sets
+    it.
+
+    Example:
+        >>> clean, poisons = torch.full((10,), 10.0), torch.linspace(0.0, 0.4, 10)
+        >>> scores = torch.cat([clean, poisons])  # half of them poisons: the plain median, 0.4, is a poison's
+        >>> round(0.05 * scores.median().item(), 3), support_floor_of(scores, 0.05), support_floor_of(clean, 0.05)
+        (0.02, 0.5, 0.5)
+    """
+    if not 0 <= share < 1 or not len(contrast):
+        raise ConfigError(f"support_floor_of needs 0 <= share < 1 and some scores; got {share} and {len(contrast)}.")
+    floor = share * contrast.median().item()
+    while True:
+        above = contrast[contrast >= floor]
+        raised = share * above.median().item() if len(above) else floor
+        if raised <= floor:
+            return floor
+        floor = raised
 
 
 def check_rule(

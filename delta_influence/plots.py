@@ -116,7 +116,7 @@ def plot_contrast(original: Tensor, decision: CollapseResult, path: Path, poison
               label=f"boundary: query = {decision.contrast_ratio:g} x |class|")  # fmt: skip
     if decision.floor is not None:
         axis.axvline(decision.floor, color="black", linestyle=":", linewidth=1,
-                     label=f"support floor: class = {decision.support_floor:g} x the label's median")  # fmt: skip
+                     label=f"support floor: {decision.support_floor:g} x the label's median above it")  # fmt: skip
     axis.set_xlabel("mean score on clean queries of the label")
     axis.set_ylabel("score on the misbehaving query")
     axis.set_title(f"Clean-class contrast: {len(decision.flagged)} of {len(collapsed)} collapsed samples kept")

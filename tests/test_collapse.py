@@ -3,7 +3,7 @@ import torch
 
 from delta_influence import detection_metrics, flag_collapsed
 from delta_influence.audit import DeltaInfluence
-from delta_influence.collapse import topk_recall
+from delta_influence.collapse import support_floor_of, topk_recall
 from delta_influence.detectors.base import labels_of
 
 
@@ -122,10 +122,23 @@ def test_the_support_floor_flags_samples_of_the_label_that_barely_support_their_
     assert ratio_alone.flagged.tolist() == [0] and ratio_alone.floor is None
     result = flag_collapsed(scores, tolerance=0, num_contrast=2, same_label=same_label, support_floor=0.3)
     assert result.flagged.tolist() == [0, 4]
-    assert result.floor == pytest.approx(0.3 * 9.0) and result.unsupportive.tolist() == [4]  # 0 passes the ratio
+    # the label's C: 1, 10, 10, 9, 0.8; the floor is 0.3 times the median of those at or above it (9, 10, 10)
+    assert result.floor == pytest.approx(0.3 * 10.0) and result.unsupportive.tolist() == [4]  # 0 passes the ratio
     # a sample that does not collapse is never flagged by the floor
     scores[1, 4] = 5.0
     assert flag_collapsed(scores, 0.0, 0, 2, 2.0, same_label, support_floor=0.3).flagged.tolist() == [0]
+
+
+def test_the_floor_is_set_by_the_members_of_the_label_above_it_so_that_many_poisons_do_not_lower_it():
+    # ten clean members (C = 10) and ten clean-label poisons (C = 0, 0.1, ..., 0.9): half of the label, so its plain
+    # median is a poison's (0.9) and a floor of 0.1 times it (0.09) would catch one poison
+    contrast = torch.cat([torch.full((10,), 10.0), torch.arange(10) / 10])
+    scores = torch.stack([torch.full((20,), 0.1), torch.zeros(20), contrast, contrast])  # query, a copy, contrast
+    result = flag_collapsed(scores, 0.0, 0, 2, 2.0, torch.ones(20, dtype=torch.bool), support_floor=0.1)
+    assert result.floor == pytest.approx(1.0) and result.flagged.tolist() == list(range(10, 20))
+    assert support_floor_of(contrast[:10], 0.1) == pytest.approx(1.0)  # the clean members' own floor
+    with pytest.raises(ValueError, match="support_floor_of needs 0 <= share < 1 and some scores; got 0.1 and 0"):
+        support_floor_of(contrast[:0], 0.1)
 
 
 @pytest.mark.parametrize(
