@@ -80,7 +80,7 @@ def main() -> None:
     columns = ["forget", "method", "removed", "poisons_removed", "clean_acc", "asr", "label_acc", "changed", "verdict",
                "dampened", "time_s", "vs_retrain"]  # fmt: skip
     chosen = "" if names == list(METHODS) else "_" + "-".join(names)
-    chosen += "" if args.potion_reference == "retained" else f"_potion-{args.potion_reference}"
+    chosen += "" if args.potion_reference == "retained" or "potion" not in names else f"_potion-{args.potion_reference}"
     report(f"unlearning_{args.attack}{run_tag(args)}{chosen}", [victim_row, *rows], columns)
 
 

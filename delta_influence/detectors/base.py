@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.evidence import Evidence
@@ -127,13 +127,22 @@ def penultimate_activations(
 
 
 def labels_of(dataset: Dataset) -> Tensor:
-    """The labels of every sample, in order: the dataset's ``labels`` tensor when it has one, else read off a pass.
+    """The labels of every sample, in order: the dataset's ``labels`` tensor when it has one (a ``Subset``'s from its
+    base's), else read off a pass.
 
     Example:
         >>> labels_of(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 2])))
         tensor([2, 0, 2])
+        >>> class Labelled(torch.utils.data.TensorDataset):
+        ...     labels = torch.tensor([2, 0, 1])
+        >>> labels_of(Subset(Labelled(torch.zeros(3, 2)), [2, 0]))
+        tensor([1, 2])
     """
     labels = getattr(dataset, "labels", None)
     if isinstance(labels, Tensor) and labels.shape == (len(dataset),):
         return labels.long()
+    if isinstance(dataset, Subset):  # the base's labels at the subset's indices, without a pass over the images
+        base = getattr(dataset.dataset, "labels", None)
+        if isinstance(base, Tensor) and base.shape == (len(dataset.dataset),):
+            return base[torch.as_tensor(dataset.indices, dtype=torch.long)].long()
     return torch.cat([torch.as_tensor(labels).long() for _, labels in DataLoader(dataset, batch_size=1024)])
