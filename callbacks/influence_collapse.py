@@ -27,7 +27,7 @@ from delta_influence.influence import DataPartitions, Strategy, finish, serve
 from delta_influence.pipeline import AuditData, AuditResult, QueryChoice, run_audit
 from delta_influence.stages import read_stages, record, run_stage
 from delta_influence.verification import Verification
-from lightning_modules.unlearning import CorrectiveFit, Unlearning
+from lightning_modules.unlearning import CorrectiveFit, Unlearning, correct_in_rounds
 
 
 class InfluenceCollapseCallback(Callback):
@@ -87,6 +87,9 @@ class InfluenceCollapseCallback(Callback):
             ``delta_influence.detectors.SpectralSignatures``); ``None`` runs Δ-Influence with the settings above.
         unlearning: The corrective fit launched once the victim's fit has ended (e.g.
             ``lightning_modules.unlearning.Retrain``); ``None`` stops after the audit.
+        corrective_rounds: At most this many corrective fits: while the corrected model still predicts the attacker's
+            label for the query, audit it again on the samples it kept and fit again without everything flagged so
+            far (``correct_in_rounds``); 1: one fit. Under DDP the rounds after the first run on process 0 alone.
     """
 
     def __init__(
@@ -118,7 +121,13 @@ class InfluenceCollapseCallback(Callback):
         top_k: int = 32,
         unlearning: Optional[Unlearning] = None,
         detector: Optional[Detector] = None,
+        corrective_rounds: int = 2,
     ) -> None:
+        if corrective_rounds < 1:
+            raise ConfigError(
+                f"corrective_rounds={corrective_rounds}: give 1 (one corrective fit) or more (the corrected model is "
+                "audited again while it still misbehaves on the query)."
+            )
         if contrast_images is not None and num_contrast == 0:
             raise ConfigError(
                 f"contrast_images={contrast_images!r} with num_contrast=0: leave num_contrast above 0 (the number of "
@@ -154,6 +163,7 @@ class InfluenceCollapseCallback(Callback):
         self.factors_dir = factors_dir
         self.top_k = top_k
         self.unlearning = unlearning
+        self.corrective_rounds = corrective_rounds
         self.detector: Detector = detector if detector is not None else self.delta_influence
         self.result: Optional[AuditResult] = None
         self.corrective: Optional[dict] = None
@@ -267,7 +277,8 @@ class InfluenceCollapseCallback(Callback):
     def correct(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, distributed: bool = False, data: Any = None
     ) -> Optional[dict]:
-        """Runs the configured corrective fit on the audit's flagged samples; logs and returns its report.
+        """Runs the configured corrective fit on the audit's flagged samples (in up to ``corrective_rounds`` rounds);
+        logs and returns the last fit's report.
 
         ``distributed``: every process of the victim's DDP run takes part, under the same strategy; otherwise the
         global rank 0 runs it alone on one device."""
@@ -278,15 +289,25 @@ class InfluenceCollapseCallback(Callback):
         if self.result is not None:  # the indices this audit flagged, whichever detector wrote them
             finish += f" --indices {(self.result.output_dir / 'flagged.json').resolve()}"
         with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
-            report = fit.run(pl_module, self.unlearning, self._flagged)
+            if self.result is None or self.corrective_rounds == 1:
+                report = fit.run(pl_module, self.unlearning, self._flagged)
+            else:
+                # after the first round process 0 goes on alone: it audits, then fits on one device
+                alone = CorrectiveFit.of(data, trainer, folder / "unlearn") if distributed else None
+                report = correct_in_rounds(
+                    fit, pl_module, self.unlearning, self.result, self.detector, self._factors_dir(trainer),
+                    self.corrective_rounds, on_audit=lambda number, result: self._log_round(trainer, number, result),
+                    later=alone,
+                )  # fmt: skip
         if report is None:
             return None
         numbers = {**report, **{f"details/{key}": value for key, value in report["details"].items()}}
         metrics = {
             f"unlearn/{key}": value
             for key, value in numbers.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "label"
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("label", "round")
         }
+        metrics["unlearn/rounds"] = report.get("round", 1)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.log_hyperparams({"unlearn/method": report["method"], "unlearn/verdict": report["verdict"]})
@@ -294,6 +315,12 @@ class InfluenceCollapseCallback(Callback):
                 media.log_comparison_to_wandb(logger, report)
         rank_zero_info(_compare(report))
         return report
+
+    def _log_round(self, trainer: pl.Trainer, number: int, result: AuditResult) -> None:
+        """A corrective round's audit, under ``audit/round<k>/``."""
+        for logger in trainer.loggers:
+            metrics = {f"audit/round{number}/{key}": value for key, value in result.metrics.items()}
+            logger.log_metrics(metrics, trainer.global_step)
 
     def _factors_dir(self, trainer: pl.Trainer) -> Path:
         """Where kronfluence's factors are cached (on a file system every process of the run shares)."""
@@ -351,11 +378,13 @@ def _compare(report: dict) -> str:
         return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
     labelled = report.get("label") is not None  # the attacker's label: its clean accuracy in a third column
+    rounds = f", round {report['round']}" if report.get("round", 1) > 1 else ""
     header = f"   acc of label {report['label']}" if labelled else ""
     before = f"  {pct(report['before_label_acc'])}" if labelled else ""
     after = f"  {pct(report['label_acc'])}" if labelled else ""
     return (
-        f"Corrective fit '{report['method']}' ({report['time_s']:.1f} s, {report['forgotten']} samples forgotten): "
+        f"Corrective fit '{report['method']}'{rounds} ({report['time_s']:.1f} s, {report['forgotten']} samples "
+        "forgotten): "
         f"{report['verdict']}, {pct(report['changed_predictions']).strip()} of test predictions changed\n"
         f"            clean acc   ASR{header}\n"
         f"  before      {pct(report['before_acc'])}  {pct(report['before_asr'])}{before}\n"

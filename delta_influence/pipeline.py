@@ -7,14 +7,14 @@ callback, ``train.py audit``, the benchmarks and the tests all audit through it.
 """
 
 import json
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torchvision
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision.io import ImageReadMode
 
 from delta_influence.attacks.base import class_index
@@ -71,7 +71,9 @@ class QueryChoice:
 class AuditData:
     """The data an audit reads: the training set in evaluation form (``(input, label)`` pairs, fixed order, no
     augmentation: flagged indices point into it) and, when there are, the clean test set, the attack's test set
-    (inputs labelled with what the attacker wants), the true poison indices, the normalisation and class names."""
+    (inputs labelled with what the attacker wants), the true poison indices, the normalisation and class names.
+    ``indices``: where ``train_set`` is part of a larger training set (``subset``), the position of each of its
+    samples in that set; the published flagged indices point into the larger set."""
 
     train_set: Dataset
     test_set: Optional[Dataset] = None
@@ -80,6 +82,7 @@ class AuditData:
     mean: Optional[Tensor] = None
     std: Optional[Tensor] = None
     classes: Optional[Sequence[str]] = None
+    indices: Optional[Tensor] = None
 
     @classmethod
     def of(cls, source: Any) -> "AuditData":
@@ -99,6 +102,31 @@ class AuditData:
     def view(self) -> AuditView:
         return AuditView(self.train_set, self.poison_indices, self.mean, self.std, self.classes)
 
+    def subset(self, keep: Tensor) -> "AuditData":
+        """The same data with only the training samples ``keep`` (indices into this training set): what a model
+        trained without the others is audited on. Its poison indices and ``indices`` are positions in the part, so
+        that an audit of it still publishes indices into the whole training set.
+
+        Example:
+            >>> data = AuditData(list(range(10)), poison_indices=torch.tensor([2, 5, 7]))
+            >>> part = data.subset(torch.tensor([0, 1, 5, 6, 7]))
+            >>> part.poison_indices.tolist(), part.indices.tolist(), part.subset(torch.tensor([1, 4])).indices.tolist()
+            ([2, 4], [0, 1, 5, 6, 7], [1, 7])
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        poisons = None
+        if self.poison_indices is not None:
+            position = torch.full((len(self.train_set),), -1, dtype=torch.long)
+            position[keep] = torch.arange(len(keep))
+            poisons = position[self.poison_indices]
+            poisons = poisons[poisons >= 0].sort().values
+        indices = self.indices[keep] if self.indices is not None else keep
+        return replace(self, train_set=Subset(self.train_set, keep.tolist()), poison_indices=poisons, indices=indices)
+
+    def whole(self, positions: Tensor) -> Tensor:
+        """Positions in ``train_set`` as indices into the whole training set (the same without ``indices``)."""
+        return self.indices[positions] if self.indices is not None else positions
+
 
 @dataclass
 class AuditResult:
@@ -110,10 +138,12 @@ class AuditResult:
     output_dir: Path
     data: AuditData = field(repr=False)
     title: str = ""
+    query: Optional[QueryChoice] = None  # the query traced, as a choice that picks it again (index resolved)
 
     @property
     def flagged(self) -> Tensor:
-        return self.detection.flagged
+        """The flagged samples, as indices into the whole training set."""
+        return self.data.whole(self.detection.flagged)
 
     @property
     def evidence(self) -> Optional[Evidence]:
@@ -139,7 +169,7 @@ class AuditResult:
             rows.append(
                 {
                     "rank": rank,
-                    "index": index,
+                    "index": int(self.data.whole(torch.tensor(index))),
                     "label": int(label),
                     "score": float(scores[index]) if scores is not None else None,
                     "contrast": None,
@@ -219,8 +249,9 @@ def run_audit(
         poison_indices=data.poison_indices, device=device, mean=data.mean, std=data.std, partitions=partitions,
     )  # fmt: skip
     context: dict[str, Any] = {}
+    query = None
     if detector.needs_query:
-        image, label, where = _query(model, data, choice)
+        image, label, where, query = _query(model, data, choice)
         inputs.num_classes = _check_query(model, image, label, where, choice.require_misclassified, device)
         inputs.query = (image, label)
         context = {"query": where, "query_label": label, "contrast": []}
@@ -247,22 +278,25 @@ def run_audit(
         **context,
         **(asdict(detector) if is_dataclass(detector) else {}),
         "num_train": len(data.train_set),
+        **({"part_of_training_set": "train_indices.pt"} if data.indices is not None else {}),
         **(evidence.summary() if evidence is not None else {}),
         "metrics": metrics,
     }
     out = write_new(Path(output_dir), lambda folder: _write(folder, detection, evidence, summary, data), folder=True)
-    result = AuditResult(detection, metrics, summary, out, data, title)
+    result = AuditResult(detection, metrics, summary, out, data, title, query)
     log(result.describe())
     return result
 
 
 def _write(folder: Path, detection: Detection, evidence: Optional[Evidence], summary: dict, data: AuditData) -> None:
-    """Every file of an audit: the flagged indices, the evidence's own files, the per-sample scores unless the
-    evidence wrote its own, and the summary."""
-    (folder / "flagged.json").write_text(
-        json.dumps({"flagged": detection.flagged.tolist(), "count": len(detection.flagged)})
-    )
-    torch.save(detection.flagged, folder / "flagged.pt")
+    """Every file of an audit: the flagged indices (into the whole training set), the evidence's own files, the
+    per-sample scores unless the evidence wrote its own, and the summary. An audit of part of the training set also
+    writes ``train_indices.pt``, the whole set's index of each audited sample: the per-sample files' columns."""
+    flagged = data.whole(detection.flagged)
+    (folder / "flagged.json").write_text(json.dumps({"flagged": flagged.tolist(), "count": len(flagged)}))
+    torch.save(flagged, folder / "flagged.pt")
+    if data.indices is not None:
+        torch.save(data.indices, folder / "train_indices.pt")
     if evidence is not None:
         evidence.write(folder, data.view())
     if detection.scores is not None and not (folder / "scores.pt").exists():
@@ -283,11 +317,20 @@ def _announce(title: str, detector: Detector, context: dict[str, Any]) -> str:
     return text + "."
 
 
-def _query(model: nn.Module, data: AuditData, choice: QueryChoice) -> tuple[Tensor, int, str]:
-    """The misbehaving example: a user's image file, or a sample of the attack's test set."""
+def misbehaves(model: nn.Module, data: AuditData, choice: QueryChoice, device: Optional[torch.device] = None) -> bool:
+    """Whether ``model`` still predicts the attacker's label for the query ``choice`` picks (an audit's
+    ``AuditResult.query``)."""
+    image, label, _, _ = _query(model, data, choice)
+    with torch.no_grad(), evaluating(model, device):
+        return int(model(image[None].to(device or next(model.parameters()).device)).argmax(-1)) == label
+
+
+def _query(model: nn.Module, data: AuditData, choice: QueryChoice) -> tuple[Tensor, int, str, QueryChoice]:
+    """The misbehaving example (a user's image file, or a sample of the attack's test set), and the choice that picks
+    it again whatever the model."""
     if choice.image is not None:
         image = _read_image(choice.image, data, "query_image", resize=True)
-        return image, int(class_index(choice.label, data.classes or (), "query_label")), choice.image
+        return image, int(class_index(choice.label, data.classes or (), "query_label")), choice.image, choice
     attacked = data.attack_test_set
     if attacked is None:
         raise AuditError(
@@ -309,7 +352,7 @@ def _query(model: nn.Module, data: AuditData, choice: QueryChoice) -> tuple[Tens
             "and require_misclassified=false to audit anyway."
         )
     image, label = attacked[index]
-    return torch.as_tensor(image), int(label), f"attack_test_set[{index}]"
+    return torch.as_tensor(image), int(label), f"attack_test_set[{index}]", replace(choice, index=index)
 
 
 def _check_query(

@@ -209,6 +209,7 @@ def test_skipped_in_fast_dev_run(tmp_path, trained_digits):
         ({"contrast_images": ["a.png"], "num_contrast": 0}, r"contrast_images=\['a.png'\] with num_contrast=0"),
         ({"contrast_images": []}, r"contrast_images=\[\] holds no file"),
         ({"query_index": 1, "query_image": "x.png", "query_label": 5}, r"query_index or query_image, not both"),
+        ({"corrective_rounds": 0}, r"corrective_rounds=0: give 1"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -137,6 +137,7 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
         "--data.attack.init_args.num_poisons", "30", "--delta_influence.num_transforms", "16",
         "--delta_influence.unlearning", "lightning_modules.unlearning.SCRUB",
         "--delta_influence.unlearning.epochs", "1", "--delta_influence.unlearning.batch_size", "64",
+        "--delta_influence.corrective_rounds", "1",
     )  # fmt: skip
     output = fit.stdout + fit.stderr
     assert fit.returncode == 0, output[-3000:]

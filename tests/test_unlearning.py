@@ -3,7 +3,9 @@
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import pytest
 import torch
@@ -17,9 +19,11 @@ from wandb_records import logged_keys, read_run
 
 import unlearn
 from callbacks import InfluenceCollapseCallback
-from delta_influence.detectors import Oracle
+from delta_influence.detectors import Detector, Oracle
+from delta_influence.detectors.base import Detection, DetectionInput
 from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy, evaluating
+from delta_influence.pipeline import AuditData, run_audit
 from delta_influence.unlearning import (
     bad_teacher_loss,
     dampen,
@@ -43,6 +47,7 @@ from lightning_modules.unlearning import (
     Retrain,
     UnlearningData,
     UnlearningError,
+    correct_in_rounds,
     retain_loader,
 )
 from lightning_modules.unlearning.distillation import ScrubModule
@@ -435,3 +440,46 @@ def test_only_global_rank_zero_audits_and_corrects(trained_digits, tmp_path, mon
     trainer.fit(copy.deepcopy(victim), datamodule=data)
     assert callback.result is None and callback.corrective is None
     assert not list(tmp_path.rglob("delta_influence")) and not list(tmp_path.rglob("unlearn"))
+
+
+@dataclass(frozen=True)
+class _Tracer(Detector):
+    """Traces a query (the attack's first misclassified test sample, as Δ-Influence does) and flags the first ``most``
+    true poisons of the training set it is given (all: ``None``): an audit that finds part of them, at no cost."""
+
+    most: Optional[int] = None
+    name: str = "tracer"
+    needs_query: ClassVar[bool] = True
+
+    def _detect(self, inputs: DetectionInput) -> Detection:
+        return Detection(self.name, inputs.poison_indices[: self.most])
+
+
+def test_a_corrected_model_that_still_misbehaves_is_audited_again_and_refitted_without_what_that_finds(
+    trained_digits, tmp_path
+):
+    data, victim = trained_digits
+    fit = CorrectiveFit(
+        data.train_set, data.eval_train_set, data.test_set, data.attack_test_set, tmp_path / "unlearn",
+        FitSettings(batch_size=32, max_epochs=6),
+    )  # fmt: skip
+    first = run_audit(victim, AuditData.of(data), _Tracer(most=2), tmp_path / "audit", tmp_path / "factors")
+    assert first.query.index is not None  # the query is the one traced, whatever the corrected model predicts
+    torch.manual_seed(0)
+    report = correct_in_rounds(fit, victim, Retrain(), first, _Tracer(), tmp_path / "factors", rounds=3)
+
+    (earlier,) = report["earlier_rounds"]  # the retrain without 2 of the 20 poisons keeps the backdoor
+    assert earlier["round"] == 1 and earlier["forgotten"] == 2 and earlier["asr"] >= 0.5
+    assert earlier["next_flagged"] == 18 and Path(earlier["next_audit"]) == tmp_path / "audit_round2"
+    poisons, found = set(data.poison_indices.tolist()), set(first.flagged.tolist())
+    again = json.loads((tmp_path / "audit_round2" / "flagged.json").read_text())["flagged"]
+    assert sorted(again) == sorted(poisons - found)  # indices into the whole training set, not into the part
+    audited = torch.load(tmp_path / "audit_round2" / "train_indices.pt")
+    assert len(audited) == 398 and not found & set(audited.tolist())
+    # the second fit forgets all 20 and puts the query right, so a third round has nothing to do
+    assert report["round"] == 2 and report["forgotten"] == 20 and report["asr"] <= 0.1
+    assert len(list((tmp_path / "unlearn").glob("retrain*.ckpt"))) == 2
+    saved = json.loads(Path(report["report"]).read_text())
+    assert saved["round"] == 2 and saved["earlier_rounds"][0]["asr"] == earlier["asr"]
+    with pytest.raises(UnlearningError, match=r"rounds=0: give 1"):
+        correct_in_rounds(fit, victim, Retrain(), first, _Tracer(), tmp_path / "factors", rounds=0)

@@ -15,7 +15,7 @@ from lightning_modules.unlearning.methods import (
     UnlearningError,
     retain_loader,
 )
-from lightning_modules.unlearning.runner import CorrectiveFit
+from lightning_modules.unlearning.runner import CorrectiveFit, correct_in_rounds
 
 __all__ = [
     "SCRUB",
@@ -29,5 +29,6 @@ __all__ = [
     "Unlearning",
     "UnlearningData",
     "UnlearningError",
+    "correct_in_rounds",
     "retain_loader",
 ]

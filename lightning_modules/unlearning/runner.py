@@ -1,15 +1,17 @@
 """The corrective fit: forget a set of training samples with a method, measure before and after, save the result.
 
 ``CorrectiveFit.of(datamodule, trainer, out_dir)`` takes everything from a data module and the victim's trainer in one
-step; the callback, ``unlearn.py`` and the benchmarks all call it.
+step; the callback, ``unlearn.py`` and the benchmarks all call it. ``correct_in_rounds`` audits the corrected model
+again while it still misbehaves on the audit's query (the callback and the benchmarks).
 """
 
+import copy
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -18,10 +20,11 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from delta_influence.detectors import Detector
 from delta_influence.devices import accelerator_of, device_of
 from delta_influence.examples import predictions
 from delta_influence.files import write_new
-from delta_influence.pipeline import eval_train_set_of
+from delta_influence.pipeline import AuditResult, eval_train_set_of, misbehaves, run_audit
 from delta_influence.unlearning import retained_indices
 from lightning_modules.unlearning.methods import FitSettings, Unlearning, UnlearningData, UnlearningError
 
@@ -75,7 +78,9 @@ class CorrectiveFit:
             save=trainer.is_global_zero,
         )
 
-    def run(self, victim: pl.LightningModule, method: Unlearning, flagged: Tensor) -> Optional[dict]:
+    def run(
+        self, victim: pl.LightningModule, method: Unlearning, flagged: Tensor, notes: Optional[dict] = None
+    ) -> Optional[dict]:
         """Forgets the ``flagged`` training samples with ``method`` and measures, before and after, clean accuracy,
         ASR and the clean accuracy on the attacker's label (``label_acc``). The report also gives the share of test
         predictions that changed, what that did to the attack (``verdict``, see ``verdict``; anything but "attack
@@ -84,7 +89,8 @@ class CorrectiveFit:
 
         The corrected model is saved as ``out_dir/<method>.ckpt`` (``<method>-2.ckpt``, ... when taken), in
         Lightning's checkpoint layout (``state_dict`` and ``hyper_parameters``), and the report next to it as
-        ``<method>.json`` (the first free name); the victim is neither modified nor overwritten.
+        ``<method>.json`` (the first free name); the victim is neither modified nor overwritten. ``notes`` are added
+        to the report as they are (``correct_in_rounds``: the earlier rounds).
 
         Returns:
             The report (on the saving process) with the absolute paths of the checkpoint and the report (the file
@@ -136,6 +142,7 @@ class CorrectiveFit:
         }
         report["verdict"] = verdict(report)
         report["details"] = dict(getattr(method, "details", {}))
+        report |= notes or {}
         if report["verdict"] != "attack weakened":
             rank_zero_warn(f"Corrective fit {method.name}: {report['verdict']} ({_numbers(report)}).")
         checkpoint = {
@@ -167,6 +174,75 @@ class CorrectiveFit:
                 result["label_acc"] = _share(clean, clean[1] == label)
         result["predicted"] = torch.cat([pair[0] for pair in (clean, attack) if pair is not None] or [torch.zeros(0)])
         return result
+
+
+def correct_in_rounds(
+    fit: CorrectiveFit,
+    victim: pl.LightningModule,
+    method: Unlearning,
+    audit: AuditResult,
+    detector: Detector,
+    factors_dir: str | Path,
+    rounds: int,
+    log: Callable[[str], object] = rank_zero_info,
+    on_audit: Optional[Callable[[int, AuditResult], object]] = None,
+    later: Optional[CorrectiveFit] = None,
+) -> Optional[dict]:
+    """The corrective fit on ``audit``'s flagged samples; then, while the corrected model still predicts the attacker's
+    label for the audit's query, ``detector`` audits it again on the samples it kept (with the same query), and the
+    fit runs again on the victim without everything flagged so far; at most ``rounds`` fits in all.
+
+    Made for retraining: the retrained model has learnt from the kept samples alone, so its audit asks which of them
+    still carry the attack, and the poisons the first audit missed now carry it alone (on the Witches' Brew pair whose
+    target stayed flipped, the second audit found the poisons that kept it so; see the benchmarks' README). It runs
+    after any method (the corrected model is audited as it is). Each round's audit is published next to the first
+    one as ``<audit folder>_round<k>`` (flagged indices into the whole training set), each fit's model and report
+    in ``fit.out_dir``; the last report lists the earlier rounds under ``earlier_rounds``. A round stops the loop
+    when the query is put right, when its audit flags nothing new, or after ``rounds`` fits. ``on_audit(k,
+    result)`` is called with each new audit (the callback logs it). ``later``: the fit of the rounds after the first
+    (default ``fit``): where ``fit`` is distributed, one that runs on this process alone, since the other processes
+    are done after the first round (their ``fit.run`` returns ``None``) while this one audits.
+
+    Returns:
+        The last fit's report, with ``round`` (how many fits ran) and ``earlier_rounds``; ``None`` where ``fit.run``
+        returns it (nothing flagged, or not the saving process).
+    """
+    if rounds < 1:
+        raise UnlearningError(f"rounds={rounds}: give 1 (one corrective fit) or more (audits again in between).")
+    flagged = audit.flagged
+    earlier: list[dict] = []
+    report = fit.run(victim, method, flagged, {"round": 1, "earlier_rounds": []})
+    for number in range(2, rounds + 1):
+        if report is None:
+            return None
+        if audit.query is None:
+            log(f"Corrective round {number} skipped: the {audit.title} audit traced no query to check it against.")
+            break
+        corrected = copy.deepcopy(victim)
+        corrected.load_state_dict(torch.load(report["checkpoint"], weights_only=False)["state_dict"])
+        if not misbehaves(corrected, audit.data, audit.query):
+            break
+        earlier.append({key: report[key] for key in ("round", "forgotten", "acc", "asr", "label_acc", "checkpoint")})
+        log(
+            f"Corrective round {number}: the corrected model still predicts the attacker's label for the query "
+            f"({audit.summary.get('query')}); auditing it on the {len(fit.train_set) - len(flagged)} samples it kept."
+        )
+        kept = torch.tensor(retained_indices(len(audit.data.train_set), flagged), dtype=torch.long)
+        again = run_audit(
+            corrected, audit.data.subset(kept), detector, f"{audit.output_dir}_round{number}", factors_dir,
+            audit.query, log=log,
+        )  # fmt: skip
+        if on_audit is not None:
+            on_audit(number, again)
+        new = again.flagged
+        earlier[-1]["next_audit"], earlier[-1]["next_flagged"] = str(again.output_dir), len(new)
+        if not len(new):
+            log(f"Corrective round {number}: its audit flagged nothing more; the last corrected model stands.")
+            earlier.pop()
+            break
+        flagged = torch.cat([flagged, new]).unique()
+        report = (later or fit).run(victim, method, flagged, {"round": number, "earlier_rounds": list(earlier)})
+    return report
 
 
 def verdict(report: dict) -> str:
