@@ -209,6 +209,8 @@ def correct_in_rounds(
     """
     if rounds < 1:
         raise UnlearningError(f"rounds={rounds}: give 1 (one corrective fit) or more (audits again in between).")
+    if audit.data.indices is not None:
+        raise UnlearningError("correct_in_rounds starts from an audit of the whole training set, not of a part of it.")
     flagged = audit.flagged
     earlier: list[dict] = []
     report = fit.run(victim, method, flagged, {"round": 1, "earlier_rounds": []})
