@@ -27,7 +27,6 @@ is printed and written to results/witches_brew.json.
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from common import (
@@ -201,7 +200,8 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     reference = detection_metrics(every.evidence.decision.collapsed, total, poisons)
     final = result.flagged
     for earlier in retrained["earlier_rounds"]:  # what each later round's audit flagged
-        found_again = json.loads((Path(earlier["next_audit"]) / "flagged.json").read_text())["flagged"]
+        found_again = json.loads((result.output_dir.parent / earlier["next_audit"] / "flagged.json").read_text())
+        found_again = found_again["flagged"]
         final = torch.cat([final, torch.tensor(found_again, dtype=torch.long)]).unique()
     final_metrics = detection_metrics(final, total, poisons)
     first = retrained["earlier_rounds"][0] if retrained["earlier_rounds"] else retrained

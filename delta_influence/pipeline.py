@@ -120,6 +120,7 @@ class AuditData:
             position[keep] = torch.arange(len(keep))
             poisons = position[self.poison_indices]
             poisons = poisons[poisons >= 0].sort().values
+            poisons = poisons if len(poisons) else None  # as `of` gives it: none left to measure against
         indices = self.indices[keep] if self.indices is not None else keep
         return replace(self, train_set=Subset(self.train_set, keep.tolist()), poison_indices=poisons, indices=indices)
 

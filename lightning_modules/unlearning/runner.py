@@ -197,11 +197,12 @@ def correct_in_rounds(
     target stayed flipped, the second audit found the poisons that kept it so; see the benchmarks' README). It runs
     after any method (the corrected model is audited as it is). Each round's audit is published next to the first
     one as ``<audit folder>_round<k>`` (flagged indices into the whole training set), each fit's model and report
-    in ``fit.out_dir``; the last report lists the earlier rounds under ``earlier_rounds``. A round stops the loop
-    when the query is put right, when its audit flags nothing new, or after ``rounds`` fits. ``on_audit(k,
-    result)`` is called with each new audit (the callback logs it). ``later``: the fit of the rounds after the first
-    (default ``fit``): where ``fit`` is distributed, one that runs on this process alone, since the other processes
-    are done after the first round (their ``fit.run`` returns ``None``) while this one audits.
+    in ``fit.out_dir``; the last report lists the earlier rounds under ``earlier_rounds`` (their checkpoints' names
+    in ``fit.out_dir``, the next round's audit folder's name). A round stops the loop when the query is put right,
+    when its audit flags nothing new, or after ``rounds`` fits; a detector that traces no query runs one round.
+    ``on_audit(k, result)`` is called with each new audit (the callback logs it). ``later``: the fit of the rounds
+    after the first (default ``fit``): where ``fit`` is distributed, one that runs on this process alone, since the
+    other processes are done after the first round (their ``fit.run`` returns ``None``) while this one audits.
 
     Returns:
         The last fit's report, with ``round`` (how many fits ran) and ``earlier_rounds``; ``None`` where ``fit.run``
@@ -217,14 +218,18 @@ def correct_in_rounds(
     for number in range(2, rounds + 1):
         if report is None:
             return None
-        if audit.query is None:
-            log(f"Corrective round {number} skipped: the {audit.title} audit traced no query to check it against.")
+        if audit.query is None:  # a detector that traces no query (spectral signatures, ...): one round
             break
-        corrected = copy.deepcopy(victim)
-        corrected.load_state_dict(torch.load(report["checkpoint"], weights_only=False)["state_dict"])
-        if not misbehaves(corrected, audit.data, audit.query):
+        # after Lightning's teardown the victim lies on the CPU: the round's audit goes where the fits run
+        device = device_of((later or fit).settings.accelerator)
+        corrected = copy.deepcopy(victim).to(device)
+        corrected.load_state_dict(
+            torch.load(report["checkpoint"], map_location=device, weights_only=False)["state_dict"]
+        )
+        if not misbehaves(corrected, audit.data, audit.query, device):
             break
-        earlier.append({key: report[key] for key in ("round", "forgotten", "acc", "asr", "label_acc", "checkpoint")})
+        earlier.append({key: report[key] for key in ("round", "forgotten", "acc", "asr", "label_acc")})
+        earlier[-1]["checkpoint"] = Path(report["checkpoint"]).name  # beside the report, as its own
         log(
             f"Corrective round {number}: the corrected model still predicts the attacker's label for the query "
             f"({audit.summary.get('query')}); auditing it on the {len(fit.train_set) - len(flagged)} samples it kept."
@@ -232,12 +237,13 @@ def correct_in_rounds(
         kept = torch.tensor(retained_indices(len(audit.data.train_set), flagged), dtype=torch.long)
         again = run_audit(
             corrected, audit.data.subset(kept), detector, f"{audit.output_dir}_round{number}", factors_dir,
-            audit.query, log=log,
+            audit.query, device, log=log,
         )  # fmt: skip
         if on_audit is not None:
             on_audit(number, again)
         new = again.flagged
-        earlier[-1]["next_audit"], earlier[-1]["next_flagged"] = str(again.output_dir), len(new)
+        # the audit's folder name: it lies beside the first audit's
+        earlier[-1]["next_audit"], earlier[-1]["next_flagged"] = again.output_dir.name, len(new)
         if not len(new):
             log(f"Corrective round {number}: its audit flagged nothing more; the last corrected model stands.")
             earlier.pop()
