@@ -484,3 +484,22 @@ def test_a_corrected_model_that_still_misbehaves_is_audited_again_and_refitted_w
     assert saved["round"] == 2 and saved["earlier_rounds"][0]["asr"] == earlier["asr"]
     with pytest.raises(UnlearningError, match=r"rounds=0: give 1"):
         correct_in_rounds(fit, victim, Retrain(), first, _Tracer(), tmp_path / "factors", rounds=0)
+
+
+def test_the_callback_runs_the_rounds_and_logs_them(trained_digits, tmp_path):
+    data, victim = trained_digits
+    logger = WandbLogger(project="test", save_dir=str(tmp_path))
+    # the tracer finds 10 poisons in each audit: the victim's 20 in two rounds
+    callback = InfluenceCollapseCallback(detector=_Tracer(most=10), unlearning=Retrain(max_epochs=6))
+    trainer = tiny_trainer(tmp_path, max_epochs=1, logger=logger, callbacks=[callback])
+    trainer.fit(copy.deepcopy(victim), datamodule=data)
+
+    report = callback.corrective  # the default two rounds: the first retrain keeps the backdoor, the second not
+    assert report["round"] == 2 and report["forgotten"] == 20 and report["asr"] <= 0.1
+    assert report["earlier_rounds"][0]["asr"] >= 0.5 and report["earlier_rounds"][0]["next_flagged"] == 10
+    assert (callback.result.output_dir.parent / report["earlier_rounds"][0]["next_audit"] / "flagged.json").is_file()
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+    run = read_run(run_dir)
+    assert {"audit/tracer/flagged", "audit/round2/flagged", "unlearn/rounds"} <= logged_keys(run)
+    assert run["summary"]["unlearn/rounds"] == 2 and run["summary"]["audit/round2/flagged"] == 10
