@@ -289,11 +289,15 @@ class InfluenceCollapseCallback(Callback):
         if self.result is not None:  # the indices this audit flagged, whichever detector wrote them
             finish += f" --indices {(self.result.output_dir / 'flagged.json').resolve()}"
         with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
-            if self.result is None or self.corrective_rounds == 1:
+            if self.result is None:  # a DDP process other than 0: the first round's fit, with process 0
                 report = fit.run(pl_module, self.unlearning, self._flagged)
             else:
                 # after the first round process 0 goes on alone: it audits, then fits on one device
-                alone = CorrectiveFit.of(data, trainer, folder / "unlearn") if distributed else None
+                alone = (
+                    CorrectiveFit.of(data, trainer, folder / "unlearn")
+                    if distributed and self.corrective_rounds > 1
+                    else None
+                )
                 report = correct_in_rounds(
                     fit, pl_module, self.unlearning, self.result, self.detector, self._factors_dir(trainer),
                     self.corrective_rounds, on_audit=lambda number, result: self._log_round(trainer, number, result),

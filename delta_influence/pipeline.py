@@ -322,8 +322,7 @@ def misbehaves(model: nn.Module, data: AuditData, choice: QueryChoice, device: O
     """Whether ``model`` still predicts the attacker's label for the query ``choice`` picks (an audit's
     ``AuditResult.query``)."""
     image, label, _, _ = _query(model, data, choice)
-    with torch.no_grad(), evaluating(model, device):
-        return int(model(image[None].to(device or next(model.parameters()).device)).argmax(-1)) == label
+    return int(_logits(model, image, device or next(model.parameters()).device).argmax(-1)) == label
 
 
 def _query(model: nn.Module, data: AuditData, choice: QueryChoice) -> tuple[Tensor, int, str, QueryChoice]:
@@ -360,8 +359,7 @@ def _check_query(
     model: nn.Module, image: Tensor, label: int, where: str, require_misclassified: bool, device: torch.device
 ) -> int:
     """Checks the label is a class and, unless told otherwise, that the model predicts it; returns #classes."""
-    with torch.no_grad(), evaluating(model, device):
-        logits = model(image[None].to(device))
+    logits = _logits(model, image, device)
     num_classes = logits.shape[-1]
     if not 0 <= label < num_classes:
         raise AuditError(f"query_label={label} is out of range for a model with {num_classes} classes.")
@@ -373,6 +371,12 @@ def _check_query(
             "require_misclassified=false to proceed anyway."
         )
     return num_classes
+
+
+def _logits(model: nn.Module, image: Tensor, device: torch.device) -> Tensor:
+    """The model's logits for one input, in eval mode on ``device``."""
+    with torch.no_grad(), evaluating(model, device):
+        return model(image[None].to(device))
 
 
 def _contrast(

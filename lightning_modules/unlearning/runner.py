@@ -228,8 +228,6 @@ def correct_in_rounds(
         )
         if not misbehaves(corrected, audit.data, audit.query, device):
             break
-        earlier.append({key: report[key] for key in ("round", "forgotten", "acc", "asr", "label_acc")})
-        earlier[-1]["checkpoint"] = Path(report["checkpoint"]).name  # beside the report, as its own
         log(
             f"Corrective round {number}: the corrected model still predicts the attacker's label for the query "
             f"({audit.summary.get('query')}); auditing it on the {len(fit.train_set) - len(flagged)} samples it kept."
@@ -242,12 +240,14 @@ def correct_in_rounds(
         if on_audit is not None:
             on_audit(number, again)
         new = again.flagged
-        # the audit's folder name: it lies beside the first audit's
-        earlier[-1]["next_audit"], earlier[-1]["next_flagged"] = again.output_dir.name, len(new)
         if not len(new):
             log(f"Corrective round {number}: its audit flagged nothing more; the last corrected model stands.")
-            earlier.pop()
             break
+        earlier.append(
+            {key: report[key] for key in ("round", "forgotten", "acc", "asr", "label_acc")}
+            | {"checkpoint": Path(report["checkpoint"]).name, "next_audit": again.output_dir.name,
+               "next_flagged": len(new)}
+        )  # names: the checkpoint lies beside the report, the audit beside the first one  # fmt: skip
         flagged = torch.cat([flagged, new]).unique()
         report = (later or fit).run(victim, method, flagged, {"round": number, "earlier_rounds": list(earlier)})
     return report
