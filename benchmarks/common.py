@@ -18,11 +18,11 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
-import train
-from callbacks import InfluenceCollapseCallback
+from delta_influence.audit import AuditData, AuditResult, run_audit
+from delta_influence.callbacks import InfluenceCollapseCallback
+from delta_influence.cli import train
 from delta_influence.examples import accuracy
-from delta_influence.pipeline import AuditData, AuditResult, run_audit
-from lightning_modules.unlearning import CorrectiveFit
+from delta_influence.lightning_modules.unlearning import LightningCorrectiveFit, Unlearning
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -133,9 +133,10 @@ def configured(args: argparse.Namespace) -> train.DeltaInfluenceCLI:
     return cli
 
 
-def corrective_fit(cli: train.DeltaInfluenceCLI, out_dir: Path) -> CorrectiveFit:
-    """The config's corrective fit, without validation passes or progress bars (a table needs neither)."""
-    fit = CorrectiveFit.of(cli.datamodule, cli.trainer, out_dir)
+def corrective_fit(cli: train.DeltaInfluenceCLI, out_dir: Path, method: Unlearning) -> LightningCorrectiveFit:
+    """The config's corrective fit by ``method``, without validation passes or progress bars (a table needs
+    neither)."""
+    fit = LightningCorrectiveFit.of(cli.datamodule, cli.trainer, out_dir, method)
     fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None, progress_bar=False)
     return fit
 
@@ -169,8 +170,8 @@ def epoch_seconds(cli: train.DeltaInfluenceCLI) -> float:
 
 def every_sample_audit(model, data, settings, output: Path, factors: str, choice) -> AuditResult:
     """The audit's rule (``settings``, without its verification) on every training sample's scores (``score_all``), on
-    the same factors, published as ``<output>_every_sample``: the reference rule's answer, and the scores that
-    ``contrast_ratio.py`` and ``witches_brew_rules.py`` read again."""
+    the same factors, published as ``<output>_every_sample``: the paper's rule's answer (collapse alone) and the raw
+    influence ranking."""
     every = dataclasses.replace(settings, score_all=True, verification=None)
     return run_audit(model, AuditData.of(data), every, f"{output}_every_sample", factors, choice)
 

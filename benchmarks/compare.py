@@ -19,17 +19,17 @@ import torch
 import wandb
 from common import RESULTS, config_args, corrective_fit, load_victim, parse_args, report, run_tag
 
-from delta_influence.audit import DeltaInfluence
+from delta_influence.audit import AuditData, run_audit
 from delta_influence.detectors import (
     ActivationClustering,
+    DeltaInfluence,
     FrequencyAnalysis,
     InfluenceThreshold,
     Oracle,
     RandomSubset,
     SpectralSignatures,
 )
-from delta_influence.pipeline import AuditData, run_audit
-from lightning_modules.unlearning import Retrain
+from delta_influence.lightning_modules.unlearning import Retrain
 
 COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
 
@@ -47,11 +47,11 @@ def main() -> None:
     data, victim, victim_metrics = cli.datamodule, cli.model, cli.victim_metrics
     poisons = data.poison_indices
     target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
-    retrain = corrective_fit(cli, RESULTS / "compare_unlearn")
+
     detectors = [
         ("Δ-Influence (verified, default)", DeltaInfluence(train_batch_size=256)),
         ("Δ-Influence (contrast rule, unverified)", DeltaInfluence(train_batch_size=256, verification=None)),
-        ("Δ-Influence (reference rule)", DeltaInfluence(num_contrast=0, train_batch_size=256)),
+        ("Δ-Influence (the paper's rule)", DeltaInfluence(num_contrast=0, verification=None, train_batch_size=256)),
         ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
         (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),
         ("activation clustering", ActivationClustering()),
@@ -78,9 +78,10 @@ def main() -> None:
             retrains = []
             for seed in range(args.seed, args.seed + args.retrains):
                 torch.manual_seed(seed)
-                retrained = retrain.run(victim, Retrain(seed=seed), result.flagged)
+                retrain = corrective_fit(cli, RESULTS / "compare_unlearn", Retrain(seed=seed))
+                retrained = retrain.run(victim, result.flagged, str(result.output_dir))
                 if retrained is not None:
-                    retrains.append((retrained["acc"], retrained["asr"]))
+                    retrains.append((retrained.report.acc, retrained.report.asr))
             if retrains:
                 accs, asrs = zip(*retrains)
                 row |= {"clean_acc": sum(accs) / len(accs), "asr": sum(asrs) / len(asrs)}

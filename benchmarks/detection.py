@@ -6,9 +6,9 @@ python benchmarks/detection.py --attack smooth  # configs/benchmarks/cifar10_smo
 The victim is trained and audited by ``train.py fit`` on the config, with fresh factors (so that their cost is
 measured) and the audit written to results/detection_audit_<attack>[_s<seed>]. The default audit scores only the
 samples of the attacker's label, all its rule can flag; a second scoring pass on the same factors scores every
-sample (``score_all``, the rule alone, written to ``..._every_sample``: the scores ``contrast_ratio.py`` reads), for
-the reference rule (collapse alone, as in the paper). Rows: that rule, collapse plus the clean-class contrast, and
-that rule's flagged set after the verification stage (the default). The audit's time is the default's, given
+sample (``score_all``, the rule alone, written to ``..._every_sample``), for the paper's rule (collapse alone).
+Rows: that rule, collapse plus the clean-class contrast, and that rule's flagged set after the verification stage
+(the default). The audit's time is the default's, given
 without the verification stage (``rule_audit_s``) and with it (``audit_s``).
 """
 
@@ -16,7 +16,7 @@ import tempfile
 
 from common import AUDIT_STAGES, RESULTS, audit_callback, every_sample_audit, parse_args, report, run_tag, train_victim
 
-from delta_influence import detection_metrics
+from delta_influence.metrics import detection_metrics
 
 
 def main() -> None:
@@ -26,9 +26,7 @@ def main() -> None:
         cli = train_victim(args, [f"--delta_influence.{key}={value}" for key, value in
                                   (("factors_dir", factors), ("output_dir", output))])  # fmt: skip
         callback = audit_callback(cli)
-        every = every_sample_audit(
-            cli.model, cli.datamodule, callback.delta_influence, output, factors, callback.choice
-        )
+        every = every_sample_audit(cli.model, cli.datamodule, callback.detector, output, factors, callback.choice)
     data, victim, result = cli.datamodule, cli.victim_metrics, callback.result
     decision, timings = result.evidence.decision, result.metrics
     rows = []

@@ -29,15 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 from common import AUDIT_STAGES  # noqa: E402  (this script's folder)
 
-import train  # noqa: E402  (the project root, added above)
-from callbacks import InfluenceCollapseCallback  # noqa: E402
+from delta_influence.callbacks import InfluenceCollapseCallback  # noqa: E402
+from delta_influence.cli import run_command, train  # noqa: E402
 
 TINY = [
     "--data.per_class", "20", "--data.attack.init_args.num_poisons", "10", "--model.arch", "small_cnn",
-    "--trainer.max_epochs", "2", "--data.num_workers", "0", "--delta_influence.num_workers", "0",
-    "--delta_influence.num_transforms", "8", "--delta_influence.tolerance", "1",
-    "--delta_influence.query_index", "0", "--delta_influence.require_misclassified", "false",
-    "--delta_influence.num_contrast", "0", "--trainer.enable_progress_bar", "false",
+    "--trainer.max_epochs", "2", "--data.num_workers", "0", "--detector.num_workers", "0",
+    "--detector.num_transforms", "8", "--detector.tolerance", "1", "--detector.num_contrast", "0",
+    "--detector.verification", "null", "--delta_influence.query_index", "0",
+    "--delta_influence.require_misclassified", "false", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
 
 
@@ -53,18 +53,21 @@ def main(args: list[str]) -> dict:
     if not cli.trainer.is_global_zero:
         return {}
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCollapseCallback)]
-    audit, corrective = callback.result.metrics, callback.corrective or {}
+    audit = callback.result.metrics
+    fits = [r.corrected.report for r in callback.correction.rounds] if callback.correction is not None else []
+    final = fits[-1] if fits else None
     table = {
-        "victim_clean_acc": corrective.get("before_acc"),
-        "victim_asr": corrective.get("before_asr"),
+        "victim_clean_acc": final.before_acc if final else None,
+        "victim_asr": final.before_asr if final else None,
         "flagged": int(audit["flagged"]),
         "precision": audit.get("precision"),
         "recall": audit.get("recall"),
-        "retrained_clean_acc": corrective.get("acc"),
-        "retrained_asr": corrective.get("asr"),
-        "attack_and_training_s": total - audit["total_s"] - corrective.get("time_s", 0.0),
+        "retrained_clean_acc": final.acc if final else None,
+        "retrained_asr": final.asr if final else None,
+        "rounds": len(fits),
+        "attack_and_training_s": total - audit["total_s"] - sum(fit.time_s for fit in fits),
         "audit_s": audit["total_s"],
-        "retrain_s": corrective.get("time_s"),
+        "retrain_s": sum(fit.time_s for fit in fits) if fits else None,
         "total_s": total,
         **{f"audit_{stage}_s": audit.get(f"{stage}_s") for stage in AUDIT_STAGES},
         "audit_epochs": audit.get("total_epochs"),
@@ -93,7 +96,10 @@ def _render(table: dict) -> str:
         ("attack + victim training", f"{table['attack_and_training_s']:.0f} s"),
         ("audit (factors + scores + verification)", f"{table['audit_s']:.0f} s{epochs}"),
         ("  per pass", passes),
-        ("retrain", "n/a" if table["retrain_s"] is None else f"{table['retrain_s']:.0f} s"),
+        (
+            "retrain",
+            "n/a" if table["retrain_s"] is None else f"{table['retrain_s']:.0f} s ({table['rounds']} round(s))",
+        ),
         ("total", f"{table['total_s']:.0f} s on {table['devices']} x {table['device']}"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -114,4 +120,4 @@ if __name__ == "__main__":
     # LightningCLI gets the arguments as ``args``; sys.argv keeps them, because under DDP Lightning starts this
     # script again, with the same command line, for every further device
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    train.run_command(lambda: main(sys.argv[1:]))
+    run_command(lambda: main(sys.argv[1:]))

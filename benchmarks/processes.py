@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import AUDIT_STAGES, RESULTS, audit_callback, epoch_seconds, load_victim, parse_args, report, run_tag
 
+from delta_influence.audit import AuditData, run_audit
 from delta_influence.influence import DataPartitions, finish, serve
-from delta_influence.pipeline import AuditData, run_audit
 
 STAGES = [f"{stage}_s" for stage in AUDIT_STAGES if stage != "verify"]  # the passes split across processes
 
@@ -49,7 +49,7 @@ def _audit(rank: int, count: int, args, factors: str, out: str, threads: int, ep
     if rank == 0:
         flagged = None
         try:
-            detector, folder = audit_callback(cli).delta_influence, RESULTS / f"processes_{args.attack}{run_tag(args)}"
+            detector, folder = audit_callback(cli).detector, RESULTS / f"processes_{args.attack}{run_tag(args)}"
             result = run_audit(
                 model, AuditData.of(data), detector, folder, factors, device=device, epoch_seconds=epoch_s,
                 partitions=partitions,

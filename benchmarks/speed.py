@@ -16,19 +16,20 @@ import time
 from common import RESULTS, audit_callback, load_victim, parse_args, report, run_tag
 from torch.utils.data import Subset
 
+from delta_influence.audit import AuditData, run_audit
 from delta_influence.influence import InfluenceAnalysis
-from delta_influence.pipeline import AuditData, run_audit
+from delta_influence.queries import scoring_set
 
 
 def main() -> None:
     args = parse_args(__doc__, extra=[("--per-query", int, 5, "per-query passes to time")])
     cli = load_victim(args)
     data, model, victim = cli.datamodule, cli.model, cli.victim_metrics
-    settings = dataclasses.replace(audit_callback(cli).delta_influence, score_all=True)  # every sample, as per query
+    settings = dataclasses.replace(audit_callback(cli).detector, score_all=True)  # every sample, as per query
     with tempfile.TemporaryDirectory() as cache:  # fresh factors, so that their cost is measured too
         result = run_audit(model, AuditData.of(data), settings, RESULTS / f"speed_audit{run_tag(args)}", cache)
         audit = result.evidence
-        query_set = audit.scored_queries()  # the rows of the one pass: the query, its copies, the contrast images
+        query_set = scoring_set(audit.queries, audit.contrast)  # the rows of the one pass
         analysis = InfluenceAnalysis(
             model, data.eval_train_set, cache, settings.strategy, train_batch_size=settings.train_batch_size,
             seed=settings.seed,

@@ -5,7 +5,7 @@ retained set), plus a retrain without all the true poisons for reference.
     python benchmarks/detection.py [--attack smooth]    # first: trains the victim and flags samples
     python benchmarks/unlearning.py [--attack smooth]
 
-    python benchmarks/unlearning.py --seed 1 --methods potion --potion-reference class   # one method, one option
+    python benchmarks/unlearning.py --seed 1 --methods potion   # one method
 
 Per row: clean accuracy, ASR and the clean accuracy on the attacker's label after the fit, the share of test
 predictions it changed and its verdict, its time and that time as a share of the retrain's on the same forget set
@@ -15,7 +15,7 @@ predictions it changed and its verdict, its time and that time as a share of the
 import torch
 from common import RESULTS, corrective_fit, load_victim, newest, parse_args, report, run_tag
 
-from lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Potion, Retrain
+from delta_influence.lightning_modules.unlearning import SCRUB, SSD, BadTeacher, FineTune, Potion, Retrain
 
 METHODS = ("retrain", "finetune", "ssd", "potion", "scrub", "bad_teacher")
 
@@ -26,7 +26,6 @@ def main() -> None:
         [
             ("--share", float, 0.1, "share of the true poisons in set (b)"),
             ("--methods", str, ",".join(METHODS), "the methods to run, comma-separated"),
-            ("--potion-reference", str, "retained", "Potion's reference importance: retained (Potion's) or class"),
         ],
     )
     names = args.methods.split(",")
@@ -40,13 +39,11 @@ def main() -> None:
     print(f"Forgetting the flagged set of {audit}", flush=True)
     cli = load_victim(args)
     data, victim, metrics = cli.datamodule, cli.model, cli.victim_metrics
-    fit = corrective_fit(cli, RESULTS / "unlearn")
     poisons = torch.as_tensor(data.poison_indices)
     generator = torch.Generator().manual_seed(args.seed)
     part = poisons[torch.randperm(len(poisons), generator=generator)[: round(args.share * len(poisons))]]
     sets = [("Δ-Influence (default)", torch.load(audit / "flagged.pt")), (f"{args.share:.0%} of the poisons", part)]
-    methods = [Retrain(seed=args.seed), FineTune(), SSD(), Potion(reference=args.potion_reference), SCRUB(),
-               BadTeacher(seed=args.seed)]  # fmt: skip
+    methods = [Retrain(seed=args.seed), FineTune(), SSD(), Potion(), SCRUB(), BadTeacher(seed=args.seed)]
     methods = [method for method in methods if method.name in names]
     runs = [(name, indices, method) for name, indices in sets for method in methods]
     if "retrain" in names:
@@ -54,33 +51,32 @@ def main() -> None:
     rows, retrain_s = [], {}
     for forget, indices, method in runs:
         torch.manual_seed(args.seed)
-        result = fit.run(victim, method, indices)
+        result = corrective_fit(cli, RESULTS / "unlearn", method).run(victim, indices, forget).report
         if method.name == "retrain":
-            retrain_s[forget] = result["time_s"]
+            retrain_s[forget] = result.time_s
         rows.append(
             {
                 "forget": forget,
                 "method": method.name,
                 "removed": len(indices),
                 "poisons_removed": int(torch.isin(torch.as_tensor(indices), poisons).sum()),
-                "clean_acc": result["acc"],
-                "asr": result["asr"],
-                "label_acc": result["label_acc"],
-                "changed": result["changed_predictions"],
-                "verdict": result["verdict"],
-                "dampened": result["details"].get("dampened_fraction"),
-                "time_s": result["time_s"],
-                "vs_retrain": result["time_s"] / retrain_s[forget] if forget in retrain_s else None,
+                "clean_acc": result.acc,
+                "asr": result.asr,
+                "label_acc": result.label_acc,
+                "changed": result.changed_predictions,
+                "verdict": result.verdict,
+                "dampened": result.details.get("dampened_fraction"),
+                "time_s": result.time_s,
+                "vs_retrain": result.time_s / retrain_s[forget] if forget in retrain_s else None,
             }
         )
         print(rows[-1], flush=True)
     victim_row = {"forget": "nothing (victim)", "method": "-", "removed": 0, "poisons_removed": 0,
-                  "clean_acc": result["before_acc"], "asr": result["before_asr"],
-                  "label_acc": result["before_label_acc"], "time_s": metrics["train_s"]}  # fmt: skip
+                  "clean_acc": result.before_acc, "asr": result.before_asr,
+                  "label_acc": result.before_label_acc, "time_s": metrics["train_s"]}  # fmt: skip
     columns = ["forget", "method", "removed", "poisons_removed", "clean_acc", "asr", "label_acc", "changed", "verdict",
                "dampened", "time_s", "vs_retrain"]  # fmt: skip
     chosen = "" if names == list(METHODS) else "_" + "-".join(names)
-    chosen += "" if args.potion_reference == "retained" or "potion" not in names else f"_potion-{args.potion_reference}"
     report(f"unlearning_{args.attack}{run_tag(args)}{chosen}", [victim_row, *rows], columns)
 
 

@@ -24,7 +24,6 @@ retrain's outcome (`first_retrain_*`), the rounds run and the final flagged set 
 is printed and written to results/witches_brew.json.
 """
 
-import json
 import tempfile
 import time
 
@@ -40,14 +39,15 @@ from common import (
     report,
 )
 
-import train
-from delta_influence import detection_metrics
+from delta_influence import Correction
 from delta_influence.attacks.base import AttackContext, LabeledImages
+from delta_influence.audit import AuditData, run_audit
+from delta_influence.cli import train
 from delta_influence.detectors import ActivationClustering, SpectralSignatures
 from delta_influence.devices import device_of
 from delta_influence.examples import evaluating
-from delta_influence.pipeline import AuditData, run_audit
-from lightning_modules.unlearning import Retrain, correct_in_rounds
+from delta_influence.lightning_modules.unlearning import Retrain
+from delta_influence.metrics import detection_metrics
 
 CONFIG = "configs/benchmarks/cifar10_witches_brew_cpu.yaml"
 COLUMNS = [
@@ -122,7 +122,9 @@ def main() -> None:
         row["success"] = int(probabilities.argmax()) == int(label)
         if args.known_init:
             poisoned = data.train_set
-            known = data.attack.known_init_victim(LabeledImages(poisoned.images, poisoned.labels), data._context())
+            known = data.attack.known_init_victim(
+                LabeledImages(poisoned.images, poisoned.labels), data.attack_context()
+            )
             with torch.no_grad():
                 known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
             row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
@@ -186,33 +188,30 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     baselines = {"ac": ActivationClustering(), "ss": SpectralSignatures(expected_fraction=min(share, 0.66))}
     found = {}
     with tempfile.TemporaryDirectory() as factors:
-        result = run_audit(victim, AuditData.of(data), configured.delta_influence, folder, factors, configured.choice)
-        every = every_sample_audit(victim, data, configured.delta_influence, folder, factors, configured.choice)
+        result = run_audit(victim, AuditData.of(data), configured.detector, folder, factors, configured.choice)
+        every = every_sample_audit(victim, data, configured.detector, folder, factors, configured.choice)
         for name, detector in baselines.items():
             metrics = run_audit(victim, AuditData.of(data), detector, result.output_dir / name, factors).metrics
             found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}
-        fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn")
+        fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn", Retrain(seed=seed))
         torch.manual_seed(seed)
-        retrained = correct_in_rounds(
-            fit, victim, Retrain(seed=seed), result, configured.detector, factors, configured.corrective_rounds
-        ) or {"acc": None, "asr": None, "round": 0, "earlier_rounds": []}  # None: nothing flagged  # fmt: skip
+        correction = Correction(fit, configured.detector, factors, configured.corrective_rounds).run(victim, result)
     default = result.metrics
     reference = detection_metrics(every.evidence.decision.collapsed, total, poisons)
-    final = result.flagged
-    for earlier in retrained["earlier_rounds"]:  # what each later round's audit flagged
-        found_again = json.loads((result.output_dir.parent / earlier["next_audit"] / "flagged.json").read_text())
-        found_again = found_again["flagged"]
-        final = torch.cat([final, torch.tensor(found_again, dtype=torch.long)]).unique()
-    final_metrics = detection_metrics(final, total, poisons)
-    first = retrained["earlier_rounds"][0] if retrained["earlier_rounds"] else retrained
-    return {
+    row = {
         "flagged": int(default["flagged"]), "precision": default["precision"], "recall": default["recall"],
         **{f"rule_{key}": default.get(f"rule_{key}") for key in ("flagged", "precision", "recall")},  # unverified
         "ref_flagged": int(reference["flagged"]), "ref_precision": reference["precision"],
-        "ref_recall": reference["recall"], "first_retrain_success": first["asr"], "rounds": retrained["round"],
-        "final_flagged": int(final_metrics["flagged"]), "final_precision": final_metrics["precision"],
-        "final_recall": final_metrics["recall"], "retrain_acc": retrained["acc"], "retrain_success": retrained["asr"],
+        "ref_recall": reference["recall"],
     } | found  # fmt: skip
+    if correction is None:  # nothing flagged
+        return row | {"rounds": 0}
+    final = detection_metrics(correction.final.forgotten, total, poisons)
+    return row | {
+        "first_retrain_success": correction.rounds[0].corrected.report.asr, "rounds": len(correction.rounds),
+        "final_flagged": int(final["flagged"]), "final_precision": final["precision"], "final_recall": final["recall"],
+        "retrain_acc": correction.final.corrected.report.acc, "retrain_success": correction.final.corrected.report.asr,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""Lightning callbacks: thin glue between a training run and delta_influence."""
+"""Lightning callbacks: thin glue between a training run and delta_influence's core."""
 
-from callbacks.attack_preview import AttackPreviewCallback
-from callbacks.influence_collapse import InfluenceCollapseCallback
-from delta_influence.pipeline import AuditError, AuditResult
+from delta_influence.callbacks.attack_preview import AttackPreviewCallback
+from delta_influence.callbacks.influence_collapse import InfluenceCollapseCallback
 
-__all__ = ["AttackPreviewCallback", "AuditError", "AuditResult", "InfluenceCollapseCallback"]
+__all__ = ["AttackPreviewCallback", "InfluenceCollapseCallback"]

@@ -6,7 +6,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
-from callbacks.media import to_hwc
+from delta_influence.callbacks.media import to_hwc
 from delta_influence.errors import ConfigError
 from delta_influence.plots import to_displayable
 

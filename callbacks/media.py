@@ -4,7 +4,8 @@ indices as an artifact, the before/after comparison."""
 import torch
 from torch import Tensor
 
-from delta_influence.pipeline import AuditResult
+from delta_influence.audit import AuditResult
+from delta_influence.correction import FitReport
 
 
 def log_audit(logger, result: AuditResult, top_k: int) -> None:
@@ -33,24 +34,26 @@ def to_hwc(image: Tensor):
     return array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
 
 
-def log_comparison_to_wandb(logger, report: dict) -> None:
-    """Puts the before/after comparison of a corrective fit in the run's summary and as a table."""
+def log_comparison_to_wandb(logger, report: FitReport, stopped: str) -> None:
+    """Puts the before/after comparison of the last corrective fit, and why the correction loop stopped, in the run's
+    summary and as a table."""
     logger.experiment.summary.update(
         {
-            "unlearn/method": report["method"],
-            "comparison/before_acc": report["before_acc"],
-            "comparison/before_asr": report["before_asr"],
-            "comparison/after_acc": report["acc"],
-            "comparison/after_asr": report["asr"],
-            "comparison/before_label_acc": report["before_label_acc"],
-            "comparison/after_label_acc": report["label_acc"],
+            "unlearn/method": report.method,
+            "unlearn/stopped": stopped,
+            "comparison/before_acc": report.before_acc,
+            "comparison/before_asr": report.before_asr,
+            "comparison/after_acc": report.acc,
+            "comparison/after_asr": report.asr,
+            "comparison/before_label_acc": report.before_label_acc,
+            "comparison/after_label_acc": report.label_acc,
         }
     )
     logger.log_table(
         "unlearn/comparison",
         columns=["model", "clean_acc", "asr", "label_acc"],
         data=[
-            ["victim", report["before_acc"], report["before_asr"], report["before_label_acc"]],
-            [report["method"], report["acc"], report["asr"], report["label_acc"]],
+            ["victim", report.before_acc, report.before_asr, report.before_label_acc],
+            [f"{report.method}, round {report.round}", report.acc, report.asr, report.label_acc],
         ],
     )

@@ -1,7 +1,15 @@
 """Lightning data modules: a base data set plus an attack."""
 
-from datamodules.poisoned import ImageDataset, PoisonedDataModule
-from datamodules.sources import CIFAR10, CIFAR100, SOURCES, DataNotFoundError, Digits, ImageData, ImageFolder
+from delta_influence.datamodules.poisoned import ImageDataset, PoisonedDataModule
+from delta_influence.datamodules.sources import (
+    CIFAR10,
+    CIFAR100,
+    SOURCES,
+    DataNotFoundError,
+    Digits,
+    ImageData,
+    ImageFolder,
+)
 
 __all__ = [
     "CIFAR10",

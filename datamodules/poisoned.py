@@ -9,9 +9,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sources import SOURCES, ImageSource
 from delta_influence.attacks import Attack, BadNets
 from delta_influence.attacks.base import AttackContext, LabeledImages, PoisonedData
+from delta_influence.datamodules.sources import SOURCES, ImageSource
 from delta_influence.errors import ConfigError
 
 
@@ -147,7 +147,7 @@ class PoisonedDataModule(pl.LightningDataModule):
         self.source.prepare_data()
         if self.attack is not None:
             train, test, _, _ = self._clean_data()
-            self.attack.prepare(train, test, self._context())
+            self.attack.prepare(train, test, self.attack_context())
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
@@ -163,7 +163,7 @@ class PoisonedDataModule(pl.LightningDataModule):
                 rank_zero_warn(warning)
             generator = torch.Generator()
             generator.set_state(state)  # the seeded stream goes on from the subset's draws to the attack's
-            poisoned = self.attack.poison(train, test, generator, self._context())
+            poisoned = self.attack.poison(train, test, generator, self.attack_context())
         self.poison_indices = poisoned.poison_indices
         self.attack_media = poisoned.media
         self.attack_info = poisoned.info
@@ -218,7 +218,7 @@ class PoisonedDataModule(pl.LightningDataModule):
             self._clean = (train, test, data.classes, generator.get_state())
         return self._clean
 
-    def _context(self) -> AttackContext:
+    def attack_context(self) -> AttackContext:
         return AttackContext(self.num_classes, self.cache_dir, "cuda" if torch.cuda.is_available() else "cpu")
 
 

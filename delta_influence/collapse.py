@@ -5,7 +5,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_f1_score, binary_precision, binary_recall
 
 from delta_influence.errors import ConfigError
 
@@ -24,7 +23,7 @@ class CollapseResult:
     tolerance: int
     collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer among
     # the scored samples)
-    contrast: Optional[Tensor] = None  # [N] mean (or largest |.|) score on the contrast queries; None without contrast
+    contrast: Optional[Tensor] = None  # [N] mean score on the contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
     same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
     support_floor: Optional[float] = None
@@ -40,7 +39,6 @@ def flag_collapsed(
     num_contrast: int = 0,
     contrast_ratio: float = 2.0,
     same_label: Optional[Tensor] = None,
-    contrast_statistic: str = "mean",
     support_floor: Optional[float] = None,
     scored: Optional[Tensor] = None,
 ) -> CollapseResult:
@@ -77,8 +75,6 @@ def flag_collapsed(
         contrast_ratio: How many times more a flagged sample must support the query than the clean class.
         same_label: ``[N]`` bool, true where a training sample carries the attacker's label; with the contrast, only
             those stay flagged. ``None``: any label (for attacks whose poisons carry other labels).
-        contrast_statistic: What C[i] is: ``"mean"``, the mean of the sample's scores on the contrast images, or
-            ``"max"``, the largest of their magnitudes (stricter: one clean image the sample moves is enough).
         support_floor: The share of its label's median contrast score (above the floor) below which a collapsed
             sample of the attacker's label is flagged whatever the ratio says; needs ``same_label``. ``None``: the
             ratio alone.
@@ -124,7 +120,7 @@ def flag_collapsed(
             f"scores holds {bad} NaN or infinite values; the model or its influence factors are unstable. "
             "Check that the model's outputs are finite on the training set, or use a larger damping."
         )
-    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio, contrast_statistic, support_floor)
+    check_rule(num_transforms, tolerance, num_contrast, contrast_ratio, support_floor)
     if support_floor is not None and same_label is None:
         raise ConfigError(
             f"support_floor={support_floor} compares a sample with the others of the attacker's label; pass "
@@ -152,7 +148,7 @@ def flag_collapsed(
         flagged = torch.nonzero(collapsed).flatten()
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged, scored=scored)
     rows = scores[1 + num_transforms :]
-    contrast = rows.mean(dim=0) if contrast_statistic == "mean" else rows.abs().max(dim=0).values
+    contrast = rows.mean(dim=0)
     specific = scores[0] > contrast_ratio * contrast.abs()
     floor, unsupportive = None, None
     if support_floor is not None and same_label.any():
@@ -208,7 +204,6 @@ def check_rule(
     tolerance: int,
     num_contrast: int,
     contrast_ratio: float,
-    contrast_statistic: str = "mean",
     support_floor: Optional[float] = None,
 ) -> None:
     """The one check of the rule's settings (``DeltaInfluence`` and ``flag_collapsed`` both call it).
@@ -232,41 +227,8 @@ def check_rule(
         raise ConfigError(
             f"contrast_ratio={contrast_ratio} must be positive; 2 (the default) means 'twice as much as the class'."
         )
-    if contrast_statistic not in ("mean", "max"):
-        raise ConfigError(f"contrast_statistic={contrast_statistic!r} is not known; use 'mean' or 'max'.")
     if support_floor is not None and not 0 <= support_floor < 1:
         raise ConfigError(
             f"support_floor={support_floor} must lie in [0, 1) (a share of the label's median contrast score), or be "
             "None to turn the floor off."
         )
-
-
-def detection_metrics(flagged: Tensor, num_samples: int, poisons: Optional[Tensor] = None) -> dict[str, float]:
-    """Counts what was flagged and, when the true ``poisons`` are known, scores it against them.
-
-    Example:
-        >>> detection_metrics(torch.tensor([0, 1]), 4, poisons=torch.tensor([1]))
-        {'flagged': 2.0, 'removed_fraction': 0.5, 'precision': 0.5, 'recall': 1.0, 'f1': 0.6666666865348816}
-    """
-    metrics = {"flagged": float(len(flagged)), "removed_fraction": len(flagged) / num_samples}
-    if poisons is not None:
-        predicted = torch.zeros(num_samples, dtype=torch.long)
-        predicted[flagged] = 1
-        truth = torch.zeros(num_samples, dtype=torch.long)
-        truth[poisons] = 1
-        metrics["precision"] = binary_precision(predicted, truth).item()
-        metrics["recall"] = binary_recall(predicted, truth).item()
-        metrics["f1"] = binary_f1_score(predicted, truth).item()
-    return metrics
-
-
-def topk_recall(scores: Tensor, poisons: Tensor) -> float:
-    """Share of the poisons among the ``k = len(poisons)`` highest-scoring samples (NaN: not scored, never among
-    them): the raw influence ranking.
-
-    Example:
-        >>> topk_recall(torch.tensor([0.1, 0.9, 0.5, 0.2]), torch.tensor([1, 3]))
-        0.5
-    """
-    top = scores.nan_to_num(float("-inf")).topk(len(poisons)).indices  # NaN: not scored
-    return torch.isin(top, poisons).float().mean().item()

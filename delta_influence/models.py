@@ -1,11 +1,15 @@
-"""Classifier architectures, chosen by name (the config's model.arch, a surrogate's recipe)."""
+"""Classifier architectures, chosen by name (the config's model.arch, a surrogate's recipe), and the parts of any
+classifier that detectors and the verification stage read: its head and the features feeding it."""
 
 from typing import Callable
 
+import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from delta_influence.errors import ConfigError
+from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.examples import evaluating
 
 
 def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -48,3 +52,40 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch={arch!r} is not a known architecture; use one of {', '.join(ARCHITECTURES)}.")
     return ARCHITECTURES[arch](num_classes, in_channels)
+
+
+def head_of(model: nn.Module, why: str) -> nn.Linear:
+    """The model's last ``nn.Linear`` layer, its classifier head; ``why`` says who needs one when there is none."""
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layer: {why}")
+    return heads[-1]
+
+
+@torch.no_grad()
+def penultimate_activations(
+    model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 512
+) -> Tensor:
+    """The input of the model's last ``nn.Linear`` layer for every sample of ``dataset``, ``[N, D]``, read with a
+    forward hook, so any classifier whose head is a linear layer works.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> penultimate_activations(model, TensorDataset(torch.zeros(5, 4), torch.zeros(5))).shape
+        torch.Size([5, 3])
+    """
+    head = head_of(
+        model,
+        "activation-based detectors read the input of the last linear layer (the classifier head). Use an "
+        "influence-based detector for this model.",
+    )
+    captured: list[Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).cpu()))
+    try:
+        with evaluating(model, torch.device(device)):
+            for inputs, _ in DataLoader(dataset, batch_size=batch_size):
+                model(inputs.to(device))
+    finally:
+        hook.remove()
+    return torch.cat(captured)

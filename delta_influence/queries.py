@@ -7,6 +7,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+from torch.utils.data import TensorDataset
 
 from delta_influence.errors import ConfigError
 
@@ -95,6 +96,20 @@ def make_queries(
         labels=torch.cat([torch.tensor([label]), labels]),
         transforms=("original", *(names[pick] for pick in picks.tolist())),
     )
+
+
+def scoring_set(queries: QuerySet, contrast: Tensor) -> TensorDataset:
+    """What one scoring pass of Δ-Influence scores, in the rows of its scores: the query and its transformed copies,
+    then the clean contrast images, labelled with the query's label.
+
+    Example:
+        >>> queries = QuerySet(torch.zeros(3, 1, 2, 2), torch.tensor([5, 1, 7]), ("original", "flip", "invert"))
+        >>> scoring_set(queries, torch.ones(2, 1, 2, 2)).tensors[1]
+        tensor([5, 1, 7, 5, 5])
+    """
+    images = torch.cat([queries.images, contrast.to(queries.images.dtype)])
+    labels = torch.cat([queries.labels, queries.labels[:1].expand(len(contrast))])
+    return TensorDataset(images, labels)
 
 
 def _space_maps(

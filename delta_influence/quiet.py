@@ -46,9 +46,15 @@ def harmless_warnings_hidden() -> Iterator[None]:
         yield
 
 
+def quiet_wandb_logger(logger: Any) -> None:
+    """Drops ``anonymous=None`` from a Lightning ``WandbLogger``'s ``wandb.init`` arguments: Lightning always passes
+    it, and W&B prints that the (unset) setting has no effect. Lightning keeps those arguments in the logger's
+    ``_wandb_init`` and offers no other way to change them; this is the one place that touches it."""
+    logger._wandb_init = without_unused_wandb_settings(logger._wandb_init)
+
+
 def without_unused_wandb_settings(init_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``wandb.init`` arguments without ``anonymous=None``: Lightning's WandbLogger always passes it, and W&B warns
-    that the (unset) setting has no effect.
+    """``wandb.init`` arguments without ``anonymous=None``.
 
     Example:
         >>> without_unused_wandb_settings({"project": "p", "anonymous": None})

@@ -1,32 +1,32 @@
-"""The verification stage: test a flagged set by unlearning its parts, then recover the poisons the model no longer
-feels.
+"""The verification stage: test a flagged set by forgetting its parts in the classifier head, then recover the poisons
+the model no longer feels.
 
 The test is Poison Forensics' (Shan et al., USENIX Security 2022): a group of training samples is responsible for a
-misbehaviour when unlearning the group weakens it. Unlearning here touches only the classifier head, the model's last
+misbehaviour when forgetting the group weakens it. Forgetting here touches only the classifier head, the model's last
 linear layer, as theirs does: the features feeding the head are computed once, and each test trains a copy of the head
 on them (the group toward uniform predictions; every other sample of the query's label and as many others toward
 their labels), so that a test costs a fraction of a second, not a training run.
 
 - **Prune** (group testing). The flagged set is split in two by 2-means on the samples' influence profiles (their
   scores on the query, its copies and the contrast, normalised: a poison's profile differs from a clean sample's of
-  the same label) and each part is unlearned alone. A part is guilty when its unlearning raises the query's loss,
-  over and above the clean contrast images' loss, by at least ``keep_fraction`` of what unlearning the whole flagged
+  the same label) and each part is forgotten alone. A part is guilty when forgetting it raises the query's loss,
+  over and above the clean contrast images' loss, by at least ``keep_fraction`` of what forgetting the whole flagged
   set does in the same run. A part that is not holds no sample the query depends on and is dropped; a guilty part is
   split again until it has at most ``min_group`` samples, then kept (a guilty group neither of whose halves is guilty
-  alone is kept whole). Unlearning a group of clean images of the label
-  moves the query no more than the contrast; a handful of poisons moves it almost as much as all of them. Samples
+  alone is kept whole). Forgetting a group of clean images of the label moves the query no more than the contrast; a
+  handful of poisons moves it almost as much as all of them. Samples
   the rule flagged on the support floor alone are kept as flagged, untested: that evidence marks clean-label poisons,
-  which act through the features they shape rather than through the head (on a Witches' Brew victim, unlearning 403
+  which act through the features they shape rather than through the head (on a Witches' Brew victim, forgetting 403
   such samples, 402 of them poisons, in the head lowered the target's loss), so the head's verdict on them says
-  nothing; the prune judges the rest, against the effect of unlearning all of the rest.
-- **Recover.** The head is unlearned on the kept set, and the training samples of the query's label outside it are
+  nothing; the prune judges the rest, against the effect of forgetting all of the rest.
+- **Recover.** The head forgets the kept set, and the training samples of the query's label outside it are
   scored on the query with that head (EK-FAC influence, the audit's factors reused): a poison the final model fits so
-  well that its gradient vanished loses its fit once the poisons around it are unlearned, and then supports the query
+  well that its gradient vanished loses its fit once the poisons around it are forgotten, and then supports the query
   as they do. Those that support it ``contrast_ratio`` times more than the clean contrast images on the same head,
-  and at least as much as the ``recover_quantile`` of the kept samples that pass that same test (0: the least
-  supporting of them), are added; rounds repeat on the grown set until nothing new is found. (A clean sample the
-  prune kept supports the query no more than its class once the poisons are unlearned, so it fails the test and does
-  not lower the threshold into the clean class.)
+  and at least as much as the least supporting of the kept samples that pass that same test, are added; rounds
+  repeat on the grown set until nothing new is found. (A clean sample the prune kept supports the query no more than
+  its class once the poisons are forgotten, so it fails the test and does not lower the threshold into the clean
+  class.)
 """
 
 import math
@@ -42,10 +42,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from delta_influence.detectors.base import head_of as detector_head
-from delta_influence.detectors.base import labels_of, penultimate_activations
+from delta_influence.datasets import labels_of
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.examples import evaluating
+from delta_influence.models import head_of as classifier_head
+from delta_influence.models import penultimate_activations
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,9 @@ class Verification:
         delta_influence.errors.ConfigError: verification.keep_fraction=1.5 must lie in (0, 1): the share of ...
     """
 
-    steps: int = field(default=100, metadata={"help": "gradient steps of the head per unlearning test"})
+    steps: int = field(default=100, metadata={"help": "gradient steps of the head per forgetting test"})
     lr: float = field(default=0.03, metadata={"help": "learning rate of those steps (SGD, Nesterov momentum 0.9)"})
     keep_fraction: float = field(default=0.1, metadata={"help": "share of the reference effect a group must reach"})
-    recover_quantile: float = field(
-        default=0.0,
-        metadata={
-            "help": "a recovered sample supports the query as much as this quantile of the chosen samples that "
-            "pass the contrast test"
-        },
-    )
     contrast_ratio: float = field(
         default=2.0, metadata={"help": "a recovered sample supports the query this many times more than the contrast"}
     )
@@ -82,11 +76,6 @@ class Verification:
             raise ConfigError(f"verification.steps={self.steps} must be at least 1.")
         if self.lr <= 0:
             raise ConfigError(f"verification.lr={self.lr} must be positive.")
-        if not 0 <= self.recover_quantile <= 1:
-            raise ConfigError(
-                f"verification.recover_quantile={self.recover_quantile} must lie in [0, 1]: the quantile of the kept "
-                "samples' support for the query that a recovered sample must reach."
-            )
         if not 0 < self.keep_fraction < 1:
             raise ConfigError(
                 f"verification.keep_fraction={self.keep_fraction} must lie in (0, 1): the share of the whole flagged "
@@ -104,7 +93,7 @@ class Verification:
 
 @dataclass
 class HeadData:
-    """What the unlearning tests read: the features feeding the model's head for the training samples (NaN: not
+    """What the forgetting tests read: the features feeding the model's head for the training samples (NaN: not
     read), the query and the contrast images, with the head's weights."""
 
     weight: Tensor  # [K, D]
@@ -130,7 +119,7 @@ class VerificationResult:
     # sorted indices kept without a test (flagged on the support floor alone)
     untested: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     rounds: list[dict] = field(default_factory=list)  # each recovery round: candidates' effects and what was added
-    query_loss: dict[str, float] = field(default_factory=dict)  # the query's loss before and after unlearning
+    query_loss: dict[str, float] = field(default_factory=dict)  # the query's loss before and after forgetting
 
     def summary(self) -> dict:
         return {
@@ -148,9 +137,9 @@ class VerificationResult:
 
 def head_of(model: nn.Module) -> nn.Linear:
     """The model's last linear layer, which must turn the features into the logits."""
-    return detector_head(
-        model, "the verification stage unlearns the classifier head (the last linear layer). Turn it off "
-        "(verify=false) for this model."
+    return classifier_head(
+        model, "the verification stage forgets samples in the classifier head (the last linear layer). Turn it off "
+        "for this model (DeltaInfluence(verification=None); --detector.verification null)."
     )  # fmt: skip
 
 
@@ -174,8 +163,8 @@ def head_data(
         logits = model(images.to(device)).float().cpu()
     if head.bias is None:
         raise UnsupportedModelError(
-            f"the last linear layer of {type(model).__name__} has no bias; the verification stage unlearns a head with "
-            "one. Turn it off (verify=false) for this model."
+            f"the last linear layer of {type(model).__name__} has no bias; the verification stage retrains a head with "
+            "one. Turn it off for this model (DeltaInfluence(verification=None); --detector.verification null)."
         )
     weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
     features = features.float()
@@ -183,7 +172,8 @@ def head_data(
     if not torch.allclose(features @ weight.T + bias, logits, atol=tolerance, rtol=tolerance):
         raise UnsupportedModelError(
             f"the last linear layer of {type(model).__name__} does not produce the logits on its own (something comes "
-            "after it): the verification stage unlearns that layer. Turn it off (verify=false) for this model."
+            "after it): the verification stage retrains that layer. Turn it off for this model "
+            "(DeltaInfluence(verification=None); --detector.verification null)."
         )
     if rows is None:
         train = penultimate_activations(model, train_set, device).float()
@@ -194,13 +184,13 @@ def head_data(
 
 
 def retain_rows(labels: Tensor, query_label: int, seed: int) -> Tensor:
-    """The training samples whose features the tests read when every group they unlearn lies within the query's
+    """The training samples whose features the tests read when every group they forget lies within the query's
     label: that label's samples and the draw of others that ``_retain`` makes from them (the same whatever the
     group, save its length)."""
     return _retain(labels, query_label, labels.new_zeros(0), seed)
 
 
-def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verification) -> tuple[Tensor, Tensor]:
+def forget_in_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verification) -> tuple[Tensor, Tensor]:
     """A copy of the head trained for ``settings.steps`` full-batch steps: the ``forget`` samples toward uniform
     predictions, the ``retain`` samples toward their labels. Returns its weight and bias."""
     weight = data.weight.clone().requires_grad_(True)
@@ -223,7 +213,7 @@ def unlearn_head(data: HeadData, forget: Tensor, retain: Tensor, settings: Verif
 
 
 class _Tester:
-    """Unlearns groups on a copy of the head and measures the query's loss rise over the contrast's."""
+    """Forgets groups in a copy of the head and measures the query's loss rise over the contrast's."""
 
     def __init__(self, data: HeadData, retain: Tensor, settings: Verification) -> None:
         self.data, self.retain, self.settings = data, retain, settings
@@ -237,8 +227,8 @@ class _Tester:
         return query, contrast.item()
 
     def effect(self, group: Tensor) -> float:
-        """The query's loss rise minus the contrast's when ``group`` is unlearned."""
-        query, contrast = self.losses(*unlearn_head(self.data, group, self.retain, self.settings))
+        """The query's loss rise minus the contrast's when the head forgets ``group``."""
+        query, contrast = self.losses(*forget_in_head(self.data, group, self.retain, self.settings))
         return (query - self.before[0]) - (contrast - self.before[1])
 
 
@@ -257,8 +247,8 @@ def verify(
     progress: bool = True,
     untested: Optional[Tensor] = None,
 ) -> VerificationResult:
-    """Prunes ``flagged`` by unlearning its parts, then recovers the ``candidates`` that support the query once the
-    kept set is unlearned.
+    """Prunes ``flagged`` by forgetting its parts in the head, then recovers the ``candidates`` that support the query
+    once the head forgets the kept set.
 
     Args:
         data: The head's weights and the features of the training set, query and contrast (``head_data``).
@@ -266,12 +256,12 @@ def verify(
         profiles: ``[len(flagged), R]``, what the flagged set is split by: each sample's influence scores on the
             query, its copies and the contrast.
         candidates: Indices recovery may add (e.g. the training samples of the query's label); kept ones are skipped.
-        support: Scores training samples on the query under an unlearned head (see ``Support``).
+        support: Scores training samples on the query under a head that forgot a group (see ``Support``).
         settings: The stage's settings.
-        progress: Show a progress bar over the unlearning tests.
-        untested: ``[len(flagged)]`` bool, the samples flagged on evidence the head's unlearning cannot judge (the
+        progress: Show a progress bar over the forgetting tests.
+        untested: ``[len(flagged)]`` bool, the samples flagged on evidence forgetting in the head cannot judge (the
             support floor's): they are kept without a test, and the prune judges the others against the effect of
-            unlearning all of those.
+            forgetting all of those.
 
     Returns:
         The verified set, what was kept, dropped and recovered, and every test's evidence.
@@ -293,33 +283,35 @@ def verify(
     result.query_loss = {"before": tester.before[0]}
     if not len(tested) or not math.isfinite(reference) or reference <= 0:
         result.query_loss["after"] = result.query_loss["before"]
-        return result  # unlearning the tested samples does not weaken the query: nothing to judge their parts against
-    with tqdm(desc="verification: unlearning tests", unit="test", disable=not progress, leave=False) as bar:
+        return result  # forgetting the tested samples does not weaken the query: nothing to judge their parts against
+    with tqdm(desc="verification: forgetting tests", unit="test", disable=not progress, leave=False) as bar:
         result.threshold = threshold = settings.keep_fraction * reference
         profiles = F.normalize(profiles[~untested].float(), dim=1)
         pruned = _prune(tester, tested, profiles, threshold, result.groups, bar)
         result.kept = torch.cat([pruned, flagged[untested]]).sort().values
-        chosen, unlearned = result.kept, None  # the head unlearned on ``chosen``, once a round has made it
+        chosen, forgotten = result.kept, None  # the head that forgot ``chosen``, once a round has made it
         for _ in range(settings.rounds):
             pending = candidates[~torch.isin(candidates, chosen)]
-            added, unlearned = _recover(data, chosen, pending, support, settings, result.rounds)
+            added, forgotten = _recover(data, chosen, pending, support, settings, result.rounds)
             bar.update()
             if not len(added):
                 break
-            chosen, unlearned = torch.cat([chosen, added]).sort().values, None
+            chosen, forgotten = torch.cat([chosen, added]).sort().values, None
     result.dropped = flagged[~torch.isin(flagged, chosen)]  # not in the verified set
     result.recovered = chosen[~torch.isin(chosen, result.kept)]  # added by recovery (new, or dropped by the prune)
     result.flagged = chosen
-    if unlearned is None:
-        unlearned = unlearn_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
-    result.query_loss["after"] = tester.losses(*unlearned)[0]
+    if forgotten is None:
+        forgotten = forget_in_head(
+            data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings
+        )
+    result.query_loss["after"] = tester.losses(*forgotten)[0]
     return result
 
 
 def _prune(
     tester: _Tester, flagged: Tensor, profiles: Tensor, threshold: float, groups: list[dict], bar: tqdm
 ) -> Tensor:
-    """Group testing over 2-means splits of the flagged set: a part whose unlearning leaves the query as it was
+    """Group testing over 2-means splits of the flagged set: a part whose forgetting leaves the query as it was
     holds no poison and is dropped; a guilty part is split again until it has at most ``min_group`` samples, then
     kept; a guilty group neither of whose parts is guilty alone is kept whole. Returns the kept indices, sorted."""
     kept: list[Tensor] = []
@@ -345,18 +337,18 @@ def _prune(
 def _recover(
     data: HeadData, chosen: Tensor, pending: Tensor, support: Support, settings: Verification, rounds: list[dict]
 ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """One recovery round: unlearns ``chosen`` and returns the ``pending`` samples that now support the query more
-    than ``contrast_ratio`` times the contrast and at least as much as the ``recover_quantile`` of the chosen ones
-    that pass the same test (all of them when none does: a clean sample the prune kept does not lower the bar), with
-    the unlearned head (``None`` when there was nothing to do)."""
+    """One recovery round: forgets ``chosen`` and returns the ``pending`` samples that now support the query more
+    than ``contrast_ratio`` times the contrast and at least as much as the least supporting of the chosen ones that
+    pass the same test (all of them when none does: a clean sample the prune kept does not lower the bar), with
+    the head that forgot them (``None`` when there was nothing to do)."""
     if not len(chosen) or not len(pending):
         return pending[:0], None
-    weight, bias = unlearn_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
+    weight, bias = forget_in_head(data, chosen, _retain(data.labels, data.query_label, chosen, settings.seed), settings)
     scores = support(weight, bias, torch.cat([pending, chosen]))
     query, contrast = scores[0], scores[1:].mean(dim=0)
     specific = query > settings.contrast_ratio * contrast.abs()
     bar = specific[len(pending) :] if specific[len(pending) :].any() else torch.ones(len(chosen), dtype=torch.bool)
-    threshold = query[len(pending) :][bar].quantile(settings.recover_quantile).item()
+    threshold = query[len(pending) :][bar].min().item()
     added = pending[(query[: len(pending)] >= threshold) & specific[: len(pending)]]
     rounds.append({"indices": pending.tolist(), "support": query[: len(pending)].tolist(),
                    "contrast": contrast[: len(pending)].tolist(), "threshold": threshold,
@@ -365,7 +357,7 @@ def _recover(
 
 
 def _retain(labels: Tensor, query_label: int, forget: Tensor, seed: int) -> Tensor:
-    """What stays correct while ``forget`` is unlearned: every other training sample of the query's label, and as
+    """What stays correct while the head forgets ``forget``: every other training sample of the query's label, and as
     many of the other labels, drawn at random (seeded)."""
     outside = torch.ones(len(labels), dtype=torch.bool)
     outside[forget] = False

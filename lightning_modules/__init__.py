@@ -1,6 +1,6 @@
-"""LightningModules: the poisoned classifier and the unlearning methods."""
+"""LightningModules: the poisoned classifier and the unlearning methods' modules."""
 
+from delta_influence.lightning_modules.classifier import PoisonClassifier
 from delta_influence.models import ARCHITECTURES, build_model
-from lightning_modules.classifier import PoisonClassifier
 
 __all__ = ["ARCHITECTURES", "PoisonClassifier", "build_model"]

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from torchvision.io import write_png
 
-from datamodules import PoisonedDataModule
 from delta_influence.attacks import BadNets
-from lightning_modules import PoisonClassifier
+from delta_influence.datamodules import PoisonedDataModule
+from delta_influence.lightning_modules import PoisonClassifier
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: one thread each, as do their subprocesses
     os.environ["OMP_NUM_THREADS"] = "1"

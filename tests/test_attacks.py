@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from datamodules import PoisonedDataModule
 from delta_influence.attacks import BadNets
+from delta_influence.datamodules import PoisonedDataModule
 
 
 def test_badnets_sets_only_the_trigger_pixels_in_every_channel():

@@ -6,8 +6,8 @@ import yaml
 from torch import nn
 
 from delta_influence.errors import ConfigError
+from delta_influence.lightning_modules import PoisonClassifier, build_model
 from delta_influence.training import scheduled_epochs
-from lightning_modules import PoisonClassifier, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""train.py: the LightningCLI entry point, its configs, its errors and what it logs to W&B."""
+"""The command line (train.py, unlearn.py): its configs, its errors and what it logs to W&B."""
 
 import json
 import os
@@ -14,12 +14,11 @@ import wandb
 import yaml
 from wandb_records import logged_keys, read_run
 
-import train
-import unlearn
-from callbacks import InfluenceCollapseCallback
+from delta_influence.callbacks import InfluenceCollapseCallback
+from delta_influence.cli import run_command, train, unlearn
 from delta_influence.errors import ConfigError
+from delta_influence.lightning_modules import PoisonClassifier
 from delta_influence.stages import read_stages
-from lightning_modules import PoisonClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits_badnets.yaml")
@@ -77,24 +76,34 @@ def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, override
     assert not list(Path(tmp_path).rglob("*.ckpt"))
 
 
-def test_the_audit_is_a_section_of_its_own(tmp_path, monkeypatch):
+def test_the_detector_and_the_audit_are_sections_of_their_own(tmp_path, monkeypatch):
     def audits(*extra: str) -> list:
         cli = train.main([*_small(tmp_path, *extra), "--trainer.logger", "false"], run=False)
         assert None not in cli.trainer.callbacks
         return [callback for callback in cli.trainer.callbacks if isinstance(callback, InfluenceCollapseCallback)]
 
-    (callback,) = audits("--delta_influence.detector", "delta_influence.detectors.SpectralSignatures")
-    assert callback.detector.name == "spectral_signatures" and audits("--delta_influence=null") == []
-    (callback,) = audits("--trainer.callbacks=[]", "--delta_influence.contrast_ratio", "2.5")  # not in a list
-    assert callback.delta_influence.contrast_ratio == 2.5
-    with pytest.raises(
-        ConfigError, match=r"--trainer.callbacks.init_args.tolerance: .* use --delta_influence.tolerance"
-    ):
-        train.main([*_small(tmp_path), "--trainer.callbacks.init_args.tolerance", "1"], run=False)
-    twice = tmp_path / "twice.yaml"  # a config written for the old layout, audit callback in the list as well
-    twice.write_text(
-        yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "callbacks.InfluenceCollapseCallback"}]}})
-    )
+    (callback,) = audits("--detector", "SpectralSignatures", "--delta_influence.query_index", "3")
+    assert callback.detector.name == "spectral_signatures" and callback.choice.index == 3
+    assert audits("--delta_influence=null") == []
+    (callback,) = audits("--trainer.callbacks=[]", "--detector.contrast_ratio", "2.5")  # the default detector's
+    assert callback.detector.contrast_ratio == 2.5 and callback.detector.support_floor == 0.045
+    refused = {  # the old forms, each with the new one named
+        ("--delta_influence.contrast_ratio", "2.5"): r"a setting of the detector: --detector.contrast_ratio",
+        ("--delta_influence.verify", "false"): r"--detector.verification null turns it off",
+        ("--trainer.callbacks.init_args.tolerance", "1"): r"a setting of the detector: --detector.tolerance",
+        ("--delta_influence.detector.tolerance", "1"): r"the detector is a section of its own",
+    }
+    for old, message in refused.items():
+        with pytest.raises(ConfigError, match=rf"{re.escape(old[0])}: .*{message}"):
+            train.main([*_small(tmp_path), *old], run=False)
+    earlier = tmp_path / "earlier.yaml"  # a config of the form before the split
+    earlier.write_text(yaml.safe_dump({"delta_influence": {"num_transforms": 8, "unlearning": None}}))
+    with pytest.raises(ConfigError, match=r"move num_transforms from `delta_influence:` to a top-level `detector:`"):
+        audits("--config", str(earlier))
+    twice = tmp_path / "twice.yaml"  # the audit callback in the list as well
+    twice.write_text(yaml.safe_dump(
+        {"trainer": {"callbacks": [{"class_path": "delta_influence.callbacks.InfluenceCollapseCallback"}]}}
+    ))  # fmt: skip
     with pytest.raises(ConfigError, match=r"as well as the `delta_influence` section: the audit would run twice"):
         audits("--config", str(twice))
 
@@ -134,8 +143,8 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     unlearn.py and an audit that logs into the same W&B run."""
     fit = _command(
         tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "4", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--delta_influence.num_transforms", "16",
-        "--delta_influence.unlearning", "lightning_modules.unlearning.SCRUB",
+        "--data.attack.init_args.num_poisons", "30", "--detector.num_transforms", "16",
+        "--delta_influence.unlearning", "SCRUB",
         "--delta_influence.unlearning.epochs", "1", "--delta_influence.unlearning.batch_size", "64",
         "--delta_influence.corrective_rounds", "1",
     )  # fmt: skip
@@ -155,11 +164,13 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["per_class"] == 60 and config["trainer"]["max_epochs"] == 4
     assert config["data"]["attack"]["class_path"] == "delta_influence.attacks.BadNets"
-    assert config["delta_influence"]["init_args"]["unlearning"]["class_path"] == "lightning_modules.unlearning.SCRUB"
+    assert config["delta_influence"]["init_args"]["unlearning"]["class_path"].endswith(".SCRUB")
+    assert config["detector"]["init_args"]["num_transforms"] == 16
     (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["config"] == config
     report = json.loads((run / "unlearn" / "scrub.json").read_text())
     assert report["method"] == "scrub" and report["forgotten"] > 0 and report["checkpoint"] == "scrub.ckpt"
+    assert report["flagged_by"] == "delta_influence" and report["round"] == 1
     assert {"before_acc", "before_asr", "acc", "asr", "time_s"} <= set(report)
 
     (wandb_run,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
@@ -184,12 +195,13 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     run.rename(moved)
     monkeypatch.chdir(tmp_path)
     again = unlearn.main(["--run", str(moved), "--trainer.max_epochs", "1", "--trainer.logger", "false"])
-    assert again["method"] == "scrub" and Path(again["checkpoint"]) == moved / "unlearn" / "scrub-2.ckpt"
-    # ... and the model is audited again by another detector, into the same folder and the same W&B run
+    assert again.report.method == "scrub" and again.checkpoint == moved / "unlearn" / "scrub-2.ckpt"
+    assert again.report.flagged_by == "delta_influence/flagged.json"
+    # ... and the model is audited again by another detector (an audit alone: no --correct), into the same folder and
+    # the same W&B run
     train.main(
         ["audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(moved / "checkpoints" / checkpoint.name),
-         "--delta_influence.detector", "delta_influence.detectors.SpectralSignatures",
-         "--delta_influence.unlearning", "null"]
+         "--detector", "SpectralSignatures"]
     )  # fmt: skip
     wandb.finish()
     summary = json.loads((moved / "spectral_signatures" / "summary.json").read_text())
@@ -202,7 +214,7 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     wrong = _command(tmp_path, "train.py", "audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(other))
     assert wrong.returncode == 2 and "does not match the configured model" in wrong.stderr
 
-    names = ["scrub-2.ckpt", "scrub-2.json", "scrub.ckpt", "scrub.json"]
+    names = ["correction.json", "scrub-2.ckpt", "scrub-2.json", "scrub.ckpt", "scrub.json"]
     assert sorted(p.name for p in (moved / "unlearn").iterdir()) == names  # the first corrective fit's files are kept
     assert yaml.safe_load((moved / "config.yaml").read_text()) == config
 
@@ -210,15 +222,16 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "marker"),
-    [("audit", "Δ-Influence: query"), ("corrective fit", "Corrective fit: retrain, forgetting")],
+    [("audit", "Δ-Influence: query"), ("corrective fit", "Corrective fit (retrain, round 1)")],
 )
 def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_finish_it(
     tmp_path, monkeypatch, stage, marker
 ):
     environment = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
     longer = ["--delta_influence.unlearning.max_epochs", "40"]  # a retrain that lasts until the signal comes
-    quick = ["--trainer.max_epochs", "2", "--delta_influence.num_transforms", "8", "--delta_influence.num_contrast",
-             "0", "--delta_influence.query_index", "0", "--delta_influence.require_misclassified", "false"]  # fmt: skip
+    quick = ["--trainer.max_epochs", "2", "--detector.num_transforms", "8", "--detector.num_contrast", "0",
+             "--detector.verification", "null", "--delta_influence.query_index", "0",
+             "--delta_influence.require_misclassified", "false"]  # fmt: skip
     command = [sys.executable, str(ROOT / "train.py"), "fit", *_small(tmp_path / "runs"), "--trainer.logger", "false"]
     command += quick + (longer if stage == "corrective fit" else [])
     process = subprocess.Popen(
@@ -256,10 +269,10 @@ def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_fin
 def test_a_bad_value_ends_the_command_with_its_message_alone(tmp_path, capsys, monkeypatch):
     bad = ["fit", "--config", DIGITS, "--data.attack.init_args.victim", "10", "--trainer.logger", "false"]
     with pytest.raises(SystemExit) as exit_info:
-        train.run_command(lambda: train.main(bad))
+        run_command(lambda: train.main(bad))
     printed = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in printed
     assert printed.startswith("error: attack.victim=10 is out of range") and "DELTA_INFLUENCE_TRACEBACK=1" in printed
     monkeypatch.setenv("DELTA_INFLUENCE_TRACEBACK", "1")  # the error itself, with its traceback
     with pytest.raises(ConfigError, match="attack.victim=10 is out of range"):
-        train.run_command(lambda: train.main(bad))
+        run_command(lambda: train.main(bad))

@@ -7,8 +7,8 @@ import torchvision
 from conftest import _class_images, digits_data
 from torchvision.io import write_png
 
-from datamodules import DataNotFoundError, PoisonedDataModule
 from delta_influence.attacks import BadNets, SmoothTrigger
+from delta_influence.datamodules import DataNotFoundError, PoisonedDataModule
 from delta_influence.errors import ConfigError
 from delta_influence.surrogate import SurrogateRecipe
 

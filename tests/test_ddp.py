@@ -1,35 +1,46 @@
 """The whole chain under Lightning's DDP: two CPU processes (gloo), as a user turns it on from the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from test_cli import DIGITS, _command
 
-import train
-from delta_influence.pipeline import AuditData, run_audit
+from delta_influence.audit import AuditData, run_audit
+from delta_influence.cli import train
+
+TESTS = str(Path(__file__).resolve().parent)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
+def test_two_process_ddp_trains_audits_and_corrects_in_two_rounds(tmp_path):
+    """The audit's passes split across both processes; the first corrective fit under DDP; the audit keeps only half
+    of what Δ-Influence flags (15 of 30 poisons), so the retrained model still misbehaves and process 0 runs the
+    second round alone: an audit of what it kept and a fit on one device, with the same fit object."""
     result = _command(
-        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "8", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--delta_influence.num_transforms", "16",
-        "--delta_influence.unlearning.max_epochs", "3",
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "12", "--data.per_class", "60",
+        "--data.attack.init_args.num_poisons", "30", "--detector", "stand_ins.PartialDeltaInfluence",
+        "--detector.most", "15", "--detector.num_transforms", "16",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", PYTHONPATH=TESTS,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Starting with 2 processes" in output
-    (run,) = (tmp_path / "runs" / "delta-influence").iterdir()  # one run folder, one audit, one corrective fit
-    names = ["checkpoints", "config.yaml", "delta_influence", "stages.json", "unlearn"]
+    (run,) = (tmp_path / "runs" / "delta-influence").iterdir()  # one run folder: the audit, its round, the fits
+    names = ["checkpoints", "config.yaml", "delta_influence", "delta_influence_round2", "stages.json", "unlearn"]
     assert sorted(p.name for p in run.iterdir()) == names
-    assert sorted(p.name for p in (run / "unlearn").iterdir()) == ["retrain.ckpt", "retrain.json"]
+    fits = ["correction.json", "retrain.ckpt", "retrain.json", "retrain_round2.ckpt", "retrain_round2.json"]
+    assert sorted(p.name for p in (run / "unlearn").iterdir()) == fits
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
-    report = json.loads((run / "unlearn" / "retrain.json").read_text())
-    assert report["processes"] == 2 and report["before_asr"] > 0.5 and report["asr"] < 0.1
+    first = json.loads((run / "unlearn" / "retrain.json").read_text())
+    second = json.loads((run / "unlearn" / "retrain_round2.json").read_text())
+    assert first["processes"] == 2 and first["forgotten"] == 15 and first["before_asr"] > 0.5 and first["asr"] > 0.5
+    assert second["processes"] == 1 and second["forgotten"] == 30 and second["asr"] < 0.1
+    assert second["flagged_by"] == "delta_influence_round2"
+    assert json.loads((run / "stages.json").read_text())["corrective fit"]["status"] == "finished"
     flagged = json.loads((run / "delta_influence" / "flagged.json").read_text())["flagged"]
 
     # the same weights audited in one process, with a fresh factor cache, flag the same samples
@@ -44,7 +55,7 @@ def test_two_process_ddp_trains_audits_and_corrects_once(tmp_path):
     data.prepare_data()
     data.setup("fit")
     model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
-    (callback,) = [c for c in cli.trainer.callbacks if hasattr(c, "delta_influence")]
+    (callback,) = [c for c in cli.trainer.callbacks if hasattr(c, "detector")]
     data_view = AuditData.of(data)
     alone = run_audit(model, data_view, callback.detector, tmp_path / "alone", tmp_path / "fresh", callback.choice)
     assert alone.flagged.tolist() == flagged and not alone.summary["factors_reused"]

@@ -8,21 +8,21 @@ from conftest import tiny_trainer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from callbacks import InfluenceCollapseCallback
-from delta_influence.audit import DeltaInfluence
+from delta_influence.callbacks import InfluenceCollapseCallback
 from delta_influence.detectors import (
     ActivationClustering,
+    DeltaInfluence,
     DetectionInput,
     FrequencyAnalysis,
     InfluenceThreshold,
     Oracle,
     RandomSubset,
     SpectralSignatures,
-    penultimate_activations,
 )
 from delta_influence.detectors.baselines import corrupt, dct2
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.examples import first_attacked, select_contrast
+from delta_influence.models import penultimate_activations
 
 
 def _planted(outliers: int = 15) -> tuple[DetectionInput, torch.Tensor]:
@@ -116,7 +116,7 @@ def test_influence_detectors_share_factors(trained_digits, tmp_path):
 def test_callback_runs_another_detector_and_corrects_on_its_answer(trained_digits, tmp_path):
     import copy
 
-    from lightning_modules.unlearning import Retrain
+    from delta_influence.lightning_modules.unlearning import Retrain
 
     data, model = trained_digits
     callback = InfluenceCollapseCallback(
@@ -129,7 +129,10 @@ def test_callback_runs_another_detector_and_corrects_on_its_answer(trained_digit
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == "spectral_signatures" and summary["expected_fraction"] == 0.05
     flagged = json.loads((out / "flagged.json").read_text())["flagged"]
-    assert flagged == callback.result.flagged.tolist() and callback.corrective["forgotten"] == len(flagged)
+    report = callback.correction.final.corrected.report
+    assert flagged == callback.result.flagged.tolist() and report.forgotten == len(flagged)
+    assert report.flagged_by == "spectral_signatures" and len(callback.correction.rounds) == 1  # traces no query
+    assert callback.correction.stopped.startswith("spectral_signatures traces no query")
     assert 0 < summary["metrics"]["recall"] and summary["metrics"]["flagged"] == len(flagged)
 
 

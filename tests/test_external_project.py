@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import InfluenceCollapseCallback
+from delta_influence.lightning import DeltaInfluence, InfluenceCollapseCallback
 
 SIZE, CLASSES, TARGET = 24, 3, 0
 
@@ -66,7 +66,7 @@ class TinyNet(pl.LightningModule):
 
 def test_callback_audits_a_foreign_project(tmp_path):
     pl.seed_everything(0)
-    callback = InfluenceCollapseCallback(num_transforms=20, tolerance=2, train_batch_size=50)
+    callback = InfluenceCollapseCallback(DeltaInfluence(num_transforms=20, tolerance=2, train_batch_size=50))
     trainer = pl.Trainer(
         max_epochs=15,
         accelerator="cpu",

@@ -8,12 +8,12 @@ from conftest import tiny_trainer
 from scipy.fft import dctn
 
 import delta_influence.attacks.smooth_trigger as smooth_trigger
-from datamodules import PoisonedDataModule
 from delta_influence.attacks import BadNets, SmoothTrigger
 from delta_influence.attacks.base import AttackContext, LabeledImages
+from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.examples import evaluating
+from delta_influence.lightning_modules import PoisonClassifier
 from delta_influence.surrogate import SurrogateRecipe
-from lightning_modules import PoisonClassifier
 
 FAST = dict(surrogate=SurrogateRecipe(epochs=2), num_images=40, max_passes=2)
 

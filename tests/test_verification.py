@@ -91,7 +91,6 @@ def test_a_flagged_set_whose_unlearning_does_not_move_the_query_is_returned_as_i
         ({"steps": 0}, "verification.steps=0 must be at least 1"),
         ({"lr": 0.0}, "verification.lr=0.0 must be positive"),
         ({"keep_fraction": 1.0}, "verification.keep_fraction=1.0 must lie in \\(0, 1\\)"),
-        ({"recover_quantile": -0.1}, "verification.recover_quantile=-0.1 must lie in \\[0, 1\\]"),
         ({"min_group": 0}, "verification.min_group=0 must be at least 1"),
         ({"rounds": -1}, "verification.rounds=-1 must be 0"),
     ],

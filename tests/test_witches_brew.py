@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torchvision.io import write_jpeg
 
 import delta_influence.attacks.witches_brew as witches_brew
-import train
-from datamodules import PoisonedDataModule
 from delta_influence.attacks import WitchesBrew
+from delta_influence.cli import train
+from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.surrogate import SurrogateRecipe, train_surrogate
 from delta_influence.training import flip_and_shift
 
@@ -199,7 +199,7 @@ def test_one_step_on_the_served_poisons_moves_the_target_toward_the_intended_cla
         data = _data(tmp_path, target=(0,), budget=30, steps=40, restarts=1, eps=eps,
                      surrogate=SurrogateRecipe(epochs=8, milestones=(0.6, 0.8), flip=False, batch_size=32))  # fmt: skip
         clean = data._clean_data()[0]
-        (surrogate,), _ = data.attack.surrogates(clean, data._context())
+        (surrogate,), _ = data.attack.surrogates(clean, data.attack_context())
         poisons, target = data.poison_indices, data.attack_test_set.images.float() / 255
         for name, images in (("clean", clean.images[poisons]), (eps, data.train_set.images[poisons])):
             model = copy.deepcopy(surrogate)
@@ -217,7 +217,7 @@ def test_an_ensemble_of_surrogates_is_trained_once_and_brewed_against_together(t
     recipe = SurrogateRecipe(epochs=2, milestones=(1,), flip=False)
     settings = dict(target=(0,), ensemble=2, steps=20, surrogate=recipe)
     data = _data(tmp_path, **settings)
-    context, clean = data._context(), data._clean_data()[0]
+    context, clean = data.attack_context(), data._clean_data()[0]
     first, second = data.attack.surrogates(clean, context)[0]
     assert not torch.equal(first.model[0].weight, second.model[0].weight)
     alone = train_surrogate(clean.images, clean.labels, 10, recipe, seed=1)

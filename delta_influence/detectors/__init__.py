@@ -1,9 +1,7 @@
-"""Poison detectors behind one interface: ``detect(DetectionInput) -> Detection``.
+"""Poison detectors behind one interface: ``detect(DetectionInput) -> Detection``. Δ-Influence is one of them
+(``DeltaInfluence``); the baselines and the oracle bounds are the others."""
 
-Δ-Influence itself is ``delta_influence.audit.DeltaInfluence``; the baselines and the oracle bounds are here.
-"""
-
-from delta_influence.detectors.base import Detection, DetectionInput, Detector, penultimate_activations
+from delta_influence.detectors.base import Detection, DetectionInput, Detector
 from delta_influence.detectors.baselines import (
     ActivationClustering,
     FrequencyAnalysis,
@@ -12,9 +10,12 @@ from delta_influence.detectors.baselines import (
     RandomSubset,
     SpectralSignatures,
 )
+from delta_influence.detectors.delta_influence import DeltaInfluence, DeltaInfluenceEvidence
 
 __all__ = [
     "ActivationClustering",
+    "DeltaInfluence",
+    "DeltaInfluenceEvidence",
     "Detection",
     "DetectionInput",
     "Detector",
@@ -23,5 +24,4 @@ __all__ = [
     "Oracle",
     "RandomSubset",
     "SpectralSignatures",
-    "penultimate_activations",
 ]

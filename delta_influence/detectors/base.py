@@ -1,5 +1,4 @@
-"""The detector contract: what a poison detector gets, what it returns, and the penultimate-layer activations that
-several of them read."""
+"""The detector contract: what a poison detector gets and what it returns."""
 
 import time
 from abc import ABC, abstractmethod
@@ -9,11 +8,10 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from delta_influence.errors import ConfigError, UnsupportedModelError
+from delta_influence.errors import ConfigError
 from delta_influence.evidence import Evidence
-from delta_influence.examples import evaluating
 from delta_influence.influence import DataPartitions
 
 
@@ -87,62 +85,3 @@ def require(value: Any, what: str, detector: str) -> Any:
     if value is None:
         raise ConfigError(f"the {detector} detector needs {what}, and none was given.")
     return value
-
-
-def head_of(model: nn.Module, why: str) -> nn.Linear:
-    """The model's last ``nn.Linear`` layer, its classifier head; ``why`` says who needs one when there is none."""
-    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not heads:
-        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layer: {why}")
-    return heads[-1]
-
-
-@torch.no_grad()
-def penultimate_activations(
-    model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 512
-) -> Tensor:
-    """The input of the model's last ``nn.Linear`` layer for every sample of ``dataset``, ``[N, D]``, read with a
-    forward hook, so any classifier whose head is a linear layer works.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-        >>> penultimate_activations(model, TensorDataset(torch.zeros(5, 4), torch.zeros(5))).shape
-        torch.Size([5, 3])
-    """
-    head = head_of(
-        model,
-        "activation-based detectors read the input of the last linear layer (the classifier head). Use an "
-        "influence-based detector for this model.",
-    )
-    captured: list[Tensor] = []
-    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1).cpu()))
-    try:
-        with evaluating(model, torch.device(device)):
-            for inputs, _ in DataLoader(dataset, batch_size=batch_size):
-                model(inputs.to(device))
-    finally:
-        hook.remove()
-    return torch.cat(captured)
-
-
-def labels_of(dataset: Dataset) -> Tensor:
-    """The labels of every sample, in order: the dataset's ``labels`` tensor when it has one (a ``Subset``'s from its
-    base's), else read off a pass.
-
-    Example:
-        >>> labels_of(torch.utils.data.TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 2])))
-        tensor([2, 0, 2])
-        >>> class Labelled(torch.utils.data.TensorDataset):
-        ...     labels = torch.tensor([2, 0, 1])
-        >>> labels_of(Subset(Labelled(torch.zeros(3, 2)), [2, 0]))
-        tensor([1, 2])
-    """
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, Tensor) and labels.shape == (len(dataset),):
-        return labels.long()
-    if isinstance(dataset, Subset):  # the base's labels at the subset's indices, without a pass over the images
-        base = getattr(dataset.dataset, "labels", None)
-        if isinstance(base, Tensor) and base.shape == (len(dataset.dataset),):
-            return base[torch.as_tensor(dataset.indices, dtype=torch.long)].long()
-    return torch.cat([torch.as_tensor(labels).long() for _, labels in DataLoader(dataset, batch_size=1024)])

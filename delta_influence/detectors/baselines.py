@@ -13,18 +13,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from delta_influence.cache import cached, content_key
-from delta_influence.detectors.base import (
-    Detection,
-    DetectionInput,
-    Detector,
-    labels_of,
-    penultimate_activations,
-    require,
-)
+from delta_influence.datasets import labels_of
+from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
 from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating
 from delta_influence.influence import Strategy, check_trackable, compute_influence_scores
-from delta_influence.models import small_cnn
+from delta_influence.models import penultimate_activations, small_cnn
 
 
 @dataclass(frozen=True)

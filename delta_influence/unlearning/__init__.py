@@ -1,16 +1,13 @@
 """Cores of the unlearning methods that are not plain training: SSD and Potion dampening, SCRUB and Bad Teacher
 losses."""
 
-from delta_influence.unlearning.indices import retained_indices
 from delta_influence.unlearning.losses import bad_teacher_loss, distillation_kl, scrub_forget_loss, scrub_retain_loss
 from delta_influence.unlearning.ssd import (
     IMPORTANCES,
     SearchResult,
     dampen,
-    dampen_share,
     importance_ratios,
     importances,
-    largest_class_importance,
     potion_search,
     ratio_quantiles,
 )
@@ -20,14 +17,11 @@ __all__ = [
     "SearchResult",
     "bad_teacher_loss",
     "dampen",
-    "dampen_share",
     "distillation_kl",
     "importance_ratios",
     "importances",
-    "largest_class_importance",
     "potion_search",
     "ratio_quantiles",
-    "retained_indices",
     "scrub_forget_loss",
     "scrub_retain_loss",
 ]

@@ -13,9 +13,7 @@ SSD selects the parameters whose importance ratio ``I_F / I_D`` exceeds a fixed 
 high percentile of those ratios over the whole network and searches that percentile until the model no longer
 predicts the forget set's labels (for a backdoor, the attacker's target).
 
-``I_D`` is the importance to the data the model keeps, as a whole; ``largest_class_importance`` is the alternative
-reference, the largest of the importances to each of its classes alone, so that what any one class needs (e.g. what
-makes a dog a dog, when the forget set is labelled dog) is not selected.
+``I_D`` is the importance to the data the model keeps, as a whole.
 """
 
 import copy
@@ -26,7 +24,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from delta_influence.errors import ConfigError
 
@@ -63,31 +60,6 @@ def importances(
     if count == 0:
         raise ConfigError("importances got no batches: the data set is empty.")
     return {name: value / count for name, value in total.items()}
-
-
-def largest_class_importance(
-    model: nn.Module, dataset: Dataset, labels: Tensor, device: torch.device | str, kind: str, batch_size: int
-) -> dict[str, Tensor]:
-    """Per parameter, the largest over the classes of ``labels`` of the ``importances`` of that class's samples of
-    ``dataset`` alone (one pass over the data set, batched by class).
-
-    Example:
-        >>> layer = nn.Linear(2, 2)
-        >>> data = torch.utils.data.TensorDataset(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
-        >>> largest = largest_class_importance(layer, data, torch.tensor([0, 1]), "cpu", "logit_norm", 8)
-        >>> bool((largest["weight"] >= importances(layer, [data[:1]], "cpu", "logit_norm")["weight"]).all())
-        True
-    """
-    if labels.shape != (len(dataset),):
-        raise ConfigError(f"labels has shape {tuple(labels.shape)} for a data set of {len(dataset)} samples.")
-    largest: dict[str, Tensor] = {}
-    for label in labels.unique().tolist():
-        members = torch.nonzero(labels == label).flatten().tolist()
-        found = importances(model, DataLoader(Subset(dataset, members), batch_size=batch_size), device, kind)
-        largest = found if not largest else {name: torch.maximum(largest[name], found[name]) for name in found}
-    if not largest:
-        raise ConfigError("largest_class_importance got an empty data set.")
-    return largest
 
 
 def importance_ratios(forget: dict[str, Tensor], kept: dict[str, Tensor]) -> Tensor:

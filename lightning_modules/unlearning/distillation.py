@@ -1,7 +1,5 @@
 """The LightningModules that the distillation methods train: a student and its frozen teachers."""
 
-from typing import TYPE_CHECKING
-
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -10,9 +8,6 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from delta_influence.unlearning import bad_teacher_loss, scrub_forget_loss, scrub_retain_loss
-
-if TYPE_CHECKING:
-    from lightning_modules.unlearning.methods import SCRUB, BadTeacher
 
 
 class FrozenTeachers(tuple):
@@ -32,13 +27,35 @@ class FrozenTeachers(tuple):
 
 class ScrubModule(pl.LightningModule):
     """Student and frozen teacher (manual optimisation). The training loader is the retained set: each of its steps
-    is a min-step; an epoch among the first ``forget_epochs`` begins with a pass of max-steps over ``forget``."""
+    is a min-step; an epoch among the first ``forget_epochs`` begins with a pass of max-steps over ``forget`` at the
+    rate ``forget_lr`` (the settings are ``SCRUB``'s)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, method: "SCRUB", forget: DataLoader) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        forget: DataLoader,
+        alpha: float,
+        temperature: float,
+        forget_epochs: int,
+        lr: float,
+        forget_lr: float,
+        momentum: float,
+        weight_decay: float,
+        decay: bool,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.student, self.method, self.forget = student, method, forget
+        self.student, self.forget = student, forget
         self.teachers = FrozenTeachers(teacher)
+        self.alpha, self.temperature, self.forget_epochs = alpha, temperature, forget_epochs
+        self.lr, self.forget_lr, self.momentum, self.weight_decay, self.decay = (
+            lr,
+            forget_lr,
+            momentum,
+            weight_decay,
+            decay,
+        )
 
     @property
     def teacher(self) -> nn.Module:
@@ -50,25 +67,24 @@ class ScrubModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        method = self.method
-        if batch_idx == 0 and self.current_epoch < method.forget_epochs:
+        if batch_idx == 0 and self.current_epoch < self.forget_epochs:
             groups = self.optimizers().optimizer.param_groups
             rates = [group["lr"] for group in groups]
             for group in groups:  # the max-steps' own rate, decayed as far as the min-steps' is
-                group["lr"] *= method.forget_lr / method.lr
+                group["lr"] *= self.forget_lr / self.lr
             for inputs, _ in self.forget:
                 inputs = inputs.to(self.device)
                 with torch.no_grad():
                     teacher = self.teacher(inputs)
-                self._step(scrub_forget_loss(self.student(inputs), teacher, method.temperature))
+                self._step(scrub_forget_loss(self.student(inputs), teacher, self.temperature))
             for group, rate in zip(groups, rates):
                 group["lr"] = rate
         inputs, labels = batch
         with torch.no_grad():  # without the divergence term (alpha 0) the teacher's pass is not needed
-            teacher = self.teacher(inputs) if method.alpha else None
-        loss = scrub_retain_loss(self.student(inputs), labels, teacher, method.alpha, method.temperature)
+            teacher = self.teacher(inputs) if self.alpha else None
+        loss = scrub_retain_loss(self.student(inputs), labels, teacher, self.alpha, self.temperature)
         self._step(loss)
-        if method.decay:
+        if self.decay:
             self.lr_schedulers().step()
         self.log("unlearn/scrub_loss", loss, prog_bar=True)
 
@@ -80,11 +96,10 @@ class ScrubModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        method = self.method
         optimizer = torch.optim.SGD(
-            self.student.parameters(), lr=method.lr, momentum=method.momentum, weight_decay=method.weight_decay
+            self.student.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        if not method.decay:
+        if not self.decay:
             return {"optimizer": optimizer}
         steps = max(int(self.trainer.estimated_stepping_batches), 1)  # the min-steps: the retained set's batches
         return {"optimizer": optimizer, "lr_scheduler": LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))}
@@ -92,11 +107,11 @@ class ScrubModule(pl.LightningModule):
 
 class BadTeacherModule(pl.LightningModule):
     """Student distilled from the competent teacher on retained and the random teacher on forget samples; batches
-    are ``(inputs, labels, forget)``."""
+    are ``(inputs, labels, forget)``; Adam at ``lr``."""
 
-    def __init__(self, student: nn.Module, good: nn.Module, bad: nn.Module, method: "BadTeacher") -> None:
+    def __init__(self, student: nn.Module, good: nn.Module, bad: nn.Module, temperature: float, lr: float) -> None:
         super().__init__()
-        self.student, self.method = student, method
+        self.student, self.temperature, self.lr = student, temperature, lr
         self.teachers = FrozenTeachers(good, bad)
 
     @override
@@ -108,10 +123,10 @@ class BadTeacherModule(pl.LightningModule):
         inputs, _, forget = batch
         with torch.no_grad():
             good, bad = self.teachers[0](inputs), self.teachers[1](inputs)
-        loss = bad_teacher_loss(self.student(inputs), good, bad, forget.bool(), self.method.temperature)
+        loss = bad_teacher_loss(self.student(inputs), good, bad, forget.bool(), self.temperature)
         self.log("unlearn/bad_teacher_loss", loss, prog_bar=True)
         return loss
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.student.parameters(), lr=self.method.lr)
+        return torch.optim.Adam(self.student.parameters(), lr=self.lr)

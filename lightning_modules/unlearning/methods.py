@@ -1,8 +1,8 @@
-"""The corrective-fit methods: retrain from scratch, fine-tune, SSD, Potion, SCRUB and Bad Teacher.
+"""The unlearning methods of the corrective fit: retrain from scratch, fine-tune, SSD, Potion, SCRUB and Bad Teacher.
 
-Each method is a small configuration object (YAML: ``class_path: lightning_modules.unlearning.SCRUB``) whose ``run``
-returns a corrected copy of the victim; the victim itself is never modified. Every training run uses its own fresh
-``Trainer``.
+Each method is a small configuration object (YAML: ``class_path: delta_influence.lightning.SCRUB``) whose ``run``
+returns a corrected copy of the victim and what the method measured about itself; the victim itself is never
+modified. Every training run uses its own fresh ``Trainer``. Why each default is what it is: docs/decisions/.
 """
 
 import copy
@@ -18,24 +18,19 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
-from delta_influence.detectors.base import labels_of
+from delta_influence.correction import CorrectionError
 from delta_influence.devices import device_of
 from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy
+from delta_influence.lightning_modules.unlearning.distillation import BadTeacherModule, ScrubModule
 from delta_influence.unlearning import (
     IMPORTANCES,
     dampen,
     importance_ratios,
     importances,
-    largest_class_importance,
     potion_search,
     ratio_quantiles,
 )
-from lightning_modules.unlearning.distillation import BadTeacherModule, ScrubModule
-
-
-class UnlearningError(ConfigError):
-    """The corrective fit cannot run on what it was given."""
 
 
 @dataclass
@@ -71,15 +66,14 @@ class UnlearningData:
 
 
 class Unlearning(ABC):
-    """A corrective-fit method. ``details`` holds what its last ``run`` measured about itself (e.g. the share of
-    parameters SSD dampened), for the corrective fit's report."""
+    """An unlearning method of the corrective fit."""
 
     name: str
-    details: dict  # set by run
 
     @abstractmethod
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
-        """Returns a corrected copy of ``victim``."""
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
+        """A corrected copy of ``victim``, and what the method measured about itself (e.g. the share of parameters
+        SSD dampened) for the corrective fit's report."""
 
 
 class Retrain(Unlearning):
@@ -95,12 +89,12 @@ class Retrain(Unlearning):
 
     def __init__(self, max_epochs: Optional[int] = None, seed: int = 0) -> None:
         if max_epochs is not None and max_epochs < 1:
-            raise UnlearningError(f"max_epochs={max_epochs} must be at least 1, or null for the victim's length.")
+            raise CorrectionError(f"max_epochs={max_epochs} must be at least 1, or null for the victim's length.")
         self.max_epochs = max_epochs
         self.seed = seed
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
-        return _fit(_reinitialised(victim, self.seed), data, self.max_epochs)
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
+        return _fit(_reinitialised(victim, self.seed), data, self.max_epochs), {}
 
 
 class FineTune(Unlearning):
@@ -117,14 +111,14 @@ class FineTune(Unlearning):
 
     def __init__(self, max_epochs: Optional[int] = None) -> None:
         if max_epochs is not None and max_epochs < 1:
-            raise UnlearningError(f"max_epochs={max_epochs} must be at least 1, or null for a quarter of the victim's.")
+            raise CorrectionError(f"max_epochs={max_epochs} must be at least 1, or null for a quarter of the victim's.")
         self.max_epochs = max_epochs
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
         try:
-            return _fit(_copy(victim), data, self.max_epochs, share=0.25)
+            return _fit(_copy(victim), data, self.max_epochs, share=0.25), {}
         except ConfigError as error:  # e.g. milestones in whole epochs beyond the quarter
-            raise UnlearningError(
+            raise CorrectionError(
                 f"FineTune trains the victim's recipe for a quarter of its length (or max_epochs), which the recipe "
                 f"refuses: {error} Give FineTune a max_epochs the recipe accepts, or milestones as fractions."
             ) from None
@@ -134,11 +128,9 @@ class SSD(Unlearning):
     """Selective synaptic dampening (Foster et al., 2024): no training; parameters whose forget-set importance
     exceeds ``alpha`` times their full-training-set importance are scaled by ``min(1, lam * I_D / I_F)``.
 
-    Deliberately unlike the reference, the default importance is Potion's label-free one (``"logit_norm"``: the
-    absolute gradient of the mean logit norm). The reference's (``"cross_entropy"``: the squared gradient of each
-    batch's mean cross-entropy) vanishes on poisons that the victim fits to near-zero loss: on the held-out CPU
-    BadNets victim (seed 1) no ratio came near ``alpha`` = 10 (largest 2.9) and nothing was dampened, where the
-    label-free importance at the same ``alpha`` and ``lam`` removed the backdoor (benchmarks/README.md).
+    Unlike the reference, the default importance is Potion's label-free one (``"logit_norm"``: the absolute gradient
+    of the mean logit norm); the reference's (``"cross_entropy"``: the squared gradient of each batch's mean
+    cross-entropy) vanishes on poisons the victim fits to near-zero loss (docs/decisions/unlearning-methods.md).
 
     Args:
         alpha: Selection ratio (the reference: 10).
@@ -153,21 +145,21 @@ class SSD(Unlearning):
         self, alpha: float = 10.0, lam: float = 1.0, importance: str = "logit_norm", batch_size: int = 128
     ) -> None:
         if alpha <= 0 or lam <= 0:
-            raise UnlearningError(f"SSD needs alpha > 0 and lam > 0; got alpha={alpha}, lam={lam}.")
+            raise CorrectionError(f"SSD needs alpha > 0 and lam > 0; got alpha={alpha}, lam={lam}.")
         if importance not in IMPORTANCES:
-            raise UnlearningError(f"SSD's importance={importance!r} is not one of {', '.join(IMPORTANCES)}.")
+            raise CorrectionError(f"SSD's importance={importance!r} is not one of {', '.join(IMPORTANCES)}.")
         self.alpha, self.lam, self.importance, self.batch_size = alpha, lam, importance, batch_size
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
         device = device_of(data.settings.accelerator)
         model = _copy(victim).to(device)
         forget = importances(model, DataLoader(data.forget, batch_size=self.batch_size), device, self.importance)
         full = importances(model, DataLoader(data.full, batch_size=self.batch_size), device, self.importance)
         fraction = dampen(model, forget, full, self.alpha, self.lam)
-        self.details = {"dampened_fraction": fraction, "alpha": self.alpha, "lam": self.lam,
-                        **ratio_quantiles(importance_ratios(forget, full))}  # fmt: skip
         rank_zero_info(f"SSD dampened {100 * fraction:.3f} % of the parameters (alpha={self.alpha}, lam={self.lam}).")
-        return model.cpu()
+        details = {"dampened_fraction": fraction, "alpha": self.alpha, "lam": self.lam,
+                   **ratio_quantiles(importance_ratios(forget, full))}  # fmt: skip
+        return model.cpu(), details
 
 
 class Potion(Unlearning):
@@ -180,76 +172,49 @@ class Potion(Unlearning):
     ``|forget| / (|forget| + |retained|) / 25`` and grows by ``step`` until the model's accuracy on the forget set's
     own labels (the attacker's) is at most ``rho`` times the victim's; selected parameters are scaled by
     ``min(1, I_D / I_F)``. Unlike Potion, a start that already reaches the target shrinks the share instead, to the
-    least dampening that still does (on the CPU BadNets victims, with all 245 poisons flagged, the start dampened
-    twice what was needed and cost dogs most of their accuracy).
-
-    ``rho`` is 0.1, chosen on the held-out CPU victims (seed 1): a flagged set holds clean samples of the attacker's
-    label too (40 of 278 on the Smooth Trigger victim), and driving their accuracy to 0 as well (``rho`` 0) dampened
-    the attacker's class as a whole (Smooth Trigger: clean accuracy 66.3 % -> 60.0 %, dogs 60 % -> 12 %; at 0.1:
-    63.6 %, ASR 6.2 %; BadNets: 62.7 % and dogs 58 % -> 30 %, at 0.1: 65.0 %, dogs 63 %, ASR 6.7 %).
-
-    ``reference`` ``"retained"`` is Potion's ``I_D``, the importance to the retained set as a whole; ``"class"`` is
-    the largest of the importances to each retained class alone, so that no parameter that one class needs is
-    selected. Potion's reference cannot tell a trigger from the attacker's class when the poisons' trigger is what
-    the class itself looks like (the Smooth Trigger): the parameters that stand out are those that make a dog a dog,
-    and the attacker's class is dampened with the backdoor (benchmarks/README.md, "How selective dampening is").
+    least dampening that still does. ``rho`` is 0.1 rather than 0, because a flagged set holds clean samples of the
+    attacker's label too (docs/decisions/unlearning-methods.md).
 
     Args:
         rho: Stop once the forget set's accuracy on its labels is at most ``rho`` times the victim's.
         step: Factor between successive shares.
         max_tries: Most shares tried.
         batch_size: Batch size of the importance passes (the reference: 512).
-        reference: What the forget set's importance is compared with: ``"retained"`` (Potion's) or ``"class"``.
     """
 
     name = "potion"
-    REFERENCES = ("retained", "class")
 
-    def __init__(
-        self, rho: float = 0.1, step: float = 1.1, max_tries: int = 500, batch_size: int = 512,
-        reference: str = "retained",
-    ) -> None:  # fmt: skip
+    def __init__(self, rho: float = 0.1, step: float = 1.1, max_tries: int = 500, batch_size: int = 512) -> None:
         if not 0.0 <= rho < 1.0 or step <= 1.0 or max_tries < 1 or batch_size < 1:
-            raise UnlearningError(
+            raise CorrectionError(
                 f"Potion needs 0 <= rho < 1, step > 1, max_tries >= 1 and batch_size >= 1; got rho={rho}, "
                 f"step={step}, max_tries={max_tries}, batch_size={batch_size}."
             )
-        if reference not in self.REFERENCES:
-            raise UnlearningError(
-                f"Potion's reference={reference!r} is not one of {', '.join(self.REFERENCES)}: 'retained' compares "
-                "with the retained set as a whole (Potion's), 'class' with the largest of its classes."
-            )
         self.rho, self.step, self.max_tries, self.batch_size = rho, step, max_tries, batch_size
-        self.reference = reference
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
         device = device_of(data.settings.accelerator)
         model = _copy(victim).to(device)
         forget = importances(model, DataLoader(data.forget, batch_size=self.batch_size), device, "logit_norm")
         retained = data.kept if data.kept is not None else data.retain  # evaluation form, as the forget set
-        if self.reference == "class":
-            kept = largest_class_importance(
-                model, retained, labels_of(retained), device, "logit_norm", self.batch_size
-            )  # fmt: skip
-        else:
-            kept = importances(model, DataLoader(retained, batch_size=self.batch_size), device, "logit_norm")
+        kept = importances(model, DataLoader(retained, batch_size=self.batch_size), device, "logit_norm")
         start = len(data.forget) / (len(data.forget) + len(data.retain)) / 25
         found = potion_search(
             model, forget, kept, lambda candidate: accuracy(candidate, data.forget, device), start, self.step,
             self.rho, self.max_tries,
         )  # fmt: skip
-        self.details = {
-            "dampened_fraction": found.dampened_fraction, "share": found.share, "percentile": found.percentile,
-            "alpha": found.alpha, "tries": found.tries, "forget_acc_before": found.forget_acc_before,
-            "forget_acc": found.forget_acc, "reached": found.reached, **found.quantiles,
-        }  # fmt: skip
         rank_zero_info(
             f"Potion dampened {100 * found.dampened_fraction:.3f} % of the parameters after {found.tries} tries "
             f"(share {found.share:.4g}, alpha {found.alpha:.4g}); the forget set's accuracy on its labels went from "
             f"{found.forget_acc_before:.3f} to {found.forget_acc:.3f}"
             + ("." if found.reached else f", short of rho={self.rho} x the victim's.")
         )
-        return found.model.cpu()
+        details = {
+            "dampened_fraction": found.dampened_fraction, "share": found.share, "percentile": found.percentile,
+            "alpha": found.alpha, "tries": found.tries, "forget_acc_before": found.forget_acc_before,
+            "forget_acc": found.forget_acc, "reached": found.reached, **found.quantiles,
+        }  # fmt: skip
+        return found.model.cpu(), details
 
 
 class SCRUB(Unlearning):
@@ -259,18 +224,8 @@ class SCRUB(Unlearning):
     set). Both KL terms carry the distillation factor ``T^2``. One SGD optimiser with momentum and weight decay for
     both kinds of step, as the reference: the momentum the max-steps leave carries their direction into the first
     min-steps. Under DDP every process runs the whole forget pass (its gradients averaged across processes like the
-    rest).
-
-    Where the defaults differ from the reference, they were chosen on the held-out CPU BadNets victim (seed 1), where
-    the reference's settings left the backdoor in place (benchmarks/README.md):
-
-    - ``lr`` 0.01 (a fifth of the CPU victim's; the reference runs at a tenth of its victims' rate), decaying
-      linearly to zero (``decay``; the corrective-unlearning benchmark decays linearly too);
-    - the max-steps at their own, lower rate ``forget_lr`` (0.002): at 0.01 they cost 12 points of clean accuracy
-      at once, which two epochs did not win back;
-    - ``alpha`` 0: at the reference's 0.001 the KL term changed no prediction of the held-out victim's, and the
-      teacher's forward pass that it needs on every retained batch took 40 % of SCRUB's time. The max-steps still
-      diverge from the teacher.
+    rest). Where the defaults differ from the reference (``lr`` decaying linearly from 0.01, the max-steps at their
+    own rate ``forget_lr``, ``alpha`` 0): docs/decisions/unlearning-methods.md.
 
     Args:
         alpha: Weight of the KL term on the retained set (0: cross-entropy alone, without the teacher's pass).
@@ -283,7 +238,7 @@ class SCRUB(Unlearning):
         decay: ``True`` lowers the learning rate linearly to zero over the min-steps; ``False``: a constant rate, as
             SCRUB's own code.
         batch_size: Retained-set batches.
-        forget_batch_size: Forget-set batches (128: two max-steps over ~250 samples).
+        forget_batch_size: Forget-set batches.
     """
 
     name = "scrub"
@@ -300,7 +255,7 @@ class SCRUB(Unlearning):
             or min(lr, forget_lr) <= 0
             or alpha < 0
         ):
-            raise UnlearningError(
+            raise CorrectionError(
                 f"SCRUB needs epochs >= 1, forget_epochs >= 0, lr > 0, forget_lr > 0, alpha >= 0 and batch sizes "
                 f">= 1; got epochs={epochs}, forget_epochs={forget_epochs}, lr={lr}, forget_lr={forget_lr}, "
                 f"alpha={alpha}, batch_size={batch_size}, forget_batch_size={forget_batch_size}."
@@ -309,20 +264,23 @@ class SCRUB(Unlearning):
         self.lr, self.forget_lr, self.momentum, self.weight_decay = lr, forget_lr, momentum, weight_decay
         self.decay, self.batch_size, self.forget_batch_size = decay, batch_size, forget_batch_size
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
         forget = DataLoader(data.forget, batch_size=self.forget_batch_size, shuffle=True)
-        module = ScrubModule(_copy(victim), _copy(victim), self, forget)
+        module = ScrubModule(
+            _copy(victim), _copy(victim), forget, alpha=self.alpha, temperature=self.temperature,
+            forget_epochs=self.forget_epochs, lr=self.lr, forget_lr=self.forget_lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, decay=self.decay,
+        )  # fmt: skip
         module.student.train()  # the victim may come back from evaluation in eval mode
         _trainer(data.settings, max_epochs=self.epochs).fit(module, retain_loader(data.retain, self.batch_size))
-        return module.student
+        return module.student, {}
 
 
 class BadTeacher(Unlearning):
     """Bad Teacher (Chundawat et al., 2023): one pass over the forget set and a random ``retain_fraction`` of the
     retained set, shuffled together; the student follows the original model on retained samples and a randomly
-    initialised copy on forget samples (KL at temperature ``temperature``), with Adam.
-
-    Adam's rate is ten times the reference's: at 1e-4 the held-out CPU BadNets victim (seed 1) kept an ASR of 84 %.
+    initialised copy on forget samples (KL at temperature ``temperature``), with Adam at ten times the reference's
+    rate (docs/decisions/unlearning-methods.md).
 
     Args:
         temperature: Distillation temperature.
@@ -338,23 +296,25 @@ class BadTeacher(Unlearning):
     def __init__(self, temperature: float = 1.0, epochs: int = 1, retain_fraction: float = 0.3, lr: float = 1e-3,
                  batch_size: int = 256, seed: int = 0) -> None:  # fmt: skip
         if epochs < 1 or not 0.0 < retain_fraction <= 1.0 or lr <= 0 or batch_size < 1:
-            raise UnlearningError(
+            raise CorrectionError(
                 f"BadTeacher needs epochs >= 1, 0 < retain_fraction <= 1, lr > 0 and batch_size >= 1; got epochs="
                 f"{epochs}, retain_fraction={retain_fraction}, lr={lr}, batch_size={batch_size}."
             )
         self.temperature, self.epochs, self.retain_fraction = temperature, epochs, retain_fraction
         self.lr, self.batch_size, self.seed = lr, batch_size, seed
 
-    def run(self, victim: pl.LightningModule, data: UnlearningData) -> nn.Module:
+    def run(self, victim: pl.LightningModule, data: UnlearningData) -> tuple[nn.Module, dict]:
         generator = torch.Generator().manual_seed(self.seed)
         count = max(1, round(self.retain_fraction * len(data.retain)))
         retained = Subset(data.retain, torch.randperm(len(data.retain), generator=generator)[:count].tolist())
         mixture = ConcatDataset([_Marked(retained, False), _Marked(data.forget, True)])
-        module = BadTeacherModule(_copy(victim), _copy(victim), _reinitialised(victim, self.seed), self)
+        module = BadTeacherModule(
+            _copy(victim), _copy(victim), _reinitialised(victim, self.seed), temperature=self.temperature, lr=self.lr
+        )
         module.student.train()
         loader = DataLoader(mixture, batch_size=self.batch_size, shuffle=True)
         _trainer(data.settings, max_epochs=self.epochs).fit(module, loader)
-        return module.student
+        return module.student, {}
 
 
 class _Marked(Dataset):
@@ -392,9 +352,9 @@ def _fit(
 
 
 def retain_loader(retain: Dataset, batch_size: int) -> DataLoader:
-    """The shuffled retained set, without a last batch smaller than half a batch: its size is whatever the audit left
-    (9,730 = 76 x 128 + 2 in the BadNets benchmark), and a batch of two moves batch norm's running statistics and the
-    weights on two samples at the end of every epoch (3.5 points of clean accuracy after a retrain there)."""
+    """The shuffled retained set, without a last batch smaller than half a batch: its size is whatever the audit left,
+    and a batch of a few samples would move batch norm's running statistics and the weights on those few at the end of
+    every epoch (docs/decisions/unlearning-methods.md)."""
     drop = len(retain) > batch_size and len(retain) % batch_size < batch_size / 2
     return DataLoader(retain, batch_size=batch_size, shuffle=True, drop_last=drop)
 
@@ -449,7 +409,7 @@ def _reinitialised(module: nn.Module, seed: int) -> nn.Module:
     left = [name for name, parameter in clone.named_parameters() if id(parameter) not in covered]
     if left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
-        raise UnlearningError(
+        raise CorrectionError(
             f"cannot re-initialise {type(module).__name__} for a retrain from scratch: {shown} belong to no layer "
             "with reset_parameters(), so they would keep the victim's trained values. Give those modules a "
             "reset_parameters() method, or use another corrective method (FineTune, SSD, Potion, SCRUB, BadTeacher)."
