@@ -21,6 +21,7 @@ import torch
 from delta_influence.audit import AuditData, AuditResult, run_audit
 from delta_influence.callbacks import InfluenceCollapseCallback
 from delta_influence.cli import train
+from delta_influence.correction import CorrectionResult, FitReport
 from delta_influence.examples import accuracy
 from delta_influence.lightning_modules.unlearning import LightningCorrectiveFit, Unlearning
 
@@ -107,7 +108,12 @@ def train_victim(args: argparse.Namespace, overrides: list[str] = ()) -> train.D
     audit = audit_callback(cli)
     total = time.perf_counter() - start
     audit_s = audit.result.metrics["total_s"] if audit is not None and audit.result is not None else 0.0
-    cli.victim_metrics = {**evaluate(model, data), "epochs": cli.trainer.max_epochs, "train_s": total - audit_s}
+    fits_s = sum(fit.time_s for fit in corrective_reports(audit.correction)) if audit is not None else 0.0
+    cli.victim_metrics = {
+        **evaluate(model, data),
+        "epochs": cli.trainer.max_epochs,
+        "train_s": total - audit_s - fits_s,
+    }
     torch.save({"state_dict": model.state_dict(), "metrics": cli.victim_metrics}, victim_path(args))
     return cli
 
@@ -139,6 +145,15 @@ def corrective_fit(cli: train.DeltaInfluenceCLI, out_dir: Path, method: Unlearni
     fit = LightningCorrectiveFit.of(cli.datamodule, cli.trainer, out_dir, method)
     fit.settings = dataclasses.replace(fit.settings, val_dataloaders=None, progress_bar=False)
     return fit
+
+
+def corrective_reports(correction: Optional[CorrectionResult]) -> list[FitReport]:
+    """Every corrective fit's report of a correction (its rounds, and the second opinion's fit when there was one)."""
+    if correction is None:
+        return []
+    fits = [r.corrected.report for r in correction.rounds]
+    opinion = correction.second_opinion
+    return fits + ([opinion.fit.corrected.report] if opinion is not None and opinion.fit is not None else [])
 
 
 def audit_callback(cli: train.DeltaInfluenceCLI) -> Optional[InfluenceCollapseCallback]:

@@ -20,7 +20,8 @@ clustering and spectral signatures (epsilon: the poisons' share of the intended 
 from scratch without the default rule's flagged samples, by the config's corrective fit, in as many rounds as the
 config's `corrective_rounds` allows (while the retrained model still classifies the target as the intended class, it
 is audited again on the samples it kept and the victim retrained without everything flagged so far). The first
-retrain's outcome (`first_retrain_*`), the rounds run and the final flagged set (`final_*`) are in the table, which
+retrain's outcome (`first_retrain_*`), the rounds run, the second opinion's give-back (confirmed, or undone when
+keeping the samples brought the target's flip back) and the final flagged set (`final_*`) are in the table, which
 is printed and written to results/witches_brew.json.
 """
 
@@ -55,8 +56,8 @@ COLUMNS = [
     "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "rule_flagged",
     "rule_precision", "rule_recall", "ref_flagged",
     "ref_precision", "ref_recall", "ac_flagged", "ac_precision", "ac_recall", "ss_flagged", "ss_precision", "ss_recall",
-    "first_retrain_success", "rounds", "final_flagged", "final_precision", "final_recall", "retrain_acc",
-    "retrain_success",
+    "first_retrain_success", "rounds", "given_back", "second_opinion", "final_flagged", "final_precision",
+    "final_recall", "retrain_acc", "retrain_success",
 ]  # fmt: skip
 VICTIM_SEED = 100  # victims train from seed 100 + the pair's number, far from the surrogates' seeds
 BREW_FLAGS = [  # what makes the poisons: a setting other than its default names the saved victims and audits
@@ -195,7 +196,8 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
             found |= {f"{name}_{key}": metrics[key] for key in ("flagged", "precision", "recall")}
         fit = corrective_fit(cli, RESULTS / "witches_brew_unlearn", Retrain(seed=seed))
         torch.manual_seed(seed)
-        correction = Correction(fit, configured.detector, factors, configured.corrective_rounds).run(victim, result)
+        loop = Correction(fit, configured.detector, factors, configured.corrective_rounds, configured.second_opinion)
+        correction = loop.run(victim, result)
     default = result.metrics
     reference = detection_metrics(every.evidence.decision.collapsed, total, poisons)
     row = {
@@ -207,8 +209,11 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     if correction is None:  # nothing flagged
         return row | {"rounds": 0}
     final = detection_metrics(correction.final.forgotten, total, poisons)
+    opinion = correction.second_opinion
     return row | {
         "first_retrain_success": correction.rounds[0].corrected.report.asr, "rounds": len(correction.rounds),
+        "given_back": len(opinion.opinion.given_back) if opinion and opinion.opinion is not None else 0,
+        "second_opinion": opinion.reason if opinion else None,
         "final_flagged": int(final["flagged"]), "final_precision": final["precision"], "final_recall": final["recall"],
         "retrain_acc": correction.final.corrected.report.acc, "retrain_success": correction.final.corrected.report.asr,
     }  # fmt: skip

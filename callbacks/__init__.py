@@ -2,5 +2,6 @@
 
 from delta_influence.callbacks.attack_preview import AttackPreviewCallback
 from delta_influence.callbacks.influence_collapse import InfluenceCollapseCallback
+from delta_influence.callbacks.progress import EpochLines
 
-__all__ = ["AttackPreviewCallback", "InfluenceCollapseCallback"]
+__all__ = ["AttackPreviewCallback", "EpochLines", "InfluenceCollapseCallback"]

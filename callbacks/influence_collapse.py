@@ -20,11 +20,11 @@ from typing_extensions import override
 from delta_influence.audit import AuditData, AuditResult, QueryChoice, check_choice, run_audit
 from delta_influence.callbacks import media
 from delta_influence.callbacks.run_folder import RunConfigCallback, run_dir
-from delta_influence.correction import Correction, CorrectionResult, FitReport, check_rounds
+from delta_influence.correction import Correction, CorrectionResult, check_rounds
 from delta_influence.detectors import DeltaInfluence, Detector
-from delta_influence.files import shown
 from delta_influence.influence import DataPartitions, finish, serve
 from delta_influence.lightning_modules.unlearning import LightningCorrectiveFit, Unlearning
+from delta_influence.second_opinion import SecondOpinion
 from delta_influence.stages import read_stages, record, run_stage
 
 
@@ -51,6 +51,9 @@ class InfluenceCollapseCallback(Callback):
         corrective_rounds: At most this many corrective fits: while the corrected model still predicts the attacker's
             label for the query, it is audited on the samples it kept and the victim fitted without everything
             flagged so far. 1: one fit.
+        second_opinion: Once the query is put right, give back the flagged samples the corrected model recognises as
+            members of their label, confirmed by a fit without the rest (``delta_influence.second_opinion``);
+            ``None``: the final set as the audits flagged it.
         output_dir: Where the audit is written; default ``<run folder>/<detector name>``.
         factors_dir: Where kronfluence's factors are cached; default ``<default_root_dir>/influence_cache``.
         top_k: Rows of W&B's table of the top flagged samples.
@@ -66,6 +69,7 @@ class InfluenceCollapseCallback(Callback):
         contrast_images: Optional[list[str]] = None,
         unlearning: Optional[Unlearning] = None,
         corrective_rounds: int = 2,
+        second_opinion: Optional[SecondOpinion] = SecondOpinion(),
         output_dir: Optional[str] = None,
         factors_dir: Optional[str] = None,
         top_k: int = 32,
@@ -75,6 +79,7 @@ class InfluenceCollapseCallback(Callback):
         check_choice(self.choice, detector)
         check_rounds(corrective_rounds)
         self.detector, self.unlearning, self.corrective_rounds = detector, unlearning, corrective_rounds
+        self.second_opinion = second_opinion
         self.output_dir, self.factors_dir, self.top_k = output_dir, factors_dir, top_k
         self.result: Optional[AuditResult] = None  # the audit, on the process that ran it (global rank 0)
         self.correction: Optional[CorrectionResult] = None
@@ -201,8 +206,9 @@ class InfluenceCollapseCallback(Callback):
         with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
             if trainer.is_global_zero:
                 loop = Correction(
-                    fit, self.detector, self._factors_dir(trainer), self.corrective_rounds, rank_zero_info
-                )
+                    fit, self.detector, self._factors_dir(trainer), self.corrective_rounds, self.second_opinion,
+                    rank_zero_info,
+                )  # fmt: skip
                 self.correction = loop.run(pl_module, self.result)
             else:  # this process's share of the first fit, under DDP
                 fit.run(pl_module, self._flagged)
@@ -217,12 +223,17 @@ class InfluenceCollapseCallback(Callback):
         metrics["unlearn/rounds"] = len(correction.rounds)
         for later in correction.rounds[1:]:
             metrics |= {f"audit/round{later.number}/{key}": value for key, value in later.audit.metrics.items()}
+        opinion = correction.second_opinion
+        if opinion is not None and opinion.opinion is not None:
+            metrics["unlearn/second_opinion/given_back"] = len(opinion.opinion.given_back)
+            metrics["unlearn/second_opinion/confirmed"] = int(opinion.confirmed)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.log_hyperparams({"unlearn/method": report.method, "unlearn/verdict": report.verdict})
             if isinstance(logger, WandbLogger):
                 media.log_comparison_to_wandb(logger, report, correction.stopped)
-        rank_zero_info(_compare(report, correction.final.corrected.checkpoint))
+                for picture in sorted(self._run_folder(trainer).glob("unlearn/second_opinion*.png"))[-1:]:
+                    logger.log_image("unlearn/second_opinion", [str(picture)])
 
     def _factors_dir(self, trainer: pl.Trainer) -> Path:
         """Where kronfluence's factors are cached (on a file system every process of the run shares)."""
@@ -272,23 +283,3 @@ def _relaunchable(trainer: pl.Trainer) -> bool:
     corrective fit."""
     scripts = multiprocessing.parent_process() is None
     return trainer.world_size > 1 and type(trainer.strategy) is DDPStrategy and scripts
-
-
-def _compare(report: FitReport, checkpoint: Path) -> str:
-    """A before/after table for the console."""
-
-    def pct(value: Optional[float]) -> str:
-        return "   n/a" if value is None else f"{100 * value:5.1f}%"
-
-    labelled = report.label is not None  # the attacker's label: its clean accuracy in a third column
-    header = f"   acc of label {report.label}" if labelled else ""
-    before = f"  {pct(report.before_label_acc)}" if labelled else ""
-    after = f"  {pct(report.label_acc)}" if labelled else ""
-    return (
-        f"Corrective fit '{report.method}', round {report.round} ({report.time_s:.1f} s, {report.forgotten} samples "
-        f"forgotten): {report.verdict}, {pct(report.changed_predictions).strip()} of test predictions changed\n"
-        f"            clean acc   ASR{header}\n"
-        f"  before      {pct(report.before_acc)}  {pct(report.before_asr)}{before}\n"
-        f"  after       {pct(report.acc)}  {pct(report.asr)}{after}\n"
-        f"  corrected model: {shown(checkpoint)}"
-    )

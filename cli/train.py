@@ -24,15 +24,16 @@ import yaml
 from jsonargparse import lazy_instance
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
 
-from delta_influence.callbacks import InfluenceCollapseCallback
+from delta_influence.callbacks import EpochLines, InfluenceCollapseCallback
 from delta_influence.callbacks.run_folder import RunConfigCallback
 from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.detectors import DeltaInfluence, Detector
 from delta_influence.errors import ConfigError
 from delta_influence.lightning_modules import PoisonClassifier
 from delta_influence.lightning_modules.weights import load_weights
-from delta_influence.quiet import hide_harmless_warnings, quiet_wandb_logger
+from delta_influence.quiet import hide_harmless_warnings, interactive, quiet_wandb_logger
 
 AUDIT = "delta_influence"  # the config section of the audit callback (`audit` is the subcommand)
 DETECTOR = "detector"  # the config section of the detector the audit runs
@@ -77,6 +78,11 @@ class AuditingTrainer(pl.Trainer):
         datamodule.setup("fit")
         model.to(self.strategy.root_device).eval()
         callback.audit_trained(self, model, datamodule, run_folder, correct)
+        if not correct and callback.unlearning is not None:
+            rank_zero_info(
+                f"An audit alone: the corrective fit the config names ({callback.unlearning.name}) runs with "
+                "--correct true."
+            )
         return callback
 
 
@@ -98,6 +104,8 @@ class DeltaInfluenceCLI(LightningCLI):
         parser.add_lightning_class_args(InfluenceCollapseCallback, AUDIT, subclass_mode=True, required=False)
         parser.set_defaults({AUDIT: {"class_path": "delta_influence.callbacks.InfluenceCollapseCallback"}})
         parser.link_arguments(DETECTOR, f"{AUDIT}.init_args.detector", apply_on="instantiate")
+        if not interactive():  # a log file or a pipe: a line per epoch (EpochLines) instead of redrawn bars
+            parser.set_defaults({"trainer.enable_progress_bar": False})
 
     def parse_arguments(self, parser, args) -> None:
         refuse_old_forms(sys.argv[1:] if args is None else list(args))
@@ -127,6 +135,8 @@ class DeltaInfluenceCLI(LightningCLI):
                 f"the audit would run twice. Move its options to the top-level `{AUDIT}:` section and drop it from "
                 f"trainer.callbacks (or set `{AUDIT}: null` to keep the one in the list)."
             )
+        if self.trainer.progress_bar_callback is None and not interactive():
+            self.trainer.callbacks.append(EpochLines())
         data, model = self.datamodule, self.model
         if getattr(data, "attack", None) is not None and isinstance(model, PoisonClassifier):
             # an attack's surrogate trained "as the victim" gets this run's recipe

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from delta_influence.attacks import Attack, BadNets
 from delta_influence.attacks.base import AttackContext, LabeledImages, PoisonedData
 from delta_influence.datamodules.sources import SOURCES, ImageSource
-from delta_influence.errors import ConfigError
+from delta_influence.errors import ConfigError, DeltaInfluenceWarning
 
 
 class ImageDataset(Dataset):
@@ -160,7 +160,7 @@ class PoisonedDataModule(pl.LightningDataModule):
         else:
             height, width = train.images.shape[-2:]
             for warning in self.attack.augmentation_warnings(height, width, self.crop_padding, self.flip):
-                rank_zero_warn(warning)
+                rank_zero_warn(warning, category=DeltaInfluenceWarning)
             generator = torch.Generator()
             generator.set_state(state)  # the seeded stream goes on from the subset's draws to the attack's
             poisoned = self.attack.poison(train, test, generator, self.attack_context())

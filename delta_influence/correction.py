@@ -25,9 +25,10 @@ from torch.utils.data import Dataset
 from delta_influence.audit import AuditResult, misbehaves, run_audit
 from delta_influence.datasets import retained_indices
 from delta_influence.detectors.base import Detector
-from delta_influence.errors import ConfigError
+from delta_influence.errors import ConfigError, DeltaInfluenceWarning
 from delta_influence.examples import predictions
-from delta_influence.files import write_new
+from delta_influence.files import shown, write_new
+from delta_influence.second_opinion import Opinion, SecondOpinion, give_back, plot_opinion
 
 
 class CorrectionError(ConfigError):
@@ -124,9 +125,16 @@ class CorrectiveFit(ABC):
         the method measured about itself; ``alone``: in this process only, whatever the fit's processes."""
 
     def run(
-        self, victim: nn.Module, flagged: Tensor, flagged_by: str = "", round: int = 1, alone: bool = False
+        self,
+        victim: nn.Module,
+        flagged: Tensor,
+        flagged_by: str = "",
+        round: int = 1,
+        alone: bool = False,
+        name: Optional[str] = None,
     ) -> Optional[Corrected]:
-        """Forgets the ``flagged`` training samples (``flagged_by`` says what flagged them, for the report).
+        """Forgets the ``flagged`` training samples (``flagged_by`` says what flagged them, for the report); the files
+        are named ``name`` (default: the method's, with ``_round<k>`` after the first round).
 
         Returns:
             The corrected model with its report and files, or ``None``: nothing flagged (said on the console), or not
@@ -163,8 +171,11 @@ class CorrectiveFit(ABC):
         )  # fmt: skip
         report.verdict = verdict(report)
         if report.verdict != "attack weakened":
-            warnings.warn(f"Corrective fit {self.method}: {report.verdict} ({_before_after(report)}).", stacklevel=2)
-        return self._save(victim, corrected, report)
+            message = f"Corrective fit {self.method}: {report.verdict} ({_before_after(report)})."
+            warnings.warn(message, DeltaInfluenceWarning, stacklevel=2)
+        saved = self._save(victim, corrected, report, name)
+        self.log(describe(report, saved.checkpoint))
+        return saved
 
     def _checkpoint(self, victim: nn.Module, corrected: nn.Module, report: FitReport) -> dict[str, Any]:
         """What the corrected model's file holds: its weights, the victim's hyperparameters and the report."""
@@ -175,9 +186,9 @@ class CorrectiveFit(ABC):
             "unlearning": asdict(report),
         }
 
-    def _save(self, victim: nn.Module, corrected: nn.Module, report: FitReport) -> Corrected:
+    def _save(self, victim: nn.Module, corrected: nn.Module, report: FitReport, name: Optional[str]) -> Corrected:
         """The corrected model and its report, published together (neither without the other)."""
-        name = self.method if report.round == 1 else f"{self.method}_round{report.round}"
+        name = name or (self.method if report.round == 1 else f"{self.method}_round{report.round}")
         checkpoint = self._checkpoint(victim, corrected, report)
         saved = write_new(self.out_dir / f"{name}.ckpt", lambda path: torch.save(checkpoint, path))
         report.checkpoint = saved.name  # beside the report: the folder stays valid when moved
@@ -233,28 +244,53 @@ class Round:
 
 
 @dataclass
+class GiveBack:
+    """The second opinion on the final forgotten set: what the corrected model recognised, the fit without the rest
+    that confirmed it (``None``: nothing given back, or the opinion was not asked), whether it stands, and why."""
+
+    opinion: Optional[Opinion]
+    fit: Optional[Round]
+    confirmed: bool
+    reason: str
+
+
+@dataclass
 class CorrectionResult:
-    """Every round of the correction loop, and why no further round ran."""
+    """Every round of the correction loop, why no further round ran, and the second opinion on its final set."""
 
     rounds: list[Round]
     stopped: str
+    second_opinion: Optional[GiveBack] = None
 
     @property
     def final(self) -> Round:
-        return self.rounds[-1]
+        """The round whose model the correction ends with: the second opinion's fit when it stands, else the last."""
+        opinion = self.second_opinion
+        return opinion.fit if opinion is not None and opinion.confirmed else self.rounds[-1]
 
-    def summary(self) -> dict[str, Any]:
-        """The rounds in brief, for ``correction.json``: each round's audit, what its fit forgot and did, its files."""
-        return {
-            "rounds": [
-                {"round": r.number, "audit": r.audit.output_dir.name, "forgotten": len(r.forgotten),
-                 "acc": r.corrected.report.acc, "asr": r.corrected.report.asr,
-                 "label_acc": r.corrected.report.label_acc, "verdict": r.corrected.report.verdict,
-                 "checkpoint": r.corrected.checkpoint.name, "report": r.corrected.report_path.name}
-                for r in self.rounds
-            ],
-            "stopped": self.stopped,
-        }  # fmt: skip
+    def summary(self, poisons: Optional[Tensor] = None) -> dict[str, Any]:
+        """The rounds in brief, for ``correction.json``: each round's audit, what its fit forgot and did, its files; the
+        second opinion's decision; precision and recall of each forgotten set when the ``poisons`` are known."""
+
+        def entry(r: Round) -> dict[str, Any]:
+            report = r.corrected.report
+            return {"round": r.number, "audit": r.audit.output_dir.name, "forgotten": len(r.forgotten),
+                    "acc": report.acc, "asr": report.asr, "label_acc": report.label_acc, "verdict": report.verdict,
+                    "checkpoint": r.corrected.checkpoint.name, "report": r.corrected.report_path.name,
+                    **_detection(r.forgotten, poisons)}  # fmt: skip
+
+        summary: dict[str, Any] = {"rounds": [entry(r) for r in self.rounds], "stopped": self.stopped}
+        opinion = self.second_opinion
+        if opinion is not None:
+            summary["second_opinion"] = {
+                "confirmed": opinion.confirmed,
+                "reason": opinion.reason,
+                **(opinion.opinion.summary() if opinion.opinion is not None else {}),
+                **({"fit": entry(opinion.fit)} if opinion.fit is not None else {}),
+            }
+        summary["final"] = {"round": self.final.number, "forgotten": len(self.final.forgotten),
+                            **_detection(self.final.forgotten, poisons)}  # fmt: skip
+        return summary
 
 
 class Correction:
@@ -275,6 +311,9 @@ class Correction:
         detector: What audits a corrected model that still misbehaves (the first audit's detector).
         factors_dir: Where kronfluence's factors are cached.
         rounds: At most this many fits; 1: one fit, no further audit.
+        second_opinion: Once the query is put right, give back the flagged samples the corrected model recognises as
+            members of their label, and confirm with a fit without the rest (``delta_influence.second_opinion``);
+            ``None``: the final set as the audits flagged it.
         log: Where the console lines go.
     """
 
@@ -284,10 +323,12 @@ class Correction:
         detector: Detector,
         factors_dir: str | Path,
         rounds: int = 2,
+        second_opinion: Optional[SecondOpinion] = SecondOpinion(),
         log: Callable[[str], object] = print,
     ) -> None:
         check_rounds(rounds)
         self.fit, self.detector, self.factors_dir, self.rounds, self.log = fit, detector, factors_dir, rounds, log
+        self.second_opinion = second_opinion
 
     def run(self, victim: nn.Module, audit: AuditResult) -> Optional[CorrectionResult]:
         """Corrects ``victim`` for ``audit``'s flagged samples, in rounds.
@@ -326,11 +367,69 @@ class Correction:
             forgotten = torch.cat([forgotten, again.flagged]).unique()
             corrected = self.fit.run(victim, forgotten, again.output_dir.name, number, alone=True)
             rounds.append(Round(number, again, forgotten, corrected))
-        result = CorrectionResult(rounds, stopped)
-        text = json.dumps(result.summary(), indent=2)
-        write_new(self.fit.out_dir / "correction.json", lambda path: path.write_text(text))
         self.log(f"Correction: {len(rounds)} corrective fit{'s' if len(rounds) > 1 else ''}; {stopped}.")
+        result = CorrectionResult(rounds, stopped)
+        if self.second_opinion is not None:
+            result.second_opinion = self._give_back(victim, audit, rounds[-1])
+            self.log(f"Second opinion: {result.second_opinion.reason}.")
+        poisons = audit.data.poison_indices
+        text = json.dumps(result.summary(poisons), indent=2)
+        write_new(self.fit.out_dir / "correction.json", lambda path: path.write_text(text))
         return result
+
+    def _give_back(self, victim: nn.Module, audit: AuditResult, last: Round) -> GiveBack:
+        """The second opinion on the last round's forgotten set, confirmed by a fit without what it keeps: the give-back
+        stands unless the query misbehaves again or the attack's success rate rises beyond its noise."""
+        if audit.query is not None and misbehaves(last.corrected.model, audit.data, audit.query, self.fit.device):
+            return GiveBack(None, None, False, "not asked: the corrected model still misbehaves on the query")
+        if self.fit.test_set is None:
+            return GiveBack(None, None, False, "not asked: there is no clean test set to read its thresholds from")
+        opinion = give_back(
+            last.corrected.model, audit.data.train_set, last.forgotten, self.fit.test_set, self.second_opinion,
+            self.fit.device,
+        )  # fmt: skip
+        plot_opinion(opinion, self._picture_path(), audit.data.poison_indices)
+        if not len(opinion.given_back):
+            return GiveBack(opinion, None, False, "the corrected model recognises none of the flagged samples")
+        if not len(opinion.kept):  # a fit that keeps everything trains the victim again, which misbehaved
+            return GiveBack(
+                opinion, None, False,
+                "undone: the corrected model recognises every flagged sample, and a fit that kept them all would be "
+                "the victim's own training",
+            )  # fmt: skip
+        self.log(
+            f"Second opinion: the corrected model recognises {len(opinion.given_back)} of the {len(last.forgotten)} "
+            "flagged samples as members of their label; confirming with a fit that keeps them."
+        )
+        corrected = self.fit.run(
+            victim, opinion.kept, f"{last.corrected.report.flagged_by}, second opinion", last.number, alone=True,
+            name=f"{self.fit.method}_second_opinion",
+        )  # fmt: skip
+        fit = Round(last.number, last.audit, opinion.kept, corrected)
+        before, after = last.corrected.report, corrected.report
+        if audit.query is not None and misbehaves(corrected.model, audit.data, audit.query, self.fit.device):
+            return GiveBack(opinion, fit, False, "undone: the model that kept them misbehaves on the query again")
+        if _rose(before.asr, after.asr, after.attack_size):
+            return GiveBack(
+                opinion, fit, False,
+                f"undone: keeping them raised the attack's success rate from {100 * before.asr:.1f} % to "
+                f"{100 * after.asr:.1f} %",
+            )  # fmt: skip
+        return GiveBack(
+            opinion, fit, True,
+            f"{len(opinion.given_back)} flagged samples given back, confirmed by a fit that kept them "
+            f"({len(opinion.kept)} forgotten; clean accuracy {100 * after.acc:.1f} %"
+            + (f", ASR {100 * after.asr:.1f} %)" if after.asr is not None else ")"),
+        )  # fmt: skip
+
+    def _picture_path(self) -> Path:
+        """A free name for the second opinion's picture beside the fits."""
+        self.fit.out_dir.mkdir(parents=True, exist_ok=True)
+        path, version = self.fit.out_dir / "second_opinion.png", 1
+        while path.exists():
+            version += 1
+            path = self.fit.out_dir / f"second_opinion-{version}.png"
+        return path
 
     def _stop(self, audit: AuditResult, rounds: list[Round]) -> Optional[str]:
         """Why no further round runs after ``rounds``, or ``None`` to go on."""
@@ -362,6 +461,43 @@ corrected model is audited again while it still misbehaves on the query).
             f"corrective_rounds={rounds}: give 1 (one corrective fit) or more (the corrected model is audited again "
             "while it still misbehaves on the query)."
         )
+
+
+def describe(report: FitReport, checkpoint: Path) -> str:
+    """A corrective fit's before/after table, for the console."""
+
+    def pct(value: Optional[float]) -> str:
+        return "   n/a" if value is None else f"{100 * value:5.1f}%"
+
+    labelled = report.label is not None  # the attacker's label: its clean accuracy in a third column
+    header = f"   acc of label {report.label}" if labelled else ""
+    before = f"  {pct(report.before_label_acc)}" if labelled else ""
+    after = f"  {pct(report.label_acc)}" if labelled else ""
+    return (
+        f"Corrective fit '{report.method}' without {report.flagged_by or 'the given indices'} ({report.time_s:.1f} s, "
+        f"{report.forgotten} samples forgotten): {report.verdict}, {pct(report.changed_predictions).strip()} of test "
+        "predictions changed\n"
+        f"            clean acc   ASR{header}\n"
+        f"  before      {pct(report.before_acc)}  {pct(report.before_asr)}{before}\n"
+        f"  after       {pct(report.acc)}  {pct(report.asr)}{after}\n"
+        f"  corrected model: {shown(checkpoint)}"
+    )
+
+
+def _rose(before: Optional[float], after: Optional[float], size: int) -> bool:
+    """Whether an attack's success rate rose by more than twice its standard error at the higher of the two rates."""
+    if before is None or after is None or not size:
+        return False
+    rate = max(before, after)
+    return after - before > 2 * math.sqrt(rate * (1 - rate) / size)
+
+
+def _detection(flagged: Tensor, poisons: Optional[Tensor]) -> dict[str, float]:
+    """Precision and recall of a forgotten set, when the poisons are known."""
+    if poisons is None or not len(flagged):
+        return {}
+    found = int(torch.isin(flagged, poisons).sum())
+    return {"precision": found / len(flagged), "recall": found / len(poisons)}
 
 
 def _is_number(value: Any) -> bool:

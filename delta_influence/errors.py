@@ -15,3 +15,8 @@ class ConfigError(DeltaInfluenceError, ValueError):
 
 class UnsupportedModelError(DeltaInfluenceError, TypeError):
     """The model has nothing the method can work with."""
+
+
+class DeltaInfluenceWarning(UserWarning):
+    """A warning the project gives on purpose: a setting that weakens what it measures, a step that did not do what it
+    was for. The command line shows its message alone, without the line of code that raised it."""

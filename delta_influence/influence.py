@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from delta_influence.cache import new_digest, update_digest
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.evidence import AuditView, Evidence
-from delta_influence.quiet import harmless_warnings_hidden
+from delta_influence.quiet import harmless_warnings_hidden, interactive
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 PARTITION_FILES = "*_data_partition*_module_partition*.safetensors"  # kronfluence's name for a partition's factors
@@ -283,7 +283,7 @@ class InfluenceAnalysis:
                 task=self.task,
                 cpu=self.device.type == "cpu",
                 output_dir=str(self.output_dir),
-                disable_tqdm=self.partitions is not None and self.partitions.rank != 0,  # process 0's bars only
+                disable_tqdm=not interactive() or (self.partitions is not None and self.partitions.rank != 0),
             )
         self.analyzer.state.device = self.device  # exactly the caller's device (e.g. the trainer's cuda:1)
         self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=num_workers))

@@ -10,7 +10,7 @@ Its code lies in the repository's callbacks/, datamodules/, lightning_modules/ a
 ``delta_influence/`` that imports Lightning; the core never does.
 """
 
-from delta_influence.callbacks import AttackPreviewCallback, InfluenceCollapseCallback
+from delta_influence.callbacks import AttackPreviewCallback, EpochLines, InfluenceCollapseCallback
 from delta_influence.cli import DeltaInfluenceCLI
 from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.detectors import (
@@ -43,6 +43,7 @@ __all__ = [
     "BadTeacher",
     "DeltaInfluence",
     "DeltaInfluenceCLI",
+    "EpochLines",
     "FineTune",
     "FrequencyAnalysis",
     "InfluenceCollapseCallback",

@@ -6,9 +6,12 @@ teachers left in eval mode, the W&B folder created before W&B looks for a git re
 """
 
 import logging
+import sys
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from delta_influence.errors import DeltaInfluenceWarning
 
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (
@@ -25,16 +28,44 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 )
 
 LIGHTNING_TIP = "💡 Tip:"  # Lightning advertises its cloud add-ons at every Trainer; nothing is wrong
+LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+
+
+def interactive() -> bool:
+    """Whether the console is a terminal: progress bars are drawn there, and left out of logs and pipes, where their
+    redrawing would fill the output with control characters."""
+    return sys.stderr.isatty()
 
 
 def hide_harmless_warnings() -> None:
-    """Hides the known harmless messages for the rest of the process (the command-line entry points call it)."""
+    """Hides the known harmless messages for the rest of the process and shows the project's own warnings as one line
+    each, ``warning: <message>``, without the source line that raised them (the command-line entry points call it)."""
     for message, category, _ in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    if not getattr(warnings.formatwarning, "plain_for_the_project", False):
+        warnings.formatwarning = _plain_for_the_project(warnings.formatwarning)
+    for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
-            logger.addFilter(_DropLightningTips())
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines((LIGHTNING_TIP,)))
+
+
+LIGHTNING_INFO = ("GPU available", "TPU available", "HPU available", "`Trainer.fit` stopped")
+
+
+@contextmanager
+def lightning_info_hidden() -> Iterator[None]:
+    """Hides, inside a block, the lines every Lightning Trainer prints about the devices and the end of its fit: a
+    corrective fit announces and sums itself up, and these would read as a second training of the victim."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    dropped = _DropLines(LIGHTNING_INFO)
+    for logger in loggers:
+        logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(dropped)
 
 
 @contextmanager
@@ -63,6 +94,25 @@ def without_unused_wandb_settings(init_kwargs: dict[str, Any]) -> dict[str, Any]
     return {key: value for key, value in init_kwargs.items() if not (key == "anonymous" and value is None)}
 
 
-class _DropLightningTips(logging.Filter):
+def _plain_for_the_project(default: Callable[..., str]) -> Callable[..., str]:
+    """``warnings.formatwarning`` that writes a ``DeltaInfluenceWarning`` as ``warning: <message>`` and leaves every
+    other warning to ``default``."""
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, DeltaInfluenceWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.plain_for_the_project = True
+    return formatwarning
+
+
+class _DropLines(logging.Filter):
+    """Drops the log lines that start with any of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LIGHTNING_TIP)
+        return not str(record.msg).startswith(self.starts)

@@ -32,3 +32,15 @@ class PartialDeltaInfluence(DeltaInfluence):
         detection = super()._detect(inputs)
         detection.flagged = detection.flagged[: self.most]
         return detection
+
+
+@dataclass(frozen=True)
+class Flags(Detector):
+    """Traces a query, as Δ-Influence does, and flags the given ``indices`` of the training set it is given."""
+
+    indices: tuple[int, ...] = ()
+    name: ClassVar[str] = "flags"
+    needs_query: ClassVar[bool] = True
+
+    def _detect(self, inputs: DetectionInput) -> Detection:
+        return Detection(self.name, list(self.indices))

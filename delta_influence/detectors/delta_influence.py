@@ -29,6 +29,7 @@ from delta_influence.influence import (
 )
 from delta_influence.metrics import detection_metrics, topk_recall
 from delta_influence.queries import QuerySet, make_queries, scoring_set
+from delta_influence.quiet import interactive
 from delta_influence.verification import Verification, VerificationResult, head_data, head_of, retain_rows, verify
 
 
@@ -182,7 +183,9 @@ class DeltaInfluence(Detector):
 
         profiles = influence.scores[:, decision.flagged].T
         untested = None if decision.unsupportive is None else torch.isin(decision.flagged, decision.unsupportive)
-        return verify(data, decision.flagged, profiles, candidates, support, self.verification, untested=untested)
+        return verify(
+            data, decision.flagged, profiles, candidates, support, self.verification, interactive(), untested=untested
+        )
 
     def _checked_contrast(self, contrast: Optional[Tensor], image: Tensor) -> Tensor:
         """The contrast images, checked against the settings and the query's shape; empty without contrast."""

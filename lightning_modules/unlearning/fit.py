@@ -15,6 +15,7 @@ from delta_influence.audit import eval_train_set_of
 from delta_influence.correction import CorrectionError, CorrectiveFit, FitReport
 from delta_influence.devices import accelerator_of, device_of
 from delta_influence.lightning_modules.unlearning.methods import FitSettings, Unlearning, UnlearningData
+from delta_influence.quiet import lightning_info_hidden
 
 
 class LightningCorrectiveFit(CorrectiveFit):
@@ -86,14 +87,15 @@ class LightningCorrectiveFit(CorrectiveFit):
         return self.unlearning.name
 
     def _forget(self, victim: nn.Module, flagged: Tensor, retained: list[int], alone: bool) -> tuple[nn.Module, dict]:
-        settings = self.settings
+        settings = dataclasses.replace(self.settings, label=f"Corrective fit ({self.method})")
         if alone:
             settings = dataclasses.replace(settings, strategy="auto", devices=1, num_nodes=1)
         data = UnlearningData(
             Subset(self.train_set, retained), Subset(self.eval_train_set, flagged.tolist()), self.eval_train_set,
             settings, kept=Subset(self.eval_train_set, retained),
         )  # fmt: skip
-        return self.unlearning.run(victim, data)
+        with lightning_info_hidden():  # its own lines announce and sum up the fit, not the Trainer's device lines
+            return self.unlearning.run(victim, data)
 
     def _checkpoint(self, victim: nn.Module, corrected: nn.Module, report: FitReport) -> dict[str, Any]:
         """Lightning's checkpoint layout: ``Classifier.load_from_checkpoint`` reads the corrected model."""

@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
+from typing_extensions import override
 
 from delta_influence.correction import CorrectionError
 from delta_influence.devices import device_of
@@ -38,7 +40,7 @@ class FitSettings:
     """How the victim was trained and where a corrective fit trains: the batch size, the length (``max_epochs`` and
     ``max_steps``, as Lightning's Trainer takes them), the validation loaders and how often the victim validated on
     them (the methods that train the victim's own module validate as the victim did), the accelerator, strategy and
-    processes, and whether to show progress bars."""
+    processes, and whether to show progress bars (named ``label``: what the console calls this fit)."""
 
     batch_size: int
     max_epochs: Optional[int] = None
@@ -50,6 +52,7 @@ class FitSettings:
     devices: int = 1
     num_nodes: int = 1
     progress_bar: bool = True
+    label: str = "Corrective fit"
 
 
 @dataclass
@@ -360,7 +363,8 @@ def retain_loader(retain: Dataset, batch_size: int) -> DataLoader:
 
 
 def _trainer(settings: FitSettings, **kwargs) -> pl.Trainer:
-    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check."""
+    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check; its progress bar named
+    for the fit, so that it does not read as a second training of the victim."""
     return pl.Trainer(
         accelerator=settings.accelerator,
         strategy=settings.strategy,
@@ -370,9 +374,23 @@ def _trainer(settings: FitSettings, **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=settings.progress_bar,
+        callbacks=[_NamedBar(settings.label)] if settings.progress_bar else [],
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+class _NamedBar(TQDMProgressBar):
+    """Lightning's progress bar with ``<label>, epoch <n>`` where it says ``Epoch <n>``."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.set_description(f"{self.label}, epoch {trainer.current_epoch}")
 
 
 def _copy(module: nn.Module) -> nn.Module:

@@ -1,0 +1,152 @@
+"""The documents' benchmark tables, written from the results the benchmark scripts saved, so that no table can outlive
+the code that produced it.
+
+    python benchmarks/tables.py           # rewrite every generated table in README.md and benchmarks/README.md
+    python benchmarks/tables.py --check   # exit 1, naming each table that is not what its results give
+
+A generated table sits between ``<!-- table: <name> -->`` and ``<!-- end table -->`` in a document; ``TABLES`` says
+which results files (``benchmarks/results/<pattern>.json``, each ``{"device": ..., "rows": [...]}``) and which
+columns make it. A results file whose rows a table needs is committed with the document.
+"""
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+
+
+def pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def count(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
+def seconds(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.0f} s"
+
+
+def epochs(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def text(value) -> str:
+    return "–" if value is None else str(value)
+
+
+@dataclass
+class Table:
+    """A table: the results files it reads, its columns (header, row key, format) and which rows it keeps."""
+
+    pattern: str
+    columns: list[tuple[str, str, Callable]]
+    keep: Callable[[dict], bool] = lambda row: True
+    order: Callable[[dict], tuple] = lambda row: ()
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self, results: Path) -> list[dict]:
+        rows = []
+        for path in sorted(results.glob(f"{self.pattern}.json")):
+            saved = json.loads(path.read_text())
+            rows += [{"device": saved.get("device"), "file": path.stem, **row} for row in saved["rows"]]
+        return sorted((row for row in rows if self.keep(row)), key=self.order)
+
+    def render(self, results: Path) -> str:
+        rows = self.rows(results)
+        if not rows:
+            raise SystemExit(f"no rows for table {self.pattern!r} under {results}: run the benchmark that writes them")
+        lines = ["| " + " | ".join(header for header, _, _ in self.columns) + " |"]
+        lines.append("|" + "---|" * len(self.columns))
+        lines += ["| " + " | ".join(show(row.get(key)) for _, key, show in self.columns) + " |" for row in rows]
+        devices = sorted({row["device"] for row in rows if row.get("device")})
+        lines += ["", f"Measured on {', '.join(devices)}; results: `benchmarks/results/{self.pattern}.json`."]
+        return "\n".join(lines) + "\n"
+
+
+VICTIM = [
+    ("attack", "attack", text),
+    ("seed", "seed", text),
+    ("images", "num_train", count),
+    ("victim acc", "clean_acc", pct),
+    ("victim ASR", "asr", pct),
+]
+RULES = ["the paper's rule", "with contrast", "verified (default)"]
+TABLES = {
+    "detection": Table(
+        "detection_*",
+        [
+            *VICTIM,
+            ("rule", "rule", text),
+            ("flagged", "flagged", count),
+            ("precision", "precision", pct),
+            ("recall", "recall", pct),
+            ("audit", "audit_s", seconds),
+            ("audit epochs", "audit_epochs", epochs),
+        ],
+        order=lambda row: (row["attack"], row["num_train"], row["seed"], RULES.index(row["rule"])),
+    ),
+    "results": Table(
+        "detection_*",
+        [
+            *VICTIM,
+            ("flagged", "flagged", count),
+            ("precision", "precision", pct),
+            ("recall", "recall", pct),
+            ("audit epochs", "audit_epochs", epochs),
+        ],  # fmt: skip
+        keep=lambda row: row["rule"] == "verified (default)",
+        order=lambda row: (row["attack"], row["num_train"], row["seed"]),
+    ),
+}
+
+
+def generate(document: str, results: Path = RESULTS) -> str:
+    """``document`` with every generated table written from ``results``."""
+
+    def table(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+        return match.group(1) + TABLES[name].render(results) + match.group(4)
+
+    return BLOCK.sub(table, document)
+
+
+def stale(document: str, results: Path = RESULTS) -> list[str]:
+    """The names of the generated tables in ``document`` that differ from what ``results`` give."""
+    fresh = {match.group("name"): match.group("body") for match in BLOCK.finditer(generate(document, results))}
+    return [
+        match.group("name") for match in BLOCK.finditer(document) if match.group("body") != fresh[match.group("name")]
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when a table is stale")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results folder")
+    args = parser.parse_args()
+    failed = False
+    for path in DOCUMENTS:
+        document = path.read_text()
+        if args.check:
+            for name in stale(document, args.results):
+                print(
+                    f"{path.relative_to(ROOT)}: table {name!r} is not what its results give; run benchmarks/tables.py"
+                )
+                failed = True
+        else:
+            path.write_text(generate(document, args.results))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

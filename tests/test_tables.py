@@ -1,0 +1,45 @@
+"""benchmarks/tables.py: the documents' benchmark tables are written from the saved results, and a table that
+differs from its results is caught."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import tables  # noqa: E402  (the benchmarks' folder, added above)
+
+ROWS = [  # a victim's three rows as detection.py writes them (only the columns the tables read)
+    {"attack": "badnets", "seed": 0, "num_train": 10000, "clean_acc": 0.6657, "asr": 0.941, "rule": rule,
+     "flagged": flagged, "precision": precision, "recall": recall, "audit_s": 90.1, "audit_epochs": 7.06}
+    for rule, flagged, precision, recall in [
+        ("verified (default)", 255, 0.9608, 0.98),
+        ("the paper's rule", 1382, 0.1693, 0.936),
+        ("with contrast", 279, 0.8387, 0.936),
+    ]
+]  # fmt: skip
+EXPECTED = """\
+| attack | seed | images | victim acc | victim ASR | rule | flagged | precision | recall | audit | audit epochs |
+|---|---|---|---|---|---|---|---|---|---|---|
+| badnets | 0 | 10,000 | 66.6 % | 94.1 % | the paper's rule | 1,382 | 16.9 % | 93.6 % | 90 s | 7.1 |
+| badnets | 0 | 10,000 | 66.6 % | 94.1 % | with contrast | 279 | 83.9 % | 93.6 % | 90 s | 7.1 |
+| badnets | 0 | 10,000 | 66.6 % | 94.1 % | verified (default) | 255 | 96.1 % | 98.0 % | 90 s | 7.1 |
+
+Measured on cpu (2 threads); results: `benchmarks/results/detection_*.json`.
+"""
+
+
+def test_a_table_is_written_from_its_results_and_a_changed_cell_is_caught(tmp_path):
+    (tmp_path / "detection_badnets.json").write_text(json.dumps({"device": "cpu (2 threads)", "rows": ROWS}))
+    assert tables.TABLES["detection"].render(tmp_path) == EXPECTED
+    document = "# Results\n\n<!-- table: detection -->\nold\n<!-- end table -->\n\nText after.\n"
+    written = tables.generate(document, tmp_path)
+    assert written == f"# Results\n\n<!-- table: detection -->\n{EXPECTED}<!-- end table -->\n\nText after.\n"
+    assert tables.stale(document, tmp_path) == ["detection"] and tables.stale(written, tmp_path) == []
+    assert tables.stale(written.replace("96.1 %", "96.2 %"), tmp_path) == ["detection"]
+
+
+def test_the_documents_tables_are_what_the_committed_results_give():
+    for document in tables.DOCUMENTS:
+        assert tables.stale(document.read_text()) == [], f"{document}: run python benchmarks/tables.py"
