@@ -26,10 +26,15 @@ from delta_influence.examples import accuracy
 from delta_influence.lightning_modules.unlearning import LightningCorrectiveFit, Unlearning
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "badnets": ROOT / "configs" / "benchmarks" / "cifar10_badnets_cpu.yaml",
-    "smooth": ROOT / "configs" / "benchmarks" / "cifar10_smooth_cpu.yaml",
-}
+ATTACKS = ("badnets", "smooth")
+SCALES = {"cpu": "a seeded 1,000 images per class, 250 poisons", "full": "all 50,000 images, 500 poisons"}
+
+
+def config_of(args: argparse.Namespace) -> Path:
+    """The benchmark config of ``--attack`` at ``--scale``: configs/benchmarks/cifar10_<attack>_<scale>.yaml."""
+    return ROOT / "configs" / "benchmarks" / f"cifar10_{args.attack}_{args.scale}.yaml"
+
+
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = ROOT / "benchmarks" / "results"
 # the audit's stages as its metrics name them (``<stage>_s``, ``<stage>_epochs``)
@@ -50,14 +55,17 @@ def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="cifar10-jpeg.tar.gz (image-folder tree)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the tree is extracted once")
-    parser.add_argument("--attack", choices=sorted(CONFIGS), default="badnets", help="the config: ship -> dog")
+    parser.add_argument("--attack", choices=ATTACKS, default="badnets", help="the config's attack: ship -> dog")
+    parser.add_argument(
+        "--scale", choices=sorted(SCALES), default="cpu", help=", ".join(f"{k}: {v}" for k, v in SCALES.items())
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything and data.seed")
-    parser.add_argument("--per-class", type=int, help="training images per class (config: 1,000)")
-    parser.add_argument("--poisons", type=int, help="poisons, ships relabelled as dogs (config: 250)")
+    parser.add_argument("--per-class", type=int, help="training images per class (the config's)")
+    parser.add_argument("--poisons", type=int, help="poisons, ships relabelled as dogs (the config's)")
     parser.add_argument("--magnitude", type=float, help="smooth trigger's range in [0, 1] pixel units (config: 0.2)")
-    parser.add_argument("--epochs", type=int, help="victim's epochs (config: 15)")
-    parser.add_argument("--crop-padding", type=int, help="random-crop padding (config: 0, no cropping)")
-    parser.add_argument("--flip", action="store_true", help="random horizontal flips (config: none)")
+    parser.add_argument("--epochs", type=int, help="victim's epochs (the config's)")
+    parser.add_argument("--crop-padding", type=int, help="random-crop padding (the config's)")
+    parser.add_argument("--flip", action="store_true", help="random horizontal flips (the config's otherwise)")
     for flag, kind, default, text in extra:
         parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args()
@@ -68,7 +76,7 @@ def parse_args(description: str, extra: list[tuple] = ()) -> argparse.Namespace:
 def config_args(args: argparse.Namespace, config: Optional[str] = None) -> list[str]:
     """The benchmark's config (``--attack``'s, or ``config``) and the overrides ``args`` asks for, as train.py's
     command line."""
-    config = config or CONFIGS[args.attack].relative_to(ROOT)
+    config = config or config_of(args).relative_to(ROOT)
     command = ["--config", str(ROOT / config), "--data.root", str(extract(args.archive, args.cache))]
     command += ["--data.cache_dir", str(RESULTS / "attack_cache"), "--trainer.default_root_dir", str(RESULTS / "runs")]
     command += ["--seed_everything", str(args.seed), "--data.seed", str(args.seed)]
@@ -89,9 +97,10 @@ def extract(archive: Path, cache: Path) -> Path:
 
 
 def run_tag(args: argparse.Namespace) -> str:
-    """What keeps a run's results (victim, audit folder, tables) apart: nothing for the config as it is with seed 0
-    (the tables), else its overrides and seed, e.g. ``_s1`` or ``_epochs4_s1``."""
-    parts = [f"{flag}{getattr(args, flag)}" for flag in OVERRIDES if getattr(args, flag) is not None]
+    """What keeps a run's results (victim, audit folder, tables) apart: nothing for the CPU-scale config as it is with
+    seed 0, else its scale, overrides and seed, e.g. ``_s1``, ``_full_s1`` or ``_epochs4_s1``."""
+    parts = [args.scale] if args.scale != "cpu" else []
+    parts += [f"{flag}{getattr(args, flag)}" for flag in OVERRIDES if getattr(args, flag) is not None]
     parts += (["flip"] if args.flip else []) + ([f"s{args.seed}"] if args.seed else [])
     return "".join(f"_{part}" for part in parts)
 
@@ -108,12 +117,9 @@ def train_victim(args: argparse.Namespace, overrides: list[str] = ()) -> train.D
     audit = audit_callback(cli)
     total = time.perf_counter() - start
     audit_s = audit.result.metrics["total_s"] if audit is not None and audit.result is not None else 0.0
-    fits_s = sum(fit.time_s for fit in corrective_reports(audit.correction)) if audit is not None else 0.0
-    cli.victim_metrics = {
-        **evaluate(model, data),
-        "epochs": cli.trainer.max_epochs,
-        "train_s": total - audit_s - fits_s,
-    }
+    correction_s = correction_seconds(audit.correction) if audit is not None else 0.0
+    train_s = total - audit_s - correction_s
+    cli.victim_metrics = {**evaluate(model, data), "epochs": cli.trainer.max_epochs, "train_s": train_s}
     torch.save({"state_dict": model.state_dict(), "metrics": cli.victim_metrics}, victim_path(args))
     return cli
 
@@ -154,6 +160,14 @@ def corrective_reports(correction: Optional[CorrectionResult]) -> list[FitReport
     fits = [r.corrected.report for r in correction.rounds]
     opinion = correction.second_opinion
     return fits + ([opinion.fit.corrected.report] if opinion is not None and opinion.fit is not None else [])
+
+
+def correction_seconds(correction: Optional[CorrectionResult]) -> float:
+    """What a correction took: its fits, and the audits of its later rounds."""
+    if correction is None:
+        return 0.0
+    later = sum(r.audit.metrics["total_s"] for r in correction.rounds[1:])
+    return later + sum(fit.time_s for fit in corrective_reports(correction))
 
 
 def audit_callback(cli: train.DeltaInfluenceCLI) -> Optional[InfluenceCollapseCallback]:
@@ -203,7 +217,7 @@ def newest(name: str, first: str) -> Path:
 def victim_path(args: argparse.Namespace) -> Path:
     """Where the victim of these settings is saved: named by the config, its overrides and seed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / f"victim_{CONFIGS[args.attack].stem}{run_tag(args)}.pt"
+    return RESULTS / f"victim_{config_of(args).stem}{run_tag(args)}.pt"
 
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:

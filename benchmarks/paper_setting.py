@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import AUDIT_STAGES  # noqa: E402  (this script's folder)
+from common import AUDIT_STAGES, correction_seconds  # noqa: E402  (this script's folder)
 
 from delta_influence.callbacks import InfluenceCollapseCallback  # noqa: E402
 from delta_influence.cli import run_command, train  # noqa: E402
@@ -53,9 +53,8 @@ def main(args: list[str]) -> dict:
     if not cli.trainer.is_global_zero:
         return {}
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCollapseCallback)]
-    audit = callback.result.metrics
-    fits = [r.corrected.report for r in callback.correction.rounds] if callback.correction is not None else []
-    final = fits[-1] if fits else None
+    audit, correction = callback.result.metrics, callback.correction
+    final = correction.final.corrected.report if correction is not None else None
     table = {
         "victim_clean_acc": final.before_acc if final else None,
         "victim_asr": final.before_asr if final else None,
@@ -64,10 +63,10 @@ def main(args: list[str]) -> dict:
         "recall": audit.get("recall"),
         "retrained_clean_acc": final.acc if final else None,
         "retrained_asr": final.asr if final else None,
-        "rounds": len(fits),
-        "attack_and_training_s": total - audit["total_s"] - sum(fit.time_s for fit in fits),
+        "rounds": len(correction.rounds) if correction is not None else 0,
+        "attack_and_training_s": total - audit["total_s"] - correction_seconds(correction),
         "audit_s": audit["total_s"],
-        "retrain_s": sum(fit.time_s for fit in fits) if fits else None,
+        "retrain_s": correction_seconds(correction) if correction is not None else None,
         "total_s": total,
         **{f"audit_{stage}_s": audit.get(f"{stage}_s") for stage in AUDIT_STAGES},
         "audit_epochs": audit.get("total_epochs"),
@@ -97,7 +96,7 @@ def _render(table: dict) -> str:
         ("audit (factors + scores + verification)", f"{table['audit_s']:.0f} s{epochs}"),
         ("  per pass", passes),
         (
-            "retrain",
+            "correction (fits, later audits)",
             "n/a" if table["retrain_s"] is None else f"{table['retrain_s']:.0f} s ({table['rounds']} round(s))",
         ),
         ("total", f"{table['total_s']:.0f} s on {table['devices']} x {table['device']}"),

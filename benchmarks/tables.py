@@ -79,20 +79,43 @@ VICTIM = [
     ("victim acc", "clean_acc", pct),
     ("victim ASR", "asr", pct),
 ]
-RULES = ["the paper's rule", "with contrast", "verified (default)"]
+RULES = ["the paper's rule", "with contrast", "verified (default)", "second opinion (final)", "true poisons"]
+DETECTION = [
+    *VICTIM,
+    ("rule", "rule", text),
+    ("flagged", "flagged", count),
+    ("precision", "precision", pct),
+    ("recall", "recall", pct),
+    ("retrain acc", "retrain_acc", pct),
+    ("retrain ASR", "retrain_asr", pct),
+    ("audit", "audit_s", seconds),
+    ("audit epochs", "audit_epochs", epochs),
+]
+
+
+def _victims(row: dict) -> tuple:
+    return (row["attack"], row["num_train"], row["seed"])
+
+
+def _by_rule(row: dict) -> tuple:
+    """A victim's rows in the order of ``RULES``; a row of another name is refused, naming it."""
+    if row["rule"] not in RULES:
+        raise SystemExit(f"{row['file']}.json has a row {row['rule']!r}, which no table knows; rerun its benchmark")
+    return (*_victims(row), RULES.index(row["rule"]))
+
+
 TABLES = {
     "detection": Table(
         "detection_*",
-        [
-            *VICTIM,
-            ("rule", "rule", text),
-            ("flagged", "flagged", count),
-            ("precision", "precision", pct),
-            ("recall", "recall", pct),
-            ("audit", "audit_s", seconds),
-            ("audit epochs", "audit_epochs", epochs),
-        ],
-        order=lambda row: (row["attack"], row["num_train"], row["seed"], RULES.index(row["rule"])),
+        DETECTION,
+        keep=lambda row: row["num_train"] <= 10_000,
+        order=_by_rule,
+    ),
+    "detection-full": Table(
+        "detection_*",
+        DETECTION,
+        keep=lambda row: row["num_train"] > 10_000,
+        order=_by_rule,
     ),
     "results": Table(
         "detection_*",
@@ -101,10 +124,12 @@ TABLES = {
             ("flagged", "flagged", count),
             ("precision", "precision", pct),
             ("recall", "recall", pct),
+            ("retrain acc", "retrain_acc", pct),
+            ("retrain ASR", "retrain_asr", pct),
             ("audit epochs", "audit_epochs", epochs),
         ],  # fmt: skip
-        keep=lambda row: row["rule"] == "verified (default)",
-        order=lambda row: (row["attack"], row["num_train"], row["seed"]),
+        keep=lambda row: row["rule"] == "second opinion (final)",
+        order=_victims,
     ),
 }
 

@@ -15,7 +15,7 @@ pair has its own brew and its own victim, trained from seed 100 + the pair's num
 Success: the victim classifies the target as the intended class. With --known-init 1, a second victim per pair is
 trained from the first surrogate's initial weights and batch order (the "known init" check, which does not depend on
 transfer). On each success, the config's audit (through the audit pipeline) gives the default rule, and a second
-scoring pass of every sample on the same factors (``..._every_sample``) the reference rule, beside activation
+scoring pass of every sample on the same factors (``..._every_sample``) the paper's rule, beside activation
 clustering and spectral signatures (epsilon: the poisons' share of the intended class); the victim is then retrained
 from scratch without the default rule's flagged samples, by the config's corrective fit, in as many rounds as the
 config's `corrective_rounds` allows (while the retrained model still classifies the target as the intended class, it
@@ -180,7 +180,7 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
 
 
 def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
-    """The config's Δ-Influence on the target (and every sample scored for the reference rule), activation clustering
+    """The config's Δ-Influence on the target (and every sample scored for the paper's rule), activation clustering
     and spectral signatures beside it, then retraining without the default rule's set (in the config's rounds)."""
     data, victim = cli.datamodule, cli.model
     total, poisons = len(data.eval_train_set), data.poison_indices

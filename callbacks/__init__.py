@@ -2,6 +2,5 @@
 
 from delta_influence.callbacks.attack_preview import AttackPreviewCallback
 from delta_influence.callbacks.influence_collapse import InfluenceCollapseCallback
-from delta_influence.callbacks.progress import EpochLines
 
-__all__ = ["AttackPreviewCallback", "EpochLines", "InfluenceCollapseCallback"]
+__all__ = ["AttackPreviewCallback", "InfluenceCollapseCallback"]

@@ -22,6 +22,7 @@ from delta_influence.callbacks import media
 from delta_influence.callbacks.run_folder import RunConfigCallback, run_dir
 from delta_influence.correction import Correction, CorrectionResult, check_rounds
 from delta_influence.detectors import DeltaInfluence, Detector
+from delta_influence.errors import ConfigError
 from delta_influence.influence import DataPartitions, finish, serve
 from delta_influence.lightning_modules.unlearning import LightningCorrectiveFit, Unlearning
 from delta_influence.second_opinion import SecondOpinion
@@ -74,6 +75,11 @@ class InfluenceCollapseCallback(Callback):
         factors_dir: Optional[str] = None,
         top_k: int = 32,
     ) -> None:
+        if not isinstance(detector, Detector):
+            raise ConfigError(
+                f"detector={detector!r} is not a detector: give one (DeltaInfluence(), SpectralSignatures(), ...; "
+                "--detector <class>), or turn the audit off as a whole (--delta_influence=null)."
+            )
         contrast = tuple(contrast_images) if contrast_images is not None else None
         self.choice = QueryChoice(query_index, query_image, query_label, require_misclassified, contrast)
         check_choice(self.choice, detector)
@@ -125,7 +131,7 @@ class InfluenceCollapseCallback(Callback):
             if trainer.is_global_zero:
                 folder = self._run_folder(trainer)
                 record(folder, "fit", "finished")
-                with run_stage(folder, "audit", _finish_audit(trainer, folder, self.unlearning is not None)):
+                with run_stage(folder, "audit", _finish_audit(trainer, self.unlearning is not None)):
                     self.result = self.audit(trainer, pl_module, partitions=partitions)
                 flagged = self.result.flagged
             elif partitions is not None:
@@ -200,10 +206,7 @@ class InfluenceCollapseCallback(Callback):
         data = data if data is not None else trainer.datamodule
         folder = self._run_folder(trainer)
         fit = LightningCorrectiveFit.of(data, trainer, folder / "unlearn", self.unlearning, distributed)
-        finish = f"Finish it with: python unlearn.py --run {folder.resolve()}"
-        if self.result is not None:  # the indices this audit flagged, whichever detector wrote them
-            finish += f" --indices {(self.result.output_dir / 'flagged.json').resolve()}"
-        with run_stage(folder if trainer.is_global_zero else None, "corrective fit", finish):
+        with run_stage(folder if trainer.is_global_zero else None, "corrective fit", self._finish_correction(trainer)):
             if trainer.is_global_zero:
                 loop = Correction(
                     fit, self.detector, self._factors_dir(trainer), self.corrective_rounds, self.second_opinion,
@@ -232,8 +235,21 @@ class InfluenceCollapseCallback(Callback):
             logger.log_hyperparams({"unlearn/method": report.method, "unlearn/verdict": report.verdict})
             if isinstance(logger, WandbLogger):
                 media.log_comparison_to_wandb(logger, report, correction.stopped)
-                for picture in sorted(self._run_folder(trainer).glob("unlearn/second_opinion*.png"))[-1:]:
-                    logger.log_image("unlearn/second_opinion", [str(picture)])
+                if opinion is not None and opinion.picture is not None:
+                    logger.log_image("unlearn/second_opinion", [str(opinion.picture)])
+
+    def _finish_correction(self, trainer: pl.Trainer) -> str:
+        """How to finish an interrupted correction: ``train.py audit --correct true`` on the run's saved config and
+        checkpoint (the audit's factors are cached: the whole loop again, rounds and second opinion); without them,
+        ``unlearn.py`` on the first audit's set (one fit)."""
+        folder = self._run_folder(trainer)
+        command = _audit_command(trainer)
+        if command is not None:
+            return f"Finish it with: {command} --correct true"
+        finish = f"Finish it with: python unlearn.py --run {folder.resolve()}"
+        if self.result is not None:  # the indices this audit flagged, whichever detector wrote them
+            finish += f" --indices {(self.result.output_dir / 'flagged.json').resolve()}"
+        return finish + " (a single corrective fit of the first audit's set)"
 
     def _factors_dir(self, trainer: pl.Trainer) -> Path:
         """Where kronfluence's factors are cached (on a file system every process of the run shares)."""
@@ -249,15 +265,22 @@ def _prefix(detector: Detector) -> str:
     return "audit" if isinstance(detector, DeltaInfluence) else f"audit/{detector.name}"
 
 
-def _finish_audit(trainer: pl.Trainer, folder: Path, correct: bool) -> str:
+def _finish_audit(trainer: pl.Trainer, correct: bool) -> str:
     """How to finish an interrupted audit: ``train.py audit`` on the run's saved config and checkpoint."""
+    command = _audit_command(trainer)
+    if command is None:
+        return "Train with checkpoints and a saved config to be able to finish it with `python train.py audit`."
+    return f"Finish it with: {command}" + (" --correct true" if correct else "")
+
+
+def _audit_command(trainer: pl.Trainer) -> Optional[str]:
+    """``train.py audit`` on the run's saved config and checkpoint, when the run saved both."""
     checkpoint = trainer.checkpoint_callback
     saved = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
     configs = [callback.path for callback in trainer.callbacks if isinstance(callback, RunConfigCallback)]
     if not (saved and configs and configs[0] is not None):
-        return "Train with checkpoints and a saved config to be able to finish it with `python train.py audit`."
-    command = f"python train.py audit --config {configs[0].resolve()} --ckpt_path {Path(saved).resolve()}"
-    return f"Finish it with: {command}" + (" --correct true" if correct else "")
+        return None
+    return f"python train.py audit --config {configs[0].resolve()} --ckpt_path {Path(saved).resolve()}"
 
 
 def _release(trainer: pl.Trainer, partitions: Optional[DataPartitions], flagged: Optional[Tensor]) -> Any:

@@ -22,21 +22,24 @@ from typing import Optional
 import pytorch_lightning as pl
 import yaml
 from jsonargparse import lazy_instance
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from delta_influence.callbacks import EpochLines, InfluenceCollapseCallback
+from delta_influence.callbacks import InfluenceCollapseCallback
 from delta_influence.callbacks.run_folder import RunConfigCallback
 from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.detectors import DeltaInfluence, Detector
 from delta_influence.errors import ConfigError
 from delta_influence.lightning_modules import PoisonClassifier
+from delta_influence.lightning_modules.progress import EpochLines
 from delta_influence.lightning_modules.weights import load_weights
 from delta_influence.quiet import hide_harmless_warnings, interactive, quiet_wandb_logger
 
 AUDIT = "delta_influence"  # the config section of the audit callback (`audit` is the subcommand)
 DETECTOR = "detector"  # the config section of the detector the audit runs
+JSONARGPARSE_KEYS = {"class_path", "init_args", "dict_kwargs", "help"}  # a section's own keys, not options
 
 
 class AuditingTrainer(pl.Trainer):
@@ -104,8 +107,6 @@ class DeltaInfluenceCLI(LightningCLI):
         parser.add_lightning_class_args(InfluenceCollapseCallback, AUDIT, subclass_mode=True, required=False)
         parser.set_defaults({AUDIT: {"class_path": "delta_influence.callbacks.InfluenceCollapseCallback"}})
         parser.link_arguments(DETECTOR, f"{AUDIT}.init_args.detector", apply_on="instantiate")
-        if not interactive():  # a log file or a pipe: a line per epoch (EpochLines) instead of redrawn bars
-            parser.set_defaults({"trainer.enable_progress_bar": False})
 
     def parse_arguments(self, parser, args) -> None:
         refuse_old_forms(sys.argv[1:] if args is None else list(args))
@@ -135,7 +136,9 @@ class DeltaInfluenceCLI(LightningCLI):
                 f"the audit would run twice. Move its options to the top-level `{AUDIT}:` section and drop it from "
                 f"trainer.callbacks (or set `{AUDIT}: null` to keep the one in the list)."
             )
-        if self.trainer.progress_bar_callback is None and not interactive():
+        if not interactive():  # a log file or a pipe: a line per epoch instead of bars redrawn with control characters
+            bars = [callback for callback in self.trainer.callbacks if isinstance(callback, ProgressBar)]
+            self.trainer.callbacks = [callback for callback in self.trainer.callbacks if callback not in bars]
             self.trainer.callbacks.append(EpochLines())
         data, model = self.datamodule, self.model
         if getattr(data, "attack", None) is not None and isinstance(model, PoisonClassifier):
@@ -157,7 +160,7 @@ def refuse_old_forms(args: list[str]) -> None:
     for arg in args:
         name = arg.split("=", 1)[0]
         section = re.fullmatch(rf"--{AUDIT}(?:\.init_args)?\.(\w+)(?:\..*)?", name)
-        if section and section.group(1) not in _callback_options():
+        if section and section.group(1) not in _callback_options() | JSONARGPARSE_KEYS:
             raise ConfigError(f"{name}: {_new_form(section.group(1))}")
         listed = re.fullmatch(r"--trainer\.callbacks(?:\.\d+)?\.init_args\.(\w+)(?:\..*)?", name)
         if listed and listed.group(1) in _callback_options() | _detector_options():
@@ -166,7 +169,7 @@ def refuse_old_forms(args: list[str]) -> None:
         settings = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
         section = settings.get(AUDIT) if isinstance(settings, dict) else None
         options = (section.get("init_args", section) or {}) if isinstance(section, dict) else {}
-        moved = sorted(option for option in options if option not in _callback_options())
+        moved = sorted(option for option in options if option not in _callback_options() | JSONARGPARSE_KEYS)
         if moved:
             settings_moved = [option for option in moved if option in _detector_options()]
             others = [f"{option}: {_new_form(option)}" for option in moved if option not in _detector_options()]
@@ -203,10 +206,10 @@ def _callback_options() -> set[str]:
 
 
 def _config_files(args: list[str]) -> list[str]:
-    """The files given with ``--config``."""
+    """The files given with ``--config`` (or ``-c``)."""
     found = []
     for index, arg in enumerate(args):
-        if arg == "--config" and index + 1 < len(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
             found.append(args[index + 1])
         elif arg.startswith("--config="):
             found.append(arg.split("=", 1)[1])

@@ -44,7 +44,7 @@ class UnlearnCLI(DeltaInfluenceCLI):
         parser.add_argument(
             "--unlearning",
             type=Unlearning,
-            default={"class_path": "delta_influence.lightning_modules.unlearning.Retrain"},
+            default={"class_path": "delta_influence.lightning.Retrain"},
             help="the method",
         )
         parser.add_argument("--out_dir", type=Optional[str], default=None, help="default: <victim run>/unlearn")

@@ -8,6 +8,7 @@ from delta_influence.correction import Correction, CorrectionError, CorrectionRe
 from delta_influence.detectors import DeltaInfluence, Detector
 from delta_influence.metrics import detection_metrics
 from delta_influence.queries import TRANSFORMS, QuerySet, make_queries
+from delta_influence.second_opinion import SecondOpinion
 from delta_influence.verification import Verification
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FitReport",
     "QueryChoice",
     "QuerySet",
+    "SecondOpinion",
     "Verification",
     "detection_metrics",
     "flag_collapsed",

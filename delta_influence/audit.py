@@ -403,8 +403,8 @@ def _contrast(
     if data.test_set is None:
         raise AuditError(
             "the clean-class contrast needs clean test samples of the query's label, and the datamodule has no "
-            "`test_set`. Give one, pass contrast_images (image files of that class), or set num_contrast=0 for "
-            "the reference rule."
+            "`test_set`. Give one, pass contrast_images (image files of that class), or set num_contrast=0 and "
+            "verification=None for the paper's rule (--detector.num_contrast 0 --detector.verification null)."
         )
     indices = select_contrast(model, data.test_set, label, count)
     images = torch.stack([torch.as_tensor(data.test_set[i][0]) for i in indices])

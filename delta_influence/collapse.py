@@ -21,7 +21,7 @@ class CollapseResult:
     num_transforms: int
     threshold: float
     tolerance: int
-    collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the reference rule's answer among
+    collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the paper's rule's answer among
     # the scored samples)
     contrast: Optional[Tensor] = None  # [N] mean score on the contrast queries; None without contrast
     contrast_ratio: Optional[float] = None
@@ -44,7 +44,7 @@ def flag_collapsed(
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
-    Collapse (the reference rule): sample i collapses iff at least ``n - tolerance`` of the ``n`` transformed
+    Collapse (the paper's rule): sample i collapses iff at least ``n - tolerance`` of the ``n`` transformed
     queries give Δ[k, i] = S[k, i] - S[0, i] < ``threshold``.
 
     Contrast: every sample that supports the attacker's label in general collapses too, because the transformed
@@ -53,7 +53,7 @@ def flag_collapsed(
     specific to the misbehaving query: ``S[0, i] > contrast_ratio * |C[i]|``, with C[i] its mean score on the clean
     images. A clean member of the label supports ordinary members about as much as the query (C comparable to S);
     a sample that resembles the query without being a poison moves the label on clean images too (|C| large, of
-    either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the reference rule,
+    either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the paper's rule,
     bit for bit.
 
     Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
@@ -88,7 +88,7 @@ def flag_collapsed(
     Example:
         >>> # sample 0 supports the query alone (a poison), sample 1 the whole class (a clean target-class sample)
         >>> scores = torch.tensor([[5.0, 5.0], [1.0, 1.0], [2.0, 2.0], [1.0, 6.0], [0.0, 4.0]])
-        >>> flag_collapsed(scores[:3], tolerance=0).flagged  # the reference rule on the original and two copies
+        >>> flag_collapsed(scores[:3], tolerance=0).flagged  # the paper's rule on the original and two copies
         tensor([0, 1])
         >>> result = flag_collapsed(scores, tolerance=0, num_contrast=2)
         >>> result.flagged, result.collapsed, result.contrast
@@ -222,7 +222,7 @@ def check_rule(
             "copies."
         )
     if num_contrast < 0:
-        raise ConfigError(f"num_contrast={num_contrast} must be 0 (the reference rule, no contrast) or more.")
+        raise ConfigError(f"num_contrast={num_contrast} must be 0 (the paper's rule, no contrast) or more.")
     if contrast_ratio <= 0:
         raise ConfigError(
             f"contrast_ratio={contrast_ratio} must be positive; 2 (the default) means 'twice as much as the class'."

@@ -228,8 +228,7 @@ def verdict(report: FitReport) -> str:
     before, after, size = report.before_asr, report.asr, report.attack_size
     if before is None or after is None:
         return "predictions changed"
-    noise = 2 * math.sqrt(before * (1 - before) / size)
-    return "attack weakened" if before - after > noise else "attack not weakened"
+    return "attack weakened" if _beyond_noise(before - after, before, size=size) else "attack not weakened"
 
 
 @dataclass
@@ -252,6 +251,7 @@ class GiveBack:
     fit: Optional[Round]
     confirmed: bool
     reason: str
+    picture: Optional[Path] = None  # the decision as a picture (``second_opinion.png`` beside the fits)
 
 
 @dataclass
@@ -288,7 +288,7 @@ class CorrectionResult:
                 **(opinion.opinion.summary() if opinion.opinion is not None else {}),
                 **({"fit": entry(opinion.fit)} if opinion.fit is not None else {}),
             }
-        summary["final"] = {"round": self.final.number, "forgotten": len(self.final.forgotten),
+        summary["final"] = {"checkpoint": self.final.corrected.checkpoint.name, "forgotten": len(self.final.forgotten),
                             **_detection(self.final.forgotten, poisons)}  # fmt: skip
         return summary
 
@@ -388,14 +388,15 @@ class Correction:
             last.corrected.model, audit.data.train_set, last.forgotten, self.fit.test_set, self.second_opinion,
             self.fit.device,
         )  # fmt: skip
-        plot_opinion(opinion, self._picture_path(), audit.data.poison_indices)
+        poisons = audit.data.poison_indices
+        picture = write_new(self.fit.out_dir / "second_opinion.png", lambda path: plot_opinion(opinion, path, poisons))
         if not len(opinion.given_back):
-            return GiveBack(opinion, None, False, "the corrected model recognises none of the flagged samples")
+            return GiveBack(opinion, None, False, "the corrected model recognises none of the flagged samples", picture)
         if not len(opinion.kept):  # a fit that keeps everything trains the victim again, which misbehaved
             return GiveBack(
                 opinion, None, False,
                 "undone: the corrected model recognises every flagged sample, and a fit that kept them all would be "
-                "the victim's own training",
+                "the victim's own training", picture,
             )  # fmt: skip
         self.log(
             f"Second opinion: the corrected model recognises {len(opinion.given_back)} of the {len(last.forgotten)} "
@@ -408,28 +409,20 @@ class Correction:
         fit = Round(last.number, last.audit, opinion.kept, corrected)
         before, after = last.corrected.report, corrected.report
         if audit.query is not None and misbehaves(corrected.model, audit.data, audit.query, self.fit.device):
-            return GiveBack(opinion, fit, False, "undone: the model that kept them misbehaves on the query again")
-        if _rose(before.asr, after.asr, after.attack_size):
-            return GiveBack(
-                opinion, fit, False,
-                f"undone: keeping them raised the attack's success rate from {100 * before.asr:.1f} % to "
-                f"{100 * after.asr:.1f} %",
-            )  # fmt: skip
-        return GiveBack(
-            opinion, fit, True,
+            reason = "undone: the model that kept them misbehaves on the query again"
+            return GiveBack(opinion, fit, False, reason, picture)
+        rose = before.asr is not None and after.asr is not None
+        if rose and _beyond_noise(after.asr - before.asr, before.asr, after.asr, size=after.attack_size):
+            reason = (
+                f"undone: keeping them raised the attack's success rate from {_pct(before.asr)} to {_pct(after.asr)}"
+            )
+            return GiveBack(opinion, fit, False, reason, picture)
+        reason = (
             f"{len(opinion.given_back)} flagged samples given back, confirmed by a fit that kept them "
-            f"({len(opinion.kept)} forgotten; clean accuracy {100 * after.acc:.1f} %"
-            + (f", ASR {100 * after.asr:.1f} %)" if after.asr is not None else ")"),
-        )  # fmt: skip
-
-    def _picture_path(self) -> Path:
-        """A free name for the second opinion's picture beside the fits."""
-        self.fit.out_dir.mkdir(parents=True, exist_ok=True)
-        path, version = self.fit.out_dir / "second_opinion.png", 1
-        while path.exists():
-            version += 1
-            path = self.fit.out_dir / f"second_opinion-{version}.png"
-        return path
+            f"({len(opinion.kept)} forgotten; clean accuracy {_pct(after.acc)}"
+            + (f", ASR {_pct(after.asr)})" if after.asr is not None else ")")
+        )
+        return GiveBack(opinion, fit, True, reason, picture)
 
     def _stop(self, audit: AuditResult, rounds: list[Round]) -> Optional[str]:
         """Why no further round runs after ``rounds``, or ``None`` to go on."""
@@ -484,12 +477,15 @@ def describe(report: FitReport, checkpoint: Path) -> str:
     )
 
 
-def _rose(before: Optional[float], after: Optional[float], size: int) -> bool:
-    """Whether an attack's success rate rose by more than twice its standard error at the higher of the two rates."""
-    if before is None or after is None or not size:
-        return False
-    rate = max(before, after)
-    return after - before > 2 * math.sqrt(rate * (1 - rate) / size)
+def _beyond_noise(change: float, *rates: float, size: int) -> bool:
+    """Whether a change of an attack's success rate, measured on ``size`` attack images, exceeds twice its standard
+    error ``sqrt(p (1 - p) / size)`` at the larger of ``rates``: a smaller change is what another seed could give."""
+    rate = max(rates)
+    return size > 0 and change > 2 * math.sqrt(rate * (1 - rate) / size)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
 def _detection(flagged: Tensor, poisons: Optional[Tensor]) -> dict[str, float]:
@@ -522,10 +518,7 @@ def _share(predicted: Optional[tuple[Tensor, Tensor]], keep: Optional[Tensor] = 
 def _before_after(report: FitReport) -> str:
     """Clean accuracy and ASR, before -> after, for the console."""
 
-    def pct(value: Optional[float]) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f} %"
-
-    parts = [f"clean accuracy {pct(report.before_acc)} -> {pct(report.acc)}"]
+    parts = [f"clean accuracy {_pct(report.before_acc)} -> {_pct(report.acc)}"]
     if report.asr is not None:
-        parts.append(f"ASR {pct(report.before_asr)} -> {pct(report.asr)}")
+        parts.append(f"ASR {_pct(report.before_asr)} -> {_pct(report.asr)}")
     return ", ".join(parts)

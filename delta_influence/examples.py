@@ -110,8 +110,9 @@ def select_contrast(model: nn.Module, test_set: Dataset, label: int, count: int,
         if len(chosen) == count:
             return chosen
     fix = (
-        "Lower num_contrast, give clean images of that class as contrast_images, or set num_contrast=0 for the "
-        "reference rule without contrast."
+        "Lower num_contrast, give clean images of that class as contrast_images, or set num_contrast=0 and "
+        "verification=None for the paper's rule without contrast (--detector.num_contrast 0 --detector.verification "
+        "null)."
     )
     if not chosen:
         raise ContrastError(

@@ -10,7 +10,7 @@ Its code lies in the repository's callbacks/, datamodules/, lightning_modules/ a
 ``delta_influence/`` that imports Lightning; the core never does.
 """
 
-from delta_influence.callbacks import AttackPreviewCallback, EpochLines, InfluenceCollapseCallback
+from delta_influence.callbacks import AttackPreviewCallback, InfluenceCollapseCallback
 from delta_influence.cli import DeltaInfluenceCLI
 from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.detectors import (
@@ -23,6 +23,7 @@ from delta_influence.detectors import (
     SpectralSignatures,
 )
 from delta_influence.lightning_modules import PoisonClassifier
+from delta_influence.lightning_modules.progress import EpochLines
 from delta_influence.lightning_modules.unlearning import (
     SCRUB,
     SSD,
@@ -33,11 +34,13 @@ from delta_influence.lightning_modules.unlearning import (
     Retrain,
     Unlearning,
 )
+from delta_influence.second_opinion import SecondOpinion
 from delta_influence.verification import Verification
 
 __all__ = [
     "SCRUB",
     "SSD",
+    "SecondOpinion",
     "ActivationClustering",
     "AttackPreviewCallback",
     "BadTeacher",

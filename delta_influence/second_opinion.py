@@ -158,4 +158,4 @@ def plot_opinion(opinion: Opinion, path: Path, poisons: Optional[Tensor] = None,
     )
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")

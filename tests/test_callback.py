@@ -282,11 +282,11 @@ def test_contrast_keeps_the_poisons_and_drops_the_clean_target_class(tmp_path, t
     data, _ = trained_digits
     contrast = _audit(tmp_path, trained_digits, shared_factors, num_transforms=12, tolerance=1, score_all=True)
     audit = contrast.result.evidence
-    reference = audit.decision.collapsed  # the reference rule's answer on the same scores
+    reference = audit.decision.collapsed  # the paper's rule's answer on the same scores
     assert torch.equal(reference, flag_collapsed(audit.scores[:13], 0.0, 1).flagged)
     clean_fives = torch.nonzero(data.eval_train_set.labels == 5).flatten()
     clean_fives = clean_fives[~torch.isin(clean_fives, data.poison_indices)]
-    # the reference rule flags the attacker's label wholesale; the contrast keeps the poisons and few clean fives
+    # the paper's rule flags the attacker's label wholesale; the contrast keeps the poisons and few clean fives
     assert torch.isin(clean_fives, reference).float().mean() > 0.5
     assert torch.isin(clean_fives, contrast.result.flagged).float().mean() < 0.2
     assert contrast.result.metrics["recall"] >= 0.9 and contrast.result.metrics["precision"] >= 0.5

@@ -32,7 +32,9 @@ def test_two_process_ddp_trains_audits_and_corrects_in_two_rounds(tmp_path):
     (run,) = (tmp_path / "runs" / "delta-influence").iterdir()  # one run folder: the audit, its round, the fits
     names = ["checkpoints", "config.yaml", "delta_influence", "delta_influence_round2", "stages.json", "unlearn"]
     assert sorted(p.name for p in run.iterdir()) == names
-    fits = ["correction.json", "retrain.ckpt", "retrain.json", "retrain_round2.ckpt", "retrain_round2.json"]
+    # the second opinion recognises none of the 30 poisons: a picture, no fit of its own
+    fits = ["correction.json", "retrain.ckpt", "retrain.json", "retrain_round2.ckpt", "retrain_round2.json",
+            "second_opinion.png"]  # fmt: skip
     assert sorted(p.name for p in (run / "unlearn").iterdir()) == fits
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
     first = json.loads((run / "unlearn" / "retrain.json").read_text())

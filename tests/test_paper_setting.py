@@ -28,10 +28,9 @@ def test_paper_setting_runs_end_to_end_tiny(cifar10_root, tmp_path, capsys):
     data.setup("fit")
     poisons = set(data.poison_indices.tolist())  # the tiny run's poisons (the config's attack, --tiny's sizes)
     assert table["flagged"] == len(flagged) and table["recall"] == pytest.approx(len(flagged & poisons) / len(poisons))
-    final = json.loads((run / "unlearn" / "correction.json").read_text())["rounds"][-1]  # the loop's last fit
-    assert len(json.loads((run / "unlearn" / "correction.json").read_text())["rounds"]) == table["rounds"]
-    assert table["retrained_asr"] is not None and final["asr"] == table["retrained_asr"]
-    assert table["total_s"] >= table["attack_and_training_s"] + table["audit_s"] + table["retrain_s"] - 1e-6
+    correction = json.loads((run / "unlearn" / "correction.json").read_text())
+    final = json.loads((run / "unlearn" / correction["final"]["checkpoint"]).with_suffix(".json").read_text())
+    assert len(correction["rounds"]) == table["rounds"] and final["asr"] == table["retrained_asr"] is not None
     assert json.loads((Path(table["run"]) / "paper_setting.json").read_text()) == table
 
 

@@ -13,17 +13,16 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchmetrics import Metric
-from typing_extensions import override
 
 from delta_influence.correction import CorrectionError
 from delta_influence.devices import device_of
 from delta_influence.errors import ConfigError
 from delta_influence.examples import accuracy
+from delta_influence.lightning_modules.progress import EpochLines, NamedProgressBar
 from delta_influence.lightning_modules.unlearning.distillation import BadTeacherModule, ScrubModule
 from delta_influence.unlearning import (
     IMPORTANCES,
@@ -363,8 +362,8 @@ def retain_loader(retain: Dataset, batch_size: int) -> DataLoader:
 
 
 def _trainer(settings: FitSettings, **kwargs) -> pl.Trainer:
-    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check; its progress bar named
-    for the fit, so that it does not read as a second training of the victim."""
+    """A fresh, quiet Trainer for a corrective fit: no logger, no checkpoints, no sanity check; its progress (a bar, or
+    a line per epoch without one) named for the fit, so that it does not read as a second training of the victim."""
     return pl.Trainer(
         accelerator=settings.accelerator,
         strategy=settings.strategy,
@@ -374,23 +373,10 @@ def _trainer(settings: FitSettings, **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=settings.progress_bar,
-        callbacks=[_NamedBar(settings.label)] if settings.progress_bar else [],
+        callbacks=[NamedProgressBar(settings.label) if settings.progress_bar else EpochLines(settings.label)],
         num_sanity_val_steps=0,
         **kwargs,
     )
-
-
-class _NamedBar(TQDMProgressBar):
-    """Lightning's progress bar with ``<label>, epoch <n>`` where it says ``Epoch <n>``."""
-
-    def __init__(self, label: str) -> None:
-        super().__init__()
-        self.label = label
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        self.train_progress_bar.set_description(f"{self.label}, epoch {trainer.current_epoch}")
 
 
 def _copy(module: nn.Module) -> nn.Module:
