@@ -3,9 +3,10 @@
 The corrective fit trains a model without the flagged set, so it never learned the trigger. A dirty-label poison is
 an image of another class carrying the attacker's label: that model sees its content and gives its label a low
 probability. A clean member of the label that the audit flagged by mistake is an image of its class: the model
-recognises it as one. So a flagged sample is given back when the corrected model's probability of its own label is at
-least what it gives the least recognisable clean members of that label: the ``quantile`` of its probabilities of the
-label on the clean test images of the label. Every threshold comes from the same run's model and test set.
+recognises it as one. So a flagged sample is given back when the corrected model is as sure of its label as of a
+typical clean member: its probability of the sample's own label is at least the ``quantile`` (the median, by default) of
+its probabilities of that label on the label's clean test images. Every threshold comes from the same run's model and
+test set; why the median: docs/decisions/second-opinion.md.
 
 Clean-label poisons (Witches' Brew) are images of their label, and the corrected model recognises them too: giving them
 back would bring the attack back. The correction loop therefore confirms every give-back with a fit without the final
@@ -39,7 +40,7 @@ class SecondOpinion:
 clean test images that the corrected model recognises less than a flagged sample it gives back.
     """
 
-    quantile: float = 0.1
+    quantile: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.quantile < 1:
