@@ -62,11 +62,17 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
     assert metrics["total_epochs"] >= metrics["factors_epochs"] + metrics["scores_epochs"] - 1e-9
     assert json.loads((first.output_dir / "flagged.json").read_text())["flagged"] == first.flagged.tolist()
     scores = torch.load(first.output_dir / "scores.pt")  # query, copies, contrast; NaN: a sample of another label
-    assert scores.shape == (1 + 12 + 5, 400) and torch.allclose(scores, first.evidence.scores, equal_nan=True)
+    assert scores.shape == (1 + 12 + callback.detector.num_contrast, 400) and torch.allclose(
+        scores, first.evidence.scores, equal_nan=True
+    )
     fives = trained_digits[0].eval_train_set.labels == 5  # the only samples the default rule can flag are scored
     assert scores[:, fives].isfinite().all() and scores[:, ~fives].isnan().all()
-    assert summary["score_rows"] == {"original": 0, "transformed": [1, 12], "contrast": [13, 17]}
-    assert len(summary["contrast"]) == 5 and summary["metrics"]["collapsed"] >= len(first.flagged)
+    assert summary["score_rows"] == {
+        "original": 0,
+        "transformed": [1, 12],
+        "contrast": [13, 12 + callback.detector.num_contrast],
+    }
+    assert len(summary["contrast"]) == callback.detector.num_contrast and summary["metrics"]["collapsed"] >= len(first.flagged)
     assert {"contrast.pt", "contrast.png"} <= files
     poisons = trained_digits[0].poison_indices
     assert torch.isin(poisons, first.flagged).all() and first.metrics["recall"] == 1.0  # every poison found
@@ -161,7 +167,7 @@ def test_query_the_model_does_not_misclassify(tmp_path, trained_digits, shared_f
         tmp_path, trained_digits, shared_factors, query_image=str(path), query_label=5, require_misclassified=False,
         num_transforms=4, tolerance=1,
     )  # fmt: skip
-    assert anyway.result.evidence.scores.shape == (1 + 4 + 5, 400)
+    assert anyway.result.evidence.scores.shape == (1 + 4 + anyway.detector.num_contrast, 400)
 
 
 def test_out_of_range_query_index(tmp_path, trained_digits):

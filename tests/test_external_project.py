@@ -66,7 +66,9 @@ class TinyNet(pl.LightningModule):
 
 def test_callback_audits_a_foreign_project(tmp_path):
     pl.seed_everything(0)
-    callback = InfluenceCollapseCallback(DeltaInfluence(num_transforms=20, tolerance=2, train_batch_size=50))
+    callback = InfluenceCollapseCallback(
+        DeltaInfluence(num_transforms=20, tolerance=2, num_contrast=5, train_batch_size=50)
+    )
     trainer = pl.Trainer(
         max_epochs=15,
         accelerator="cpu",

@@ -57,7 +57,7 @@ class DeltaInfluence(Detector):
     threshold: float = field(default=0.0, metadata={"help": "a copy collapses a sample when Δ is below this"})
     tolerance: int = field(default=2, metadata={"help": "copies that may fail to collapse a flagged sample"})
     num_contrast: int = field(
-        default=5,
+        default=20,
         metadata={"help": "correctly classified clean test samples of the query's label; 0: the paper's rule"},
     )
     contrast_ratio: float = field(
@@ -78,7 +78,8 @@ class DeltaInfluence(Detector):
     seed: int = field(default=0, metadata={"help": "seed of the transformations, their labels and the Fisher's draw"})
     train_batch_size: int = field(default=128, metadata={"help": "training samples per batch of kronfluence"})
     factor_examples: Optional[int] = field(
-        default=None, metadata={"help": "training samples the factor fits see (a seeded sample); None: all"}
+        default=2500,
+        metadata={"help": "training samples the factor fits see (a seeded sample; all when fewer); None: all"},
     )
     score_all: bool = field(
         default=False,
