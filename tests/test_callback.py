@@ -72,7 +72,8 @@ def test_audit_writes_its_files_and_a_rerun_reuses_the_factors(tmp_path, trained
         "transformed": [1, 12],
         "contrast": [13, 12 + callback.detector.num_contrast],
     }
-    assert len(summary["contrast"]) == callback.detector.num_contrast and summary["metrics"]["collapsed"] >= len(first.flagged)
+    assert len(summary["contrast"]) == callback.detector.num_contrast
+    assert summary["metrics"]["collapsed"] >= len(first.flagged)
     assert {"contrast.pt", "contrast.png"} <= files
     poisons = trained_digits[0].poison_indices
     assert torch.isin(poisons, first.flagged).all() and first.metrics["recall"] == 1.0  # every poison found
