@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from delta_influence.cache import new_digest, update_digest
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.evidence import AuditView, Evidence
-from delta_influence.quiet import harmless_warnings_hidden, interactive
+from delta_influence.quiet import harmless_warnings_hidden, interactive, transient_bars
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 PARTITION_FILES = "*_data_partition*_module_partition*.safetensors"  # kronfluence's name for a partition's factors
@@ -316,7 +316,7 @@ class InfluenceAnalysis:
                 "eigendecomposition_s": lambda: self.analyzer.perform_eigendecomposition(**fit),
                 "lambda_s": lambda: self.analyzer.fit_lambda_matrices(**fit, **passes),
             }
-            with harmless_warnings_hidden():
+            with harmless_warnings_hidden(), transient_bars():
                 for stage, run in stages.items():
                     start = time.perf_counter()
                     run()
@@ -369,7 +369,7 @@ class InfluenceAnalysis:
 
         stages = {"covariance_s": covariance, "eigendecomposition_s": eigendecomposition,
                   "lambda_s": eigen_corrections, "aggregate_s": aggregate}  # fmt: skip
-        with harmless_warnings_hidden():
+        with harmless_warnings_hidden(), transient_bars():
             for stage, work in stages.items():
                 self.process_timings[stage] = partitions.run(stage[:-2], work)
                 self.timings[stage] = max(self.process_timings[stage])
@@ -405,7 +405,7 @@ class InfluenceAnalysis:
             "overwrite_output_dir": True,
         }
         try:
-            with harmless_warnings_hidden():
+            with harmless_warnings_hidden(), transient_bars():
                 if partitions is None:
                     self.analyzer.compute_pairwise_scores(
                         scores_name=scores_name, score_args=ScoreArguments(damping_factor=self.damping), **compute

@@ -11,6 +11,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from tqdm import tqdm
+
 from delta_influence.errors import DeltaInfluenceWarning
 
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -75,6 +77,23 @@ def harmless_warnings_hidden() -> Iterator[None]:
         for message, category, _ in HARMLESS_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield
+
+
+@contextmanager
+def transient_bars() -> Iterator[None]:
+    """Inside a block (around kronfluence's calls), progress bars erase themselves when done, as the project's own do:
+    kronfluence leaves each finished bar's line behind, seven lines per audit, and offers no setting for it."""
+    original = tqdm.__init__
+
+    def init(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("leave", False)
+        original(self, *args, **kwargs)
+
+    tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        tqdm.__init__ = original
 
 
 def quiet_wandb_logger(logger: Any) -> None:

@@ -1,11 +1,13 @@
 import copy
 import gc
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
+from tqdm import tqdm
 
 import delta_influence.influence as influence
 from delta_influence.influence import (
@@ -15,6 +17,7 @@ from delta_influence.influence import (
     label_margins,
     sampled_labels,
 )
+from delta_influence.quiet import transient_bars
 
 
 def _model() -> nn.Module:
@@ -220,3 +223,16 @@ def test_true_fisher_draws_labels_from_the_models_predictions():
     draws = sampled_labels(torch.zeros(4000, 3), torch.arange(4000), seed=0)  # a uniform model: every label
     assert torch.equal(draws, sampled_labels(torch.zeros(4000, 3), torch.arange(4000), seed=0))
     assert (draws.bincount(minlength=3) - 4000 / 3).abs().max() < 150
+
+
+def test_kronfluences_progress_bars_erase_themselves_and_others_keep_their_setting():
+    def drawn(**kwargs) -> str:
+        out = io.StringIO()
+        for _ in tqdm(range(3), file=out, **kwargs):
+            pass
+        return out.getvalue()
+
+    with transient_bars():
+        assert not drawn().endswith("\n")  # kronfluence's bars leave nothing behind, not even an empty line
+        assert drawn(leave=True).endswith("\n")  # a bar that asks to stay, stays
+    assert drawn().endswith("\n")  # tqdm's own default again outside the block
