@@ -6,7 +6,7 @@ python benchmarks/scale.py --attack smooth --sizes 500,5000
 
 Every size is the --scale config's victim and recipe (full: configs/benchmarks/cifar10_<attack>_full.yaml) with
 ``--data.per_class`` set and 1 % of the training set poisoned, trained and audited by ``train.py fit`` in a process of
-its own (so that its peak memory is its own), with fresh factors. The table's last rows fit each stage's seconds to
+its own (so that its peak memory is its own), with fresh factors. A second table fits each stage's seconds to
 ``a * N ** b`` over the sizes: b near 1 is a stage linear in the training set, near 0 one of constant cost.
 """
 
@@ -16,9 +16,12 @@ import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from common import AUDIT_STAGES, audit_callback, parse_args, report, train_victim
+
+from delta_influence.audit import AuditData, run_audit
 
 STAGES = [f"{stage}_s" for stage in AUDIT_STAGES]
 
@@ -39,39 +42,44 @@ def main() -> None:
             out = Path(folder) / "row.json"
             command = [sys.executable, __file__, *_flags(args, size), "--one", str(out)]
             subprocess.run(command, check=True)
-            row = json.loads(out.read_text())
-        rows.append(row)
-        print(row, flush=True)
-    growth = {"num_train": "growth exponent b"}
-    for stage in STAGES:
-        points = [(math.log(row["num_train"]), math.log(row[stage])) for row in rows if row.get(stage)]
-        if len(points) > 1:
-            growth[stage] = round(_slope(points), 2)
-    columns = ["num_train", "poisons", "clean_acc", "asr", "epoch_s", *STAGES, "audit_s", "audit_epochs",
+            rows += json.loads(out.read_text())
+        print(rows[-2:], flush=True)
+    columns = ["factors", "num_train", "poisons", "clean_acc", "asr", "epoch_s", *STAGES, "audit_s", "audit_epochs",
                "peak_memory_mb", "flagged", "precision", "recall"]  # fmt: skip
-    report(f"scale_{args.attack}_{args.scale}", [*rows, growth], columns)
+    report(f"scale_{args.attack}_{args.scale}", rows, columns)
+    growth = []
+    for factors in ("every sample", "default"):
+        for stage in [*STAGES, "audit_s", "epoch_s"]:
+            points = [
+                (math.log(r["num_train"]), math.log(r[stage])) for r in rows if r["factors"] == factors and r[stage]
+            ]
+            if len(points) > 1:
+                growth.append({"attack": args.attack, "factors": factors, "stage": stage, "exponent": _slope(points)})
+    report(f"scale_{args.attack}_{args.scale}_growth", growth, ["attack", "factors", "stage", "exponent"])
 
 
 def measure(args) -> None:
-    """One size: the victim trained and audited with fresh factors, its row written to ``args.one``."""
+    """One size: the victim trained and audited by the config (its default audit, timed in epochs of this training),
+    then audited again with every sample's factors; fresh factors each; both rows written to ``args.one``."""
     with tempfile.TemporaryDirectory() as factors:
         cli = train_victim(args, [f"--delta_influence.factors_dir={factors}", "--delta_influence.unlearning=null"])
-    metrics, data = audit_callback(cli).result.metrics, cli.datamodule
-    epoch_s = metrics["total_s"] / metrics["total_epochs"]
-    row = {
-        "num_train": len(data.eval_train_set),
-        "poisons": len(data.poison_indices),
-        **cli.victim_metrics,
-        "epoch_s": epoch_s,
-        **{stage: metrics.get(stage) for stage in STAGES},
-        "audit_s": metrics["total_s"],
-        "audit_epochs": metrics["total_epochs"],
-        "flagged": metrics["flagged"],
-        "precision": metrics["precision"],
-        "recall": metrics["recall"],
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }  # this process's peak (Linux: KiB)
-    Path(args.one).write_text(json.dumps(row))
+    data, callback = cli.datamodule, audit_callback(cli)
+    default = callback.result.metrics
+    epoch_s = default["total_s"] / default["total_epochs"]
+    every = replace(callback.detector, factor_examples=None)
+    with tempfile.TemporaryDirectory() as folder:
+        result = run_audit(cli.model, AuditData.of(data), every, Path(folder) / "audit", Path(folder) / "factors",
+                           callback.choice, epoch_seconds=epoch_s)  # fmt: skip
+    rows = []
+    for name, detector, metrics in (("default", callback.detector, default), ("every sample", every, result.metrics)):
+        rows.append({"factors": name, "factor_examples": detector.factor_examples,
+                     "num_train": len(data.eval_train_set),
+                     "poisons": len(data.poison_indices), **cli.victim_metrics, "epoch_s": epoch_s,
+                     **{stage: metrics.get(stage) for stage in STAGES}, "audit_s": metrics["total_s"],
+                     "audit_epochs": metrics["total_epochs"], "flagged": metrics["flagged"],
+                     "precision": metrics["precision"], "recall": metrics["recall"]})  # fmt: skip
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak (Linux: KiB)
+    Path(args.one).write_text(json.dumps([row | {"peak_memory_mb": peak} for row in rows]))
 
 
 def _flags(args, size: int) -> list[str]:

@@ -56,7 +56,7 @@ COLUMNS = [
     "victim_p", "success", "known_p", "known_success", "flagged", "precision", "recall", "rule_flagged",
     "rule_precision", "rule_recall", "ref_flagged",
     "ref_precision", "ref_recall", "ac_flagged", "ac_precision", "ac_recall", "ss_flagged", "ss_precision", "ss_recall",
-    "first_retrain_success", "rounds", "given_back", "second_opinion", "final_flagged", "final_precision",
+    "first_retrain_success", "rounds", "given_back", "given_back_kept", "final_flagged", "final_precision",
     "final_recall", "retrain_acc", "retrain_success",
 ]  # fmt: skip
 VICTIM_SEED = 100  # victims train from seed 100 + the pair's number, far from the surrogates' seeds
@@ -213,6 +213,7 @@ def audit(cli, configured, number: int, seed: int, tag: str) -> dict:
     return row | {
         "first_retrain_success": correction.rounds[0].corrected.report.asr, "rounds": len(correction.rounds),
         "given_back": len(opinion.opinion.given_back) if opinion and opinion.opinion is not None else 0,
+        "given_back_kept": bool(opinion and opinion.confirmed),
         "second_opinion": opinion.reason if opinion else None,
         "final_flagged": int(final["flagged"]), "final_precision": final["precision"], "final_recall": final["recall"],
         "retrain_acc": correction.final.corrected.report.acc, "retrain_success": correction.final.corrected.report.asr,

@@ -74,9 +74,13 @@ def test_shipped_configs_keep_their_schedules(config):
     """Written as fractions so that they follow max_epochs, the shipped schedules are still the epochs they were."""
     settings = yaml.safe_load(config.read_text())
     epochs = scheduled_epochs(settings["model"]["milestones"], settings["trainer"]["max_epochs"])
-    expected = {"digits_badnets": [8, 11]} | dict.fromkeys(  # the CPU benchmarks: 9 and 12 of 15 epochs
-        ["cifar10_badnets_cpu", "cifar10_smooth_cpu", "cifar10_witches_brew_cpu"], [9, 12]
-    )
+    expected = (
+        {"digits_badnets": [8, 11]}
+        | dict.fromkeys(  # the CPU benchmarks: 9 and 12 of 15 epochs
+            ["cifar10_badnets_cpu", "cifar10_smooth_cpu", "cifar10_witches_brew_cpu"], [9, 12]
+        )
+        | dict.fromkeys(["cifar10_badnets_full", "cifar10_smooth_full"], [18, 24])
+    )  # and of 30 at full scale
     assert epochs == expected.get(config.stem, [14, 25, 35])
 
 

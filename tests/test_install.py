@@ -92,7 +92,9 @@ class TinyNet(pl.LightningModule):
 
 
 pl.seed_everything(0)
-audit = InfluenceCollapseCallback(DeltaInfluence(num_transforms=20, train_batch_size=50), unlearning=Retrain())
+audit = InfluenceCollapseCallback(  # the stripes' test set holds 10 images of the attacker's label
+    DeltaInfluence(num_transforms=20, num_contrast=5, train_batch_size=50), unlearning=Retrain()
+)
 counter = EpochCounter()
 trainer = pl.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, default_root_dir=sys.argv[1], callbacks=[counter, audit])
