@@ -5,13 +5,13 @@ Messages this project caused are fixed where they came from instead (the correct
 teachers left in eval mode, the W&B folder created before W&B looks for a git repository in it).
 """
 
+import functools
+import importlib
 import logging
 import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
-
-from tqdm import tqdm
 
 from delta_influence.errors import DeltaInfluenceWarning
 
@@ -79,21 +79,30 @@ def harmless_warnings_hidden() -> Iterator[None]:
         yield
 
 
+# kronfluence's modules that draw progress bars (each imports ``tqdm`` by name)
+KRONFLUENCE_BARS = (
+    "kronfluence.factor.covariance",
+    "kronfluence.factor.eigen",
+    "kronfluence.score.dot_product",
+    "kronfluence.score.pairwise",
+    "kronfluence.score.self",
+)
+
+
 @contextmanager
 def transient_bars() -> Iterator[None]:
-    """Inside a block (around kronfluence's calls), progress bars erase themselves when done, as the project's own do:
-    kronfluence leaves each finished bar's line behind, seven lines per audit, and offers no setting for it."""
-    original = tqdm.__init__
-
-    def init(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("leave", False)
-        original(self, *args, **kwargs)
-
-    tqdm.__init__ = init
+    """Inside a block (around kronfluence's calls), kronfluence's progress bars erase themselves when done, as the
+    project's own do: it keeps each finished bar's line (seven per audit) and has no setting for that, only for
+    drawing none (``disable_tqdm``)."""
+    modules = [importlib.import_module(name) for name in KRONFLUENCE_BARS]
+    originals = [module.tqdm for module in modules]
+    for module, bar in zip(modules, originals):
+        module.tqdm = functools.partial(bar, leave=False)
     try:
         yield
     finally:
-        tqdm.__init__ = original
+        for module, bar in zip(modules, originals):
+            module.tqdm = bar
 
 
 def quiet_wandb_logger(logger: Any) -> None:

@@ -1,7 +1,10 @@
 import copy
 import gc
+import importlib
 import io
+import pkgutil
 
+import kronfluence
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from delta_influence.influence import (
     label_margins,
     sampled_labels,
 )
-from delta_influence.quiet import transient_bars
+from delta_influence.quiet import KRONFLUENCE_BARS, transient_bars
 
 
 def _model() -> nn.Module:
@@ -225,14 +228,23 @@ def test_true_fisher_draws_labels_from_the_models_predictions():
     assert (draws.bincount(minlength=3) - 4000 / 3).abs().max() < 150
 
 
-def test_kronfluences_progress_bars_erase_themselves_and_others_keep_their_setting():
-    def drawn(**kwargs) -> str:
+def test_kronfluences_progress_bars_erase_themselves_inside_the_block_only():
+    def drawn(module) -> str:
         out = io.StringIO()
-        for _ in tqdm(range(3), file=out, **kwargs):
+        for _ in module.tqdm(range(3), file=out):
             pass
         return out.getvalue()
 
+    modules = [importlib.import_module(name) for name in KRONFLUENCE_BARS]
     with transient_bars():
-        assert not drawn().endswith("\n")  # kronfluence's bars leave nothing behind, not even an empty line
-        assert drawn(leave=True).endswith("\n")  # a bar that asks to stay, stays
-    assert drawn().endswith("\n")  # tqdm's own default again outside the block
+        assert [drawn(module).endswith("\n") for module in modules] == [False] * len(modules)  # nothing left behind
+    assert [drawn(module).endswith("\n") for module in modules] == [True] * len(modules)  # kronfluence's own again
+
+
+def test_every_kronfluence_module_that_draws_bars_is_made_transient():
+    drawing = {
+        module.name
+        for module in pkgutil.walk_packages(kronfluence.__path__, "kronfluence.")
+        if getattr(importlib.import_module(module.name), "tqdm", None) is tqdm
+    }
+    assert drawing == set(KRONFLUENCE_BARS)

@@ -17,7 +17,7 @@ from delta_influence.datasets import labels_of
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
 from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating
-from delta_influence.influence import Strategy, check_trackable, compute_influence_scores
+from delta_influence.influence import Strategy, check_factor_examples, check_trackable, compute_influence_scores
 from delta_influence.models import penultimate_activations, small_cnn
 
 
@@ -25,7 +25,8 @@ from delta_influence.models import penultimate_activations, small_cnn
 class InfluenceThreshold(Detector):
     """Raw influence (Koh and Liang, 2017, with EK-FAC as Grosse et al., 2023): flag the training samples whose score
     on the misbehaving query exceeds ``threshold`` (the Δ-Influence reference's baseline used 10), or the ``top_k``
-    highest. Shares fitted factors with the other influence detectors (same cache folder, weights and data).
+    highest. Shares fitted factors with Δ-Influence when their settings agree (same cache folder, weights, data and
+    factor sample).
     """
 
     threshold: float = 10.0
@@ -33,12 +34,14 @@ class InfluenceThreshold(Detector):
     strategy: Strategy = "ekfac"
     train_batch_size: int = 128
     seed: int = 0
+    factor_examples: Optional[int] = 2500  # the factors from a seeded sample of this many training samples; None: all
     name: str = "influence_threshold"
     needs_query: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k={self.top_k} must be at least 1, or null to use the threshold.")
+        check_factor_examples(self.factor_examples)
 
     def check_model(self, model: nn.Module) -> None:
         check_trackable(model)
@@ -47,7 +50,8 @@ class InfluenceThreshold(Detector):
         image, label = require(inputs.query, "the misbehaving query (an input and the attacker's label)", self.name)
         influence = compute_influence_scores(
             inputs.model, inputs.train_set, TensorDataset(image[None], torch.tensor([int(label)])), inputs.factors_dir,
-            self.strategy, inputs.device, self.train_batch_size, seed=self.seed, partitions=inputs.partitions,
+            self.strategy, inputs.device, self.train_batch_size, seed=self.seed, factor_examples=self.factor_examples,
+            partitions=inputs.partitions,
         )  # fmt: skip
         scores = influence.scores[0]
         if self.top_k is not None:
