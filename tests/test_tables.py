@@ -1,7 +1,8 @@
 """benchmarks/tables.py: the documents' benchmark tables are written from the saved results, and a table that
-differs from its results is caught."""
+differs from its results is caught; the README's settings table states the code's defaults."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,3 +46,24 @@ def test_a_table_is_written_from_its_results_and_a_changed_cell_is_caught(tmp_pa
 def test_the_documents_tables_are_what_the_committed_results_give():
     for document in tables.DOCUMENTS:
         assert tables.stale(document.read_text()) == [], f"{document}: run python benchmarks/tables.py"
+
+
+def test_the_readmes_detector_settings_are_the_detectors_defaults():
+    """The README's settings table states each default of DeltaInfluence as the code has it."""
+    from delta_influence import DeltaInfluence
+
+    words = {"`null`": None, "`true`": True, "`false`": False}
+    defaults, stated = DeltaInfluence(), {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        names, values = re.findall(r"`(\w+)`", cells[0]), [value.strip() for value in cells[1].split(",")]
+        scalar = (int, float, str, type(None))  # the verification's row describes its settings' object in words
+        if len(names) == len(values) and all(isinstance(getattr(defaults, n, ()), scalar) for n in names):
+            for name, value in zip(names, values):
+                stated[name] = words[value] if value in words else value.strip("`")
+    assert len(stated) == 14  # every setting of the table but the verification
+    for name, value in stated.items():
+        default = getattr(defaults, name)
+        assert default is None if value is None else str(default) == str(value), (name, default, value)
