@@ -80,14 +80,17 @@ VICTIM = [
     ("victim ASR", "asr", pct),
 ]
 RULES = ["the paper's rule", "with contrast", "verified (default)", "second opinion (final)", "true poisons"]
-DETECTION = [
-    *VICTIM,
-    ("rule", "rule", text),
+OUTCOME = [  # a forgotten set against the true poisons, and the retrain without it
     ("flagged", "flagged", count),
     ("precision", "precision", pct),
     ("recall", "recall", pct),
     ("retrain acc", "retrain_acc", pct),
     ("retrain ASR", "retrain_asr", pct),
+]
+DETECTION = [
+    *VICTIM,
+    ("rule", "rule", text),
+    *OUTCOME,
     ("audit", "audit_s", seconds),
     ("audit epochs", "audit_epochs", epochs),
 ]
@@ -113,15 +116,7 @@ TABLES = {
     ),
     "results": Table(
         "detection_*",
-        [
-            *VICTIM,
-            ("flagged", "flagged", count),
-            ("precision", "precision", pct),
-            ("recall", "recall", pct),
-            ("retrain acc", "retrain_acc", pct),
-            ("retrain ASR", "retrain_asr", pct),
-            ("audit epochs", "audit_epochs", epochs),
-        ],  # fmt: skip
+        [*VICTIM, *OUTCOME, ("audit epochs", "audit_epochs", epochs)],
         keep=lambda row: row["rule"] == "second opinion (final)",
         order=_victims,
     ),
