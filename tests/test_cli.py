@@ -138,14 +138,14 @@ def _command(tmp_path, script: str, *args: str, **env: str) -> subprocess.Comple
 
 
 @pytest.mark.slow
-def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeypatch):
+def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeypatch, capsys):
     """The offline default, run as a user would, is quiet; its run folder holds the resolved config, the victim
     checkpoint, the audit, the corrective fit's report and the stages' record; moved elsewhere, it still serves
     unlearn.py and an audit that logs into the same W&B run."""
-    fit = _command(
-        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "4", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--detector.num_transforms", "16",
-        "--detector.num_contrast", "5",  # a 4-epoch victim gets about 20 of the test set's fives right
+    fit = _command(  # 2 epochs in batches of 16: more steps than 4 epochs in the config's batches of 64 took
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "2", "--data.batch_size", "16",
+        "--data.per_class", "60", "--data.attack.init_args.num_poisons", "30", "--detector.num_transforms", "16",
+        "--detector.num_contrast", "5",  # a 2-epoch victim gets about 30 of the test set's fives right
         "--delta_influence.unlearning", "SCRUB",
         "--delta_influence.unlearning.epochs", "1", "--delta_influence.unlearning.batch_size", "64",
         "--delta_influence.corrective_rounds", "1",
@@ -164,7 +164,7 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
         ["fit", "audit", "corrective fit"], "finished"
     )
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["data"]["per_class"] == 60 and config["trainer"]["max_epochs"] == 4
+    assert config["data"]["per_class"] == 60 and config["trainer"]["max_epochs"] == 2
     assert config["data"]["attack"]["class_path"] == "delta_influence.attacks.BadNets"
     assert config["delta_influence"]["init_args"]["unlearning"]["class_path"].endswith(".SCRUB")
     assert config["detector"]["init_args"]["num_transforms"] == 16
@@ -213,8 +213,11 @@ def test_a_run_folder_holds_everything_and_the_output_is_quiet(tmp_path, monkeyp
     assert len(audit_runs) == 1 and "audit/spectral_signatures/flagged" in logged_keys(read_run(audit_runs[0]))
     other = tmp_path / "other.ckpt"  # weights of another architecture, without hyperparameters to rebuild it from
     torch.save({"state_dict": PoisonClassifier(arch="resnet18", in_channels=1).state_dict()}, other)
-    wrong = _command(tmp_path, "train.py", "audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(other))
-    assert wrong.returncode == 2 and "does not match the configured model" in wrong.stderr
+    capsys.readouterr()  # the command line's own handling (as train.py runs it), in this process: status 2, the message
+    with pytest.raises(SystemExit) as wrong:
+        run_command(lambda: train.main(["audit", "--config", str(moved / "config.yaml"), "--ckpt_path", str(other)]))
+    wandb.finish()
+    assert wrong.value.code == 2 and "does not match the configured model" in capsys.readouterr().err
 
     names = {p.name for p in (moved / "unlearn").iterdir()}  # the first corrective fit's files are kept
     assert {"correction.json", "scrub-2.ckpt", "scrub-2.json", "scrub.ckpt", "scrub.json"} <= names
@@ -233,7 +236,8 @@ def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_fin
 ):
     environment = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
     longer = ["--delta_influence.unlearning.max_epochs", "40"]  # a retrain that lasts until the signal comes
-    quick = ["--trainer.max_epochs", "2", "--detector.num_transforms", "8", "--detector.num_contrast", "0",
+    quick = ["--trainer.max_epochs", "2", "--data.per_class", "30", "--data.attack.init_args.num_poisons", "15",
+             "--detector.num_transforms", "8", "--detector.num_contrast", "0",
              "--detector.verification", "null", "--delta_influence.query_index", "0",
              "--delta_influence.require_misclassified", "false"]  # fmt: skip
     command = [sys.executable, str(ROOT / "train.py"), "fit", *_small(tmp_path / "runs"), "--trainer.logger", "false"]
@@ -263,8 +267,8 @@ def test_a_signal_during_a_stage_ends_the_command_with_its_status_and_how_to_fin
     finish = entry["finish"].removeprefix("Finish it with: python ").split()
     if finish[0] == "unlearn.py":  # the run's own corrective fit (its config's Retrain), shortened for the test
         unlearn.main([*finish[1:], "--trainer.logger", "false", "--unlearning.max_epochs", "1"])
-    else:
-        train.main([*finish[1:], "--trainer.logger", "false"])
+    else:  # the audit and the whole correction loop again (its fits, of the config's Retrain, shortened likewise)
+        train.main([*finish[1:], "--trainer.logger", "false", "--delta_influence.unlearning.max_epochs", "1"])
     stages = read_stages(run)
     assert stages[stage]["status"] == "finished" and stages["corrective fit"]["status"] == "finished"
     assert (run / "delta_influence" / "flagged.json").is_file() and (run / "unlearn" / "retrain.json").is_file()

@@ -19,9 +19,12 @@ def test_two_process_ddp_trains_audits_and_corrects_in_two_rounds(tmp_path):
     """The audit's passes split across both processes; the first corrective fit under DDP; the audit keeps only half
     of what Δ-Influence flags (15 of 30 poisons), so the retrained model still misbehaves and process 0 runs the
     second round alone: an audit of what it kept and a fit on one device, with the same fit object."""
+    # 3 epochs in batches of 16 a process: about the steps of 12 epochs in the config's batches of 64, in a quarter of
+    # the epochs for the victim and for each corrective fit (as long as the victim's); the backdoor takes hold as well
     result = _command(
-        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "12", "--data.per_class", "60",
-        "--data.attack.init_args.num_poisons", "30", "--detector", "stand_ins.PartialDeltaInfluence",
+        tmp_path, "train.py", "fit", "--config", DIGITS, "--trainer.max_epochs", "3", "--data.batch_size", "16",
+        "--data.per_class", "60", "--data.attack.init_args.num_poisons", "30",
+        "--detector", "stand_ins.PartialDeltaInfluence",
         "--detector.most", "15", "--detector.num_transforms", "16",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", PYTHONPATH=TESTS,

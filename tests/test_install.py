@@ -105,6 +105,23 @@ result = {"module": delta_influence.__file__, "epochs": counter.epochs, "recall"
           "flagged": len(audit.result.flagged), "before_asr": report.before_asr, "asr": report.asr}
 print(json.dumps(result))
 """
+# `python -S train.py <runs>` as the user runs it, then, in the same interpreter (a second one would take as long again
+# to import torch, Lightning and the rest), the installed console command's `--help`, reported as one JSON line
+RECIPE_THEN_HELP = """
+import contextlib, io, json, runpy, sys
+
+sys.argv = ["train.py", sys.argv[1]]
+runpy.run_path("train.py", run_name="__main__")
+sys.argv, shown, status = ["delta-influence", "--help"], io.StringIO(), 0
+with contextlib.redirect_stdout(shown):
+    try:
+        from delta_influence.cli import train_command
+
+        train_command()
+    except SystemExit as end:
+        status = end.code
+print(json.dumps({"status": status, "help": shown.getvalue()}))
+"""
 
 
 @pytest.mark.slow
@@ -136,16 +153,13 @@ def test_the_wheel_installs_under_its_own_name_and_runs_the_recipe_beside_a_user
     # own site-packages, named explicitly after it
     environment = os.environ | {"PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
     run = subprocess.run(
-        [sys.executable, "-S", "train.py", str(tmp_path / "runs")], cwd=project, env=environment, capture_output=True,
-        text=True, timeout=600,
+        [sys.executable, "-S", "-c", RECIPE_THEN_HELP, str(tmp_path / "runs")], cwd=project, env=environment,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    *_, recipe, help_text = run.stdout.strip().splitlines()
+    result = json.loads(recipe)
     assert Path(result["module"]).is_relative_to(site) and result["epochs"] == 15  # the project's callback ran too
     assert result["recall"] >= 0.75 and result["flagged"] <= 30 and result["before_asr"] >= 0.5 >= result["asr"]
-    command = "import sys; sys.argv = ['delta-influence', '--help']; from delta_influence.cli import train_command; "
-    command += "train_command()"
-    help_text = subprocess.run(
-        [sys.executable, "-S", "-c", command], cwd=project, env=environment, capture_output=True, text=True
-    )
-    assert help_text.returncode == 0 and "{fit,validate,test,predict,audit}" in help_text.stdout
+    help_text = json.loads(help_text)
+    assert help_text["status"] == 0 and "{fit,validate,test,predict,audit}" in help_text["help"]
