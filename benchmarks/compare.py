@@ -2,16 +2,19 @@
 
     python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
-    python benchmarks/compare.py --only "verified, default" --retrains 3  # one row, 3 retrains: compare_<attack>_only.*
+    python benchmarks/compare.py --only "AGPD, SCAn"  # rerun these rows of compare_<attack>.json (else: *_only.json)
 
 Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it, through train.py on the
 config of configs/benchmarks/). Every detector runs through the audit pipeline (its folder under
 results/compare_<attack>/), and every retrain is the config's own corrective fit. The influence detectors share one
 factor fit (Δ-Influence fits them, the threshold baselines reuse them, so their time is the
-scoring pass alone). The table is printed, written as JSON and markdown under benchmarks/results/, and logged as the
+scoring pass alone). Detectors that read clean images draw them from the test set the same way
+(``delta_influence.detectors.clean_sample``: an equal seeded share of each label); the ``clean images`` column says
+how many each reads. The table is printed, written as JSON and markdown under benchmarks/results/, and logged as the
 W&B table ``compare/<attack>`` (offline unless a W&B key is configured).
 """
 
+import json
 import os
 import tempfile
 
@@ -21,17 +24,21 @@ from common import RESULTS, config_args, corrective_fit, load_victim, parse_args
 
 from delta_influence.audit import AuditData, run_audit
 from delta_influence.detectors import (
+    AGPD,
+    ASSET,
     ActivationClustering,
+    CognitiveDistillation,
     DeltaInfluence,
     FrequencyAnalysis,
     InfluenceThreshold,
     Oracle,
     RandomSubset,
+    SCAn,
     SpectralSignatures,
 )
 from delta_influence.lightning_modules.unlearning import Retrain
 
-COLUMNS = ["detector", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
+COLUMNS = ["detector", "clean_used", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
 
 
 def main() -> None:
@@ -48,15 +55,22 @@ def main() -> None:
     poisons = data.poison_indices
     target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
 
-    detectors = [
+    detectors = [  # today's detectors first, the 2018-2021 baselines after them, the bounds last
         ("Δ-Influence (verified, default)", DeltaInfluence(train_batch_size=256)),
+        (
+            "the Δ-Influence paper's rule (collapse alone)",
+            DeltaInfluence(num_contrast=0, verification=None, train_batch_size=256),
+        ),
+        ("SCAn (2021)", SCAn()),
+        ("AGPD (2025)", AGPD()),
+        ("ASSET (2023)", ASSET()),
+        ("Cognitive Distillation (2023)", CognitiveDistillation()),
         ("Δ-Influence (contrast rule, unverified)", DeltaInfluence(train_batch_size=256, verification=None)),
-        ("Δ-Influence (the paper's rule)", DeltaInfluence(num_contrast=0, verification=None, train_batch_size=256)),
         ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
         (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),
-        ("activation clustering", ActivationClustering()),
-        (f"spectral signatures (eps = {target_share:.2f})", SpectralSignatures(expected_fraction=target_share)),
-        ("frequency analysis", FrequencyAnalysis(epochs=6, max_images=args.frequency_images)),
+        ("activation clustering (2018)", ActivationClustering()),
+        (f"spectral signatures (2018, eps = {target_share:.2f})", SpectralSignatures(expected_fraction=target_share)),
+        ("frequency analysis (2021)", FrequencyAnalysis(epochs=6, max_images=args.frequency_images)),
         ("oracle: true poisons", Oracle()),
         ("random, as many as the poisons", RandomSubset(seed=args.seed)),
     ]
@@ -65,16 +79,21 @@ def main() -> None:
         detectors = [(title, detector) for title, detector in detectors if any(part in title for part in wanted)]
         if not detectors:
             raise SystemExit(f"--only {args.only!r} matches no detector.")
-    name = f"compare_{args.attack}{run_tag(args)}" + ("_only" if args.only else "")
-    rows = [{"detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
+    name = f"compare_{args.attack}{run_tag(args)}"
+    table = RESULTS / f"{name}.json"  # --only reruns rows of this table when it exists, else writes <name>_only
+    if args.only and not table.exists():
+        name += "_only"
+    victim_row = {"attack": args.attack, "seed": args.seed, "num_train": len(data.eval_train_set)}
+    rows = [{**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
              "asr": victim_metrics["asr"]}]  # fmt: skip
     with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once
         for title, detector in detectors:
             folder = RESULTS / name / detector.name
             result = run_audit(victim, AuditData.of(data), detector, folder, factors)
             metrics = result.metrics
-            row = {"detector": title, "flagged": len(result.flagged), "precision": metrics["precision"],
-                   "recall": metrics["recall"], "f1": metrics["f1"], "detect_s": metrics["total_s"]}  # fmt: skip
+            row = {**victim_row, "detector": title, "clean_used": clean_used(detector), "flagged": len(result.flagged),
+                   "precision": metrics["precision"], "recall": metrics["recall"], "f1": metrics["f1"],
+                   "detect_s": metrics["total_s"]}  # fmt: skip
             retrains = []
             for seed in range(args.seed, args.seed + args.retrains):
                 torch.manual_seed(seed)
@@ -88,11 +107,26 @@ def main() -> None:
                 row |= {"retrain_clean_accs": list(accs), "retrain_asrs": list(asrs)}
             rows.append(row)
             print(row, flush=True)
+            (RESULTS / f"{name}.json.partial").write_text(json.dumps(rows, indent=2))  # the rows so far
+    (RESULTS / f"{name}.json.partial").unlink()
+    if args.only and table.exists():  # the other rows as they were, these in their places
+        rerun = {row["detector"]: row for row in rows[1:]}
+        earlier = json.loads(table.read_text())["rows"]
+        rows = [{**victim_row, **rerun.pop(row["detector"], row)} for row in earlier] + list(rerun.values())
     report(name, rows, COLUMNS)
     markdown = _markdown(rows, args)
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
     _log_to_wandb(rows, name.removeprefix("compare_"))
+
+
+def clean_used(detector) -> int:
+    """How many clean held-out images the detector reads: its contrast images, the images it draws, or those it
+    trains on."""
+    for setting in ("num_contrast", "clean_images", "max_images"):
+        if getattr(detector, setting, 0):
+            return int(getattr(detector, setting))
+    return 0
 
 
 def _markdown(rows: list[dict], args) -> str:
@@ -109,7 +143,17 @@ def _markdown(rows: list[dict], args) -> str:
             return f"{100 * value:.1f} %"
         return f"{value:.0f}" if isinstance(value, float) else str(value)
 
-    header = ["detector", "flagged", "precision", "recall", "F1", "detection (s)", "clean acc after", "ASR after"]
+    header = [
+        "detector",
+        "clean images",
+        "flagged",
+        "precision",
+        "recall",
+        "F1",
+        "detection (s)",
+        "clean acc after",
+        "ASR after",
+    ]
     lines = [
         f"Attack {args.attack} (train.py {' '.join(config_args(args))}); every retrain from scratch with the "
         "victim's recipe"

@@ -96,6 +96,21 @@ DETECTION = [
 ]
 
 
+COMPARE = [
+    ("attack", "attack", text),
+    ("seed", "seed", text),
+    ("detector", "detector", text),
+    ("clean images", "clean_used", count),
+    ("flagged", "flagged", count),
+    ("precision", "precision", pct),
+    ("recall", "recall", pct),
+    ("F1", "f1", pct),
+    ("detection", "detect_s", seconds),
+    ("retrain acc", "clean_acc", pct),
+    ("retrain ASR", "asr", pct),
+]
+
+
 def _victims(row: dict) -> tuple:
     return (row["attack"], row["num_train"], row["seed"])
 
@@ -113,6 +128,12 @@ TABLES = {
         DETECTION,
         keep=lambda row: row["num_train"] <= 10_000,
         order=_by_rule,
+    ),
+    "compare": Table(
+        "compare_*",
+        COMPARE,
+        keep=lambda row: not row["file"].endswith("_only"),  # --only runs are a row's check, not the table
+        order=lambda row: (row["attack"], row["seed"]),  # each file's rows as its benchmark wrote them
     ),
     "results": Table(
         "detection_*",

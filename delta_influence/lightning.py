@@ -14,12 +14,16 @@ from delta_influence.callbacks import AttackPreviewCallback, InfluenceCollapseCa
 from delta_influence.cli import DeltaInfluenceCLI
 from delta_influence.datamodules import PoisonedDataModule
 from delta_influence.detectors import (
+    AGPD,
+    ASSET,
     ActivationClustering,
+    CognitiveDistillation,
     DeltaInfluence,
     FrequencyAnalysis,
     InfluenceThreshold,
     Oracle,
     RandomSubset,
+    SCAn,
     SpectralSignatures,
 )
 from delta_influence.lightning_modules import PoisonClassifier
@@ -38,12 +42,16 @@ from delta_influence.second_opinion import SecondOpinion
 from delta_influence.verification import Verification
 
 __all__ = [
+    "AGPD",
+    "ASSET",
+    "SCAn",
     "SCRUB",
     "SSD",
     "SecondOpinion",
     "ActivationClustering",
     "AttackPreviewCallback",
     "BadTeacher",
+    "CognitiveDistillation",
     "DeltaInfluence",
     "DeltaInfluenceCLI",
     "EpochLines",

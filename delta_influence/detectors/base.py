@@ -8,8 +8,9 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from delta_influence.datasets import labels_of
 from delta_influence.errors import ConfigError
 from delta_influence.evidence import Evidence
 from delta_influence.influence import DataPartitions
@@ -22,8 +23,9 @@ class DetectionInput:
     ``train_set`` is the training set in evaluation form (``(input, label)`` pairs, fixed order, no augmentation):
     flagged indices point into it. ``query`` is the misbehaving example (input, attacker's label) and ``contrast``
     clean inputs of that label, for the influence detectors. ``clean_set`` is clean held-out data (the test set),
-    for detectors that train on clean images. ``poison_indices`` is the ground truth: only the oracle bounds read it.
-    ``partitions``: the processes of a distributed run that share the influence passes (this one is process 0).
+    from which detectors that need clean images draw them (``clean_sample``). ``poison_indices`` is the ground
+    truth: only the oracle bounds read it. ``partitions``: the processes of a distributed run that share the
+    influence passes (this one is process 0).
     """
 
     model: nn.Module
@@ -85,3 +87,31 @@ def require(value: Any, what: str, detector: str) -> Any:
     if value is None:
         raise ConfigError(f"the {detector} detector needs {what}, and none was given.")
     return value
+
+
+def clean_sample(inputs: DetectionInput, count: int, seed: int, detector: str) -> Subset:
+    """``count`` clean held-out images for ``detector``, drawn the same way for every detector that needs some: an
+    equal, seeded share of each label of ``inputs.clean_set`` (the test set). Refuses a run without enough of them.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> held_out = TensorDataset(torch.zeros(8, 1), torch.tensor([0, 1] * 4))
+        >>> sample = clean_sample(DetectionInput(nn.Identity(), held_out, 2, clean_set=held_out), 4, 0, "scan")
+        >>> labels_of(sample).bincount().tolist()
+        [2, 2]
+    """
+    what = f"{count} clean held-out images (clean_set: the test set)"
+    labels = labels_of(require(inputs.clean_set, what, detector))
+    classes = labels.unique()
+    per_class = max(1, count // len(classes))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in classes.tolist():
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) < per_class:
+            raise ConfigError(
+                f"the {detector} detector draws {per_class} clean images of each label from the clean set, which has "
+                f"{len(members)} of label {label}; give it fewer (clean_images={count} now) or a larger clean set."
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return Subset(inputs.clean_set, torch.cat(chosen).sort().values.tolist())
