@@ -80,7 +80,7 @@ class AGPD(Detector):
         for label, reference in references.items():
             members = labels == label
             for layer, gradients in enumerate(train):
-                dispersion[layer, label] = _dispersion(gradients[members], reference[layer])
+                dispersion[layer, label] = label_dispersion(gradients[members], reference[layer])
         layer, targets = target_labels(dispersion, [label for label in references])
         suspicion = torch.zeros(len(labels))
         flagged = []
@@ -150,7 +150,7 @@ class AGPD(Detector):
         return torch.nonzero(joined < stop).flatten(), joined
 
 
-def _dispersion(gradients: Tensor, reference: Tensor) -> Tensor:
+def label_dispersion(gradients: Tensor, reference: Tensor) -> Tensor:
     """How spread a label's gradient directions are: the root mean square difference between each sample's cosine to
     the clean mean and its cosine to the label's least clean-like sample."""
     to_clean = F.cosine_similarity(gradients, reference[None], dim=1)
