@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from delta_influence.datasets import labels_of
-from delta_influence.detectors.base import Detection, DetectionInput, Detector, clean_sample
+from delta_influence.detectors.base import Detection, DetectionInput, Detector, clean_sample, require
 from delta_influence.errors import ConfigError, UnsupportedModelError
 from delta_influence.examples import evaluating
 
@@ -62,7 +62,11 @@ class AGPD(Detector):
 
     def _detect(self, inputs: DetectionInput) -> Detection:
         labels = labels_of(inputs.train_set)
-        pool = clean_sample(inputs, POOL * self.clean_images, self.seed, self.name)
+        held_out = labels_of(require(inputs.clean_set, f"{self.clean_images} clean held-out images", self.name))
+        smallest = int(held_out.bincount()[held_out.unique()].min())  # draw up to POOL times what is used
+        pool = clean_sample(
+            inputs, min(POOL * self.clean_images, smallest * len(held_out.unique())), self.seed, self.name
+        )
         train = self.activation_gradients(inputs.model, inputs.train_set, inputs.device)
         held, held_labels, right = self.activation_gradients(inputs.model, pool, inputs.device, correct_only=True)
         per_label = max(1, self.clean_images // len(labels.unique()))
