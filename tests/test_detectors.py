@@ -27,7 +27,7 @@ from delta_influence.detectors import (
 from delta_influence.detectors.baselines import corrupt, dct2
 from delta_influence.detectors.gradients import quietest_window, target_labels
 from delta_influence.errors import ConfigError, UnsupportedModelError
-from delta_influence.examples import first_attacked, select_contrast
+from delta_influence.examples import evaluating, first_attacked, select_contrast
 from delta_influence.models import penultimate_activations
 
 
@@ -198,8 +198,8 @@ def test_agpd_takes_each_samples_own_logit_gradient_and_filters_the_planted_dire
     first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
     captured = []
     hook = first.register_forward_hook(lambda module, args, output: captured.append(output))
-    model.eval()
-    own = model(image[None])[0, int(label)]
+    with evaluating(model):  # the shared model goes back to its mode: Lightning keeps a module's mode when it fits
+        own = model(image[None])[0, int(label)]
     hook.remove()
     (expected,) = torch.autograd.grad(own, captured[0])
     assert torch.allclose(gradients[0][3], expected.mean(dim=(2, 3))[0], atol=1e-6)
