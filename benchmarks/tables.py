@@ -97,8 +97,7 @@ DETECTION = [
 
 
 COMPARE = [
-    ("attack", "attack", text),
-    ("seed", "seed", text),
+    *VICTIM[:2],  # attack, seed
     ("detector", "detector", text),
     ("clean images", "clean_used", count),
     ("flagged", "flagged", count),
