@@ -2,7 +2,8 @@
 
     python benchmarks/compare.py                  # BadNets on the CPU CIFAR-10 setting (small CNN, 1,000 per class)
     python benchmarks/compare.py --attack smooth  # the Smooth Trigger
-    python benchmarks/compare.py --only "AGPD, SCAn"  # rerun these rows of compare_<attack>.json (else: *_only.json)
+    python benchmarks/compare.py --only "AGPD, SCAn"  # these rows alone, added to (or rerun in) compare_<attack>.json
+    python benchmarks/witches_brew.py --only 0,1,2,6 --compare all  # Witches' Brew: one victim per target
 
 Reuses the victim that benchmarks/detection.py saved for the same settings (else trains it, through train.py on the
 config of configs/benchmarks/). Every detector runs through the audit pipeline (its folder under
@@ -17,12 +18,14 @@ W&B table ``compare/<attack>`` (offline unless a W&B key is configured).
 import json
 import os
 import tempfile
+from dataclasses import replace
+from typing import Optional
 
 import torch
 import wandb
 from common import RESULTS, config_args, corrective_fit, load_victim, parse_args, report, run_tag
 
-from delta_influence.audit import AuditData, run_audit
+from delta_influence.audit import AuditData, QueryChoice, run_audit
 from delta_influence.detectors import (
     AGPD,
     ASSET,
@@ -46,56 +49,83 @@ def main() -> None:
         __doc__,
         [
             ("--frequency-images", int, 2000, "clean images frequency analysis trains on"),
-            ("--only", str, "", "comma-separated parts of detector names: run those rows only"),
+            ("--only", str, "", "comma-separated parts of detector titles: run those rows only, in the table"),
             ("--retrains", int, 1, "retrains per row (seeds seed, seed + 1, ...); the table shows their mean"),
         ],
     )
     cli = load_victim(args)
     data, victim, victim_metrics = cli.datamodule, cli.model, cli.victim_metrics
-    poisons = data.poison_indices
-    target_share = len(poisons) / int((data.eval_train_set.labels == 5).sum())  # epsilon within the target label
+    chosen = detectors(data, target=5, seed=args.seed, frequency_images=args.frequency_images)
+    if args.only:
+        chosen = pick(chosen, args.only)
+    name = f"compare_{args.attack}{run_tag(args)}"
+    table = RESULTS / f"{name}.json"  # --only adds or reruns rows of this table when it exists
+    victim_row = {"attack": args.attack, "seed": args.seed, "num_train": len(data.eval_train_set)}
+    rows = [{**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
+             "asr": victim_metrics["asr"]}]  # fmt: skip
+    rows = compare(cli, victim, chosen, victim_row, name, range(args.seed, args.seed + args.retrains), rows)
+    (RESULTS / f"{name}.json.partial").unlink()
+    if args.only and table.exists():  # the other rows as they were, these in their places
+        rerun = {row["detector"]: row for row in rows[1:]}
+        earlier = json.loads(table.read_text())["rows"]
+        rows = [{**victim_row, **rerun.pop(row["detector"], row)} for row in earlier] + list(rerun.values())
+    report(name, rows, COLUMNS)
+    text = markdown(rows, f"Attack {args.attack} (train.py {' '.join(config_args(args))})", args.retrains)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+    log_to_wandb(rows, name.removeprefix("compare_"))
 
-    detectors = [  # today's detectors first, the 2018-2021 baselines after them, the bounds last
-        ("Δ-Influence (verified, default)", DeltaInfluence(train_batch_size=256)),
-        (
-            "the Δ-Influence paper's rule (collapse alone)",
-            DeltaInfluence(num_contrast=0, verification=None, train_batch_size=256),
-        ),
+
+def detectors(data, target: int, seed: int, frequency_images: int, delta: Optional[DeltaInfluence] = None) -> list:
+    """Every compared detector as (title, detector): today's first, the 2018-2021 baselines after them, the bounds
+    last. ``target``: the attack's target label (spectral signatures' epsilon is the poisons' share of it);
+    ``delta``: the Δ-Influence settings the rows derive from (default: the defaults)."""
+    poisons = data.poison_indices
+    target_share = min(len(poisons) / int((data.eval_train_set.labels == target).sum()), 0.66)
+    delta = delta or DeltaInfluence(train_batch_size=256)
+    return [
+        ("Δ-Influence (verified, default)", delta),
+        ("the Δ-Influence paper's rule (collapse alone)", replace(delta, num_contrast=0, verification=None)),
         ("SCAn (2021)", SCAn()),
         ("AGPD (2025)", AGPD()),
         ("ASSET (2023)", ASSET()),
         ("Cognitive Distillation (2023)", CognitiveDistillation()),
-        ("Δ-Influence (contrast rule, unverified)", DeltaInfluence(train_batch_size=256, verification=None)),
+        ("Δ-Influence (contrast rule, unverified)", replace(delta, verification=None)),
         ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
         (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),
         ("activation clustering (2018)", ActivationClustering()),
         (f"spectral signatures (2018, eps = {target_share:.2f})", SpectralSignatures(expected_fraction=target_share)),
-        ("frequency analysis (2021)", FrequencyAnalysis(epochs=6, max_images=args.frequency_images)),
+        ("frequency analysis (2021)", FrequencyAnalysis(epochs=6, max_images=frequency_images)),
         ("oracle: true poisons", Oracle()),
-        ("random, as many as the poisons", RandomSubset(seed=args.seed)),
+        ("random, as many as the poisons", RandomSubset(seed=seed)),
     ]
-    if args.only:
-        wanted = [part.strip() for part in args.only.split(",")]
-        detectors = [(title, detector) for title, detector in detectors if any(part in title for part in wanted)]
-        if not detectors:
-            raise SystemExit(f"--only {args.only!r} matches no detector.")
-    name = f"compare_{args.attack}{run_tag(args)}"
-    table = RESULTS / f"{name}.json"  # --only reruns rows of this table when it exists, else writes <name>_only
-    if args.only and not table.exists():
-        name += "_only"
-    victim_row = {"attack": args.attack, "seed": args.seed, "num_train": len(data.eval_train_set)}
-    rows = [{**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
-             "asr": victim_metrics["asr"]}]  # fmt: skip
-    with tempfile.TemporaryDirectory() as factors:  # fresh factors, so that their cost is measured once
-        for title, detector in detectors:
+
+
+def pick(chosen: list, only: str) -> list:
+    """The detectors whose titles contain one of the comma-separated parts of ``only``; stops when none does."""
+    wanted = [part.strip() for part in only.split(",")]
+    picked = [(title, detector) for title, detector in chosen if any(part in title for part in wanted)]
+    if not picked:
+        raise SystemExit(f"--only {only!r} matches no detector; titles: {', '.join(title for title, _ in chosen)}")
+    return picked
+
+
+def compare(cli, victim, chosen: list, victim_row: dict, name: str, seeds, rows: list, choice=QueryChoice()) -> list:
+    """``rows`` and, for each chosen detector, its audit of ``victim`` followed by the config's retrain without its
+    set (from each of ``seeds``: the row has their mean), written to results/<name>.json.partial as each finishes.
+    The influence detectors share one fresh factor fit, so that its cost is measured once."""
+    data = cli.datamodule
+    rows = list(rows)
+    with tempfile.TemporaryDirectory() as factors:
+        for title, detector in chosen:
             folder = RESULTS / name / detector.name
-            result = run_audit(victim, AuditData.of(data), detector, folder, factors)
+            result = run_audit(victim, AuditData.of(data), detector, folder, factors, choice)
             metrics = result.metrics
             row = {**victim_row, "detector": title, "clean_used": clean_used(detector), "flagged": len(result.flagged),
                    "precision": metrics["precision"], "recall": metrics["recall"], "f1": metrics["f1"],
                    "detect_s": metrics["total_s"]}  # fmt: skip
             retrains = []
-            for seed in range(args.seed, args.seed + args.retrains):
+            for seed in seeds:
                 torch.manual_seed(seed)
                 retrain = corrective_fit(cli, RESULTS / "compare_unlearn", Retrain(seed=seed))
                 retrained = retrain.run(victim, result.flagged, str(result.output_dir))
@@ -108,16 +138,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
             (RESULTS / f"{name}.json.partial").write_text(json.dumps(rows, indent=2))  # the rows so far
-    (RESULTS / f"{name}.json.partial").unlink()
-    if args.only and table.exists():  # the other rows as they were, these in their places
-        rerun = {row["detector"]: row for row in rows[1:]}
-        earlier = json.loads(table.read_text())["rows"]
-        rows = [{**victim_row, **rerun.pop(row["detector"], row)} for row in earlier] + list(rerun.values())
-    report(name, rows, COLUMNS)
-    markdown = _markdown(rows, args)
-    (RESULTS / f"{name}.md").write_text(markdown)
-    print(markdown)
-    _log_to_wandb(rows, name.removeprefix("compare_"))
+    return rows
 
 
 def clean_used(detector) -> int:
@@ -129,7 +150,7 @@ def clean_used(detector) -> int:
     return 0
 
 
-def _markdown(rows: list[dict], args) -> str:
+def markdown(rows: list[dict], title: str, retrains: int = 1) -> str:
     """The table as markdown, for the README."""
 
     def cell(row: dict, column: str) -> str:
@@ -155,9 +176,8 @@ def _markdown(rows: list[dict], args) -> str:
         "ASR after",
     ]
     lines = [
-        f"Attack {args.attack} (train.py {' '.join(config_args(args))}); every retrain from scratch with the "
-        "victim's recipe"
-        + (f", {args.retrains} seeds each (mean, min–max)" if args.retrains > 1 else "")
+        f"{title}; every retrain from scratch with the victim's recipe"
+        + (f", {retrains} seeds each (mean, min–max)" if retrains > 1 else "")
         + ". The first row is the victim.",
         "",
         "| " + " | ".join(header) + " |",
@@ -167,7 +187,7 @@ def _markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_to_wandb(rows: list[dict], table: str) -> None:
+def log_to_wandb(rows: list[dict], table: str) -> None:
     """The table as a W&B table in a run of its own (offline without a configured key)."""
     if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")):
         os.environ["WANDB_MODE"] = "offline"

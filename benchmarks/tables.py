@@ -131,7 +131,6 @@ TABLES = {
     "compare": Table(
         "compare_*",
         COMPARE,
-        keep=lambda row: not row["file"].endswith("_only"),  # --only runs are a row's check, not the table
         order=lambda row: (row["attack"], row["seed"]),  # each file's rows as its benchmark wrote them
     ),
     "results": Table(

@@ -4,6 +4,7 @@ what it flagged.
 
     python benchmarks/witches_brew.py                        # 8 pairs, budget 5 %, eps 16, 1 restart of 100 steps
     python benchmarks/witches_brew.py --eps 32 --known-init 1
+    python benchmarks/witches_brew.py --only 0,1,2,6 --compare all    # compare.py's detectors on each success
 
 The victim, the attack and the audit are configs/benchmarks/cifar10_witches_brew_cpu.yaml; each pair overrides the
 attack's target and intended class (and the flags below), and is run through train.py as that config. The surrogates
@@ -22,12 +23,16 @@ config's `corrective_rounds` allows (while the retrained model still classifies 
 is audited again on the samples it kept and the victim retrained without everything flagged so far). The first
 retrain's outcome (`first_retrain_*`), the rounds run, the second opinion's give-back (confirmed, or undone when
 keeping the samples brought the target's flip back) and the final flagged set (`final_*`) are in the table, which
-is printed and written to results/witches_brew.json.
+is printed and written to results/witches_brew.json. With --compare (all, or parts of their titles), each success is
+audited instead by compare.py's detectors (the Δ-Influence rows with the config's settings and the target as the
+query), each followed by a retrain without its set: results/compare_witches_brew.json, whose ASR column says whether
+the retrained model still classifies the target as the intended class.
 """
 
 import tempfile
 import time
 
+import compare
 import torch
 from common import (
     RESULTS,
@@ -79,6 +84,7 @@ def main() -> None:
             ("--only", str, "", "pair numbers, e.g. 0,1: run only those (results/witches_brew_only.json)"),
             ("--victim-seed", int, VICTIM_SEED, "victims train from this + the pair's number (another: held out)"),
             ("--retrain", int, 0, "1: train the victims again even where this script saved them"),
+            ("--compare", str, "", "all, or parts of compare.py's detector titles: those instead of the audit"),
         ],
     )
     command = _command(args)
@@ -92,7 +98,8 @@ def main() -> None:
     held_out = f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else ""
     tag = "witches_brew" + brew + held_out  # names the victims and audits: e.g. witches_brew_eps32_v200
     name = tag + ("_only" if args.only else "")  # the table
-    rows = []
+    rows, compared = [], []
+    table = f"compare_{tag}"  # with --compare: the pairs it ran
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
         if number not in only:
             continue
@@ -129,10 +136,19 @@ def main() -> None:
             with torch.no_grad():
                 known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
             row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
-        if row["success"]:
+        if row["success"] and args.compare:
+            compared = compare_pair(cli, audit_callback(configured), row, args, table, compared)
+        elif row["success"]:
             row |= audit(cli, audit_callback(configured), number, args.seed, tag)
         rows.append(row)
         report(name, rows, COLUMNS)  # kept up to date after every pair
+    if compared:
+        report(table, compared, compare.COLUMNS)
+        (RESULTS / f"{table}.json.partial").unlink()
+        text = compare.markdown(compared, f"Witches' Brew (train.py {' '.join(command)}, one victim per target)")
+        (RESULTS / f"{table}.md").write_text(text)
+        print(text)
+        compare.log_to_wandb(compared, table.removeprefix("compare_"))
     successes = [row for row in rows if row["success"]]
     print(f"\nsuccess: {len(successes)} of {len(rows)} targets (budget {args.budget}, eps {args.eps:g}/255, "
           f"{args.restarts} restarts x {args.steps} steps, {args.ensemble} surrogate(s))")  # fmt: skip
@@ -177,6 +193,19 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
         if len(pairs) == count:
             return pairs
     return pairs
+
+
+def compare_pair(cli, configured, pair: dict, args, name: str, rows: list) -> list:
+    """``rows`` and the pair's victim with compare.py's chosen detectors (the Δ-Influence rows with the config's
+    settings and query), each followed by a retrain without its set; ASR after: whether the target stays flipped."""
+    data = cli.datamodule
+    victim_row = {"attack": "witches_brew", "seed": args.victim_seed + pair["pair"], "target": pair["target"],
+                  "intended": pair["intended"], "num_train": len(data.eval_train_set)}  # fmt: skip
+    rows = [*rows, {**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": pair["clean_acc"],
+                    "asr": float(pair["success"])}]  # fmt: skip
+    chosen = compare.detectors(data, data.attack.intended, args.seed, 2000, configured.detector)
+    chosen = chosen if args.compare == "all" else compare.pick(chosen, args.compare)
+    return compare.compare(cli, cli.model, chosen, victim_row, name, [args.seed], rows, configured.choice)
 
 
 def audit(cli, configured, number: int, seed: int, tag: str) -> dict:

@@ -1,4 +1,5 @@
-"""Reading a training set as the core needs it: each sample's label, and the samples a corrective fit keeps."""
+"""Reading a training set as the core needs it: each sample's label, all its inputs at once, and the samples a
+corrective fit keeps."""
 
 from typing import Sequence
 
@@ -27,6 +28,16 @@ def labels_of(dataset: Dataset) -> Tensor:
         if isinstance(base, Tensor) and base.shape == (len(dataset.dataset),):
             return base[torch.as_tensor(dataset.indices, dtype=torch.long)].long()
     return torch.cat([torch.as_tensor(labels).long() for _, labels in DataLoader(dataset, batch_size=1024)])
+
+
+def inputs_of(dataset: Dataset) -> Tensor:
+    """Every sample's input, in order, as one tensor (one pass: for the detectors that look at the whole set at once).
+
+    Example:
+        >>> inputs_of(torch.utils.data.TensorDataset(torch.arange(6.0).view(3, 2), torch.tensor([2, 0, 2]))).shape
+        torch.Size([3, 2])
+    """
+    return torch.cat([torch.as_tensor(inputs) for inputs, _ in DataLoader(dataset, batch_size=1024)])
 
 
 def retained_indices(num_samples: int, drop: Sequence[int] | Tensor) -> list[int]:

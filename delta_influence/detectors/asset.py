@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from delta_influence.datasets import inputs_of, labels_of
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, clean_sample
 from delta_influence.errors import ConfigError
 from delta_influence.models import penultimate_activations
@@ -57,8 +57,8 @@ class ASSET(Detector):
     def _detect(self, inputs: DetectionInput) -> Detection:
         device = torch.device(inputs.device)
         base = clean_sample(inputs, self.clean_images, self.seed, self.name)
-        train_images, train_labels = _tensors(inputs.train_set)
-        base_images, _ = _tensors(base)
+        train_images, train_labels = inputs_of(inputs.train_set), labels_of(inputs.train_set)
+        base_images = inputs_of(base)
         train_features = penultimate_activations(inputs.model, inputs.train_set, device)
         base_features = penultimate_activations(inputs.model, base, device)
         generator = torch.Generator().manual_seed(self.seed)
@@ -180,9 +180,3 @@ def _fresh(model: nn.Module) -> nn.Module:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return fresh
-
-
-def _tensors(dataset) -> tuple[Tensor, Tensor]:
-    """All inputs and labels of ``dataset``."""
-    images, labels = zip(*[(x, torch.as_tensor(y)) for x, y in DataLoader(dataset, batch_size=1024)])
-    return torch.cat(images), torch.cat(labels).long()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from delta_influence.cache import cached, content_key
-from delta_influence.datasets import labels_of
+from delta_influence.datasets import inputs_of, labels_of
 from delta_influence.detectors.base import Detection, DetectionInput, Detector, require
 from delta_influence.errors import ConfigError
 from delta_influence.examples import evaluating
@@ -261,8 +261,7 @@ def _dct_matrix(size: int, dtype: torch.dtype) -> Tensor:
 
 def _pixels(dataset, mean: Tensor, std: Tensor) -> Tensor:
     """The inputs of ``dataset`` back in [0, 1] pixel units."""
-    inputs = torch.cat([torch.as_tensor(x) for x, _ in DataLoader(dataset, batch_size=1024)])
-    return (inputs * std + mean).clamp(0, 1)
+    return (inputs_of(dataset) * std + mean).clamp(0, 1)
 
 
 @torch.no_grad()
