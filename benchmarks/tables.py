@@ -110,6 +110,10 @@ COMPARE = [
 ]
 
 
+TODAY = ("none", "Δ-Influence (verified", "the Δ-Influence paper", "SCAn", "AGPD", "ASSET", "Cognitive",
+         "activation clustering", "oracle")  # fmt: skip
+
+
 def _victims(row: dict) -> tuple:
     return (row["attack"], row["num_train"], row["seed"])
 
@@ -132,6 +136,12 @@ TABLES = {
         "compare_*",
         COMPARE,
         order=lambda row: (row["attack"], row["seed"]),  # each file's rows as its benchmark wrote them
+    ),
+    "compare-today": Table(  # the README's: the victim, Δ-Influence, today's detectors, the best 2018 one, the oracle
+        "compare_*",
+        COMPARE,
+        keep=lambda row: row["detector"].startswith(TODAY),
+        order=lambda row: (row["attack"], row["seed"]),
     ),
     "results": Table(
         "detection_*",
