@@ -41,6 +41,9 @@ from delta_influence.detectors import (
 )
 from delta_influence.lightning_modules.unlearning import Retrain
 
+HEADERS = {"seed": "seed", "target": "target", "intended": "intended", "detector": "detector",
+           "clean_used": "clean images", "flagged": "flagged", "precision": "precision", "recall": "recall", "f1": "F1",
+           "detect_s": "detection (s)", "clean_acc": "clean acc after", "asr": "ASR after"}  # fmt: skip
 COLUMNS = ["detector", "clean_used", "flagged", "precision", "recall", "f1", "detect_s", "clean_acc", "asr"]
 
 
@@ -55,44 +58,45 @@ def main() -> None:
     )
     cli = load_victim(args)
     data, victim, victim_metrics = cli.datamodule, cli.model, cli.victim_metrics
-    chosen = detectors(data, target=5, seed=args.seed, frequency_images=args.frequency_images)
-    if args.only:
-        chosen = pick(chosen, args.only)
+    every = detectors(data, seed=args.seed, frequency_images=args.frequency_images)
+    chosen = pick(every, args.only) if args.only else every
     name = f"compare_{args.attack}{run_tag(args)}"
     table = RESULTS / f"{name}.json"  # --only adds or reruns rows of this table when it exists
     victim_row = {"attack": args.attack, "seed": args.seed, "num_train": len(data.eval_train_set)}
     rows = [{**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": victim_metrics["clean_acc"],
              "asr": victim_metrics["asr"]}]  # fmt: skip
     rows = compare(cli, victim, chosen, victim_row, name, range(args.seed, args.seed + args.retrains), rows)
-    (RESULTS / f"{name}.json.partial").unlink()
     if args.only and table.exists():  # the other rows as they were, these in their places
-        rerun = {row["detector"]: row for row in rows[1:]}
-        earlier = json.loads(table.read_text())["rows"]
-        rows = [{**victim_row, **rerun.pop(row["detector"], row)} for row in earlier] + list(rerun.values())
+        rows = merge(json.loads(table.read_text())["rows"], rows, [title for title, _ in every])
     report(name, rows, COLUMNS)
-    text = markdown(rows, f"Attack {args.attack} (train.py {' '.join(config_args(args))})", args.retrains)
+    (RESULTS / f"{name}.json.partial").unlink()
+    text = markdown(rows, f"Attack {args.attack} (train.py {' '.join(config_args(args))})")
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
     log_to_wandb(rows, name.removeprefix("compare_"))
 
 
-def detectors(data, target: int, seed: int, frequency_images: int, delta: Optional[DeltaInfluence] = None) -> list:
+def detectors(data, seed: int, frequency_images: int, delta: Optional[DeltaInfluence] = None) -> list:
     """Every compared detector as (title, detector): today's first, the 2018-2021 baselines after them, the bounds
-    last. ``target``: the attack's target label (spectral signatures' epsilon is the poisons' share of it);
-    ``delta``: the Δ-Influence settings the rows derive from (default: the defaults)."""
+    last. ``delta``: the Δ-Influence settings the influence rows derive from (default: the defaults; the influence
+    baselines take its factor settings, so that all share one factor fit). Spectral signatures' epsilon is the
+    poisons' share of the attack's label (capped at its authors' largest, 0.66)."""
     poisons = data.poison_indices
+    target = int(data.attack_test_set.labels[0])  # the label the attack wants
     target_share = min(len(poisons) / int((data.eval_train_set.labels == target).sum()), 0.66)
+    settings = "default" if delta is None else "the config's settings"
     delta = delta or DeltaInfluence(train_batch_size=256)
+    influence = {key: getattr(delta, key) for key in ("strategy", "train_batch_size", "seed", "factor_examples")}
     return [
-        ("Δ-Influence (verified, default)", delta),
+        (f"Δ-Influence (verified, {settings})", delta),
         ("the Δ-Influence paper's rule (collapse alone)", replace(delta, num_contrast=0, verification=None)),
         ("SCAn (2021)", SCAn()),
         ("AGPD (2025)", AGPD()),
         ("ASSET (2023)", ASSET()),
         ("Cognitive Distillation (2023)", CognitiveDistillation()),
         ("Δ-Influence (contrast rule, unverified)", replace(delta, verification=None)),
-        ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, train_batch_size=256)),
-        (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), train_batch_size=256)),
+        ("influence threshold (> 10)", InfluenceThreshold(threshold=10.0, **influence)),
+        (f"influence top-k (k = {len(poisons)})", InfluenceThreshold(top_k=len(poisons), **influence)),
         ("activation clustering (2018)", ActivationClustering()),
         (f"spectral signatures (2018, eps = {target_share:.2f})", SpectralSignatures(expected_fraction=target_share)),
         ("frequency analysis (2021)", FrequencyAnalysis(epochs=6, max_images=frequency_images)),
@@ -110,6 +114,22 @@ def pick(chosen: list, only: str) -> list:
     return picked
 
 
+def merge(earlier: list[dict], rows: list[dict], titles: list[str]) -> list[dict]:
+    """``earlier`` with ``rows`` in the places of the rows of the same victim (seed) and detector, the others added;
+    each victim's rows in the order of ``titles``, its own row first.
+
+    Example:
+        >>> old = [{"seed": 0, "detector": "none (victim)"}, {"seed": 0, "detector": "b", "f1": 0.5}]
+        >>> new = merge(old, [{"seed": 0, "detector": "a"}, {"seed": 0, "detector": "b", "f1": 0.7}], ["a", "b"])
+        >>> [(row["detector"], row.get("f1")) for row in new]
+        [('none (victim)', None), ('a', None), ('b', 0.7)]
+    """
+    fresh = {(row["seed"], row["detector"]): row for row in rows}
+    merged = [fresh.pop((row["seed"], row["detector"]), row) for row in earlier] + list(fresh.values())
+    rank = {title: place for place, title in enumerate(["none (victim)", *titles])}
+    return sorted(merged, key=lambda row: (row["seed"], rank.get(row["detector"], len(rank))))
+
+
 def compare(cli, victim, chosen: list, victim_row: dict, name: str, seeds, rows: list, choice=QueryChoice()) -> list:
     """``rows`` and, for each chosen detector, its audit of ``victim`` followed by the config's retrain without its
     set (from each of ``seeds``: the row has their mean), written to results/<name>.json.partial as each finishes.
@@ -123,7 +143,8 @@ def compare(cli, victim, chosen: list, victim_row: dict, name: str, seeds, rows:
             metrics = result.metrics
             row = {**victim_row, "detector": title, "clean_used": clean_used(detector), "flagged": len(result.flagged),
                    "precision": metrics["precision"], "recall": metrics["recall"], "f1": metrics["f1"],
-                   "detect_s": metrics["total_s"]}  # fmt: skip
+                   "detect_s": metrics["total_s"],
+                   "audit_dir": str(result.output_dir.relative_to(RESULTS))}  # fmt: skip
             retrains = []
             for seed in seeds:
                 torch.manual_seed(seed)
@@ -150,7 +171,7 @@ def clean_used(detector) -> int:
     return 0
 
 
-def markdown(rows: list[dict], title: str, retrains: int = 1) -> str:
+def markdown(rows: list[dict], title: str, columns: list[str] = COLUMNS) -> str:
     """The table as markdown, for the README."""
 
     def cell(row: dict, column: str) -> str:
@@ -164,26 +185,14 @@ def markdown(rows: list[dict], title: str, retrains: int = 1) -> str:
             return f"{100 * value:.1f} %"
         return f"{value:.0f}" if isinstance(value, float) else str(value)
 
-    header = [
-        "detector",
-        "clean images",
-        "flagged",
-        "precision",
-        "recall",
-        "F1",
-        "detection (s)",
-        "clean acc after",
-        "ASR after",
-    ]
     lines = [
-        f"{title}; every retrain from scratch with the victim's recipe"
-        + (f", {retrains} seeds each (mean, min–max)" if retrains > 1 else "")
-        + ". The first row is the victim.",
+        f"{title}; every retrain from scratch with the victim's recipe (several: their mean, min–max). The first "
+        "row of each victim is the victim.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        "| " + " | ".join(HEADERS[column] for column in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    lines += ["| " + " | ".join(cell(row, column) for column in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row, column) for column in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -132,15 +132,16 @@ TABLES = {
         keep=lambda row: row["num_train"] <= 10_000,
         order=_by_rule,
     ),
-    "compare": Table(
+    "compare": Table(  # BadNets and the Smooth Trigger (Witches' Brew's, one victim per target: its own markdown)
         "compare_*",
         COMPARE,
+        keep=lambda row: row["attack"] != "witches_brew",
         order=lambda row: (row["attack"], row["seed"]),  # each file's rows as its benchmark wrote them
     ),
     "compare-today": Table(  # the README's: the victim, Δ-Influence, today's detectors, the best 2018 one, the oracle
         "compare_*",
         COMPARE,
-        keep=lambda row: row["detector"].startswith(TODAY),
+        keep=lambda row: row["attack"] != "witches_brew" and row["detector"].startswith(TODAY),
         order=lambda row: (row["attack"], row["seed"]),
     ),
     "results": Table(

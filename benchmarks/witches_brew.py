@@ -25,10 +25,13 @@ retrain's outcome (`first_retrain_*`), the rounds run, the second opinion's give
 keeping the samples brought the target's flip back) and the final flagged set (`final_*`) are in the table, which
 is printed and written to results/witches_brew.json. With --compare (all, or parts of their titles), each success is
 audited instead by compare.py's detectors (the Δ-Influence rows with the config's settings and the target as the
-query), each followed by a retrain without its set: results/compare_witches_brew.json, whose ASR column says whether
-the retrained model still classifies the target as the intended class.
+query; the influence baselines on the same factors), each followed by a retrain without its set from --seed:
+results/compare_witches_brew.json (its seed column: the victim's seed; rows of pairs run before are kept), whose ASR
+column says whether the retrained model still classifies the target as the intended class. The audit table is then
+not written.
 """
 
+import json
 import tempfile
 import time
 
@@ -98,8 +101,8 @@ def main() -> None:
     held_out = f"_v{args.victim_seed}" if args.victim_seed != VICTIM_SEED else ""
     tag = "witches_brew" + brew + held_out  # names the victims and audits: e.g. witches_brew_eps32_v200
     name = tag + ("_only" if args.only else "")  # the table
-    rows, compared = [], []
-    table = f"compare_{tag}"  # with --compare: the pairs it ran
+    rows, compared, titles = [], [], []
+    table = RESULTS / f"compare_{tag}.json"  # with --compare
     for number, (target, true, intended, surrogate_p) in enumerate(pairs):
         if number not in only:
             continue
@@ -137,24 +140,29 @@ def main() -> None:
                 known_p = known(data.attack_test_set.images.float().div(255).to(device_of("auto"))).softmax(1)[0]
             row["known_p"], row["known_success"] = float(known_p[int(label)]), int(known_p.argmax()) == int(label)
         if row["success"] and args.compare:
-            compared = compare_pair(cli, audit_callback(configured), row, args, table, compared)
+            compared, titles = compare_pair(cli, audit_callback(configured), row, args, table.stem, compared)
         elif row["success"]:
             row |= audit(cli, audit_callback(configured), number, args.seed, tag)
         rows.append(row)
-        report(name, rows, COLUMNS)  # kept up to date after every pair
+        if not args.compare:
+            report(name, rows, COLUMNS)  # kept up to date after every pair
     if compared:
-        report(table, compared, compare.COLUMNS)
-        (RESULTS / f"{table}.json.partial").unlink()
-        text = compare.markdown(compared, f"Witches' Brew (train.py {' '.join(command)}, one victim per target)")
-        (RESULTS / f"{table}.md").write_text(text)
+        if table.exists():  # the pairs run before: kept, these rerun in place
+            compared = compare.merge(json.loads(table.read_text())["rows"], compared, titles)
+        columns = ["seed", "target", "intended", *compare.COLUMNS]
+        report(table.stem, compared, columns)
+        (RESULTS / f"{table.stem}.json.partial").unlink()
+        title = f"Witches' Brew (train.py {' '.join(command)}, one victim per target)"
+        text = compare.markdown(compared, title, columns)
+        table.with_suffix(".md").write_text(text)
         print(text)
-        compare.log_to_wandb(compared, table.removeprefix("compare_"))
+        compare.log_to_wandb(compared, table.stem.removeprefix("compare_"))
     successes = [row for row in rows if row["success"]]
     print(f"\nsuccess: {len(successes)} of {len(rows)} targets (budget {args.budget}, eps {args.eps:g}/255, "
           f"{args.restarts} restarts x {args.steps} steps, {args.ensemble} surrogate(s))")  # fmt: skip
     if args.known_init:
         print(f"known init: {sum(row['known_success'] for row in rows)} of {len(rows)} targets flipped")
-    if successes:
+    if successes and not args.compare:
         mean_recall = sum(row["recall"] for row in successes) / len(successes)
         print(f"Δ-Influence (default rule) mean recall on the successes: {mean_recall:.1%}")
 
@@ -195,17 +203,19 @@ def draw_pairs(clean, attack, count: int, seed: int) -> list[tuple[int, int, int
     return pairs
 
 
-def compare_pair(cli, configured, pair: dict, args, name: str, rows: list) -> list:
+def compare_pair(cli, configured, pair: dict, args, name: str, rows: list) -> tuple[list, list]:
     """``rows`` and the pair's victim with compare.py's chosen detectors (the Δ-Influence rows with the config's
-    settings and query), each followed by a retrain without its set; ASR after: whether the target stays flipped."""
+    settings and query), each followed by a retrain without its set (ASR after: whether the target stays flipped);
+    and every detector's title, in compare.py's order."""
     data = cli.datamodule
     victim_row = {"attack": "witches_brew", "seed": args.victim_seed + pair["pair"], "target": pair["target"],
                   "intended": pair["intended"], "num_train": len(data.eval_train_set)}  # fmt: skip
     rows = [*rows, {**victim_row, "detector": "none (victim)", "flagged": 0, "clean_acc": pair["clean_acc"],
                     "asr": float(pair["success"])}]  # fmt: skip
-    chosen = compare.detectors(data, data.attack.intended, args.seed, 2000, configured.detector)
-    chosen = chosen if args.compare == "all" else compare.pick(chosen, args.compare)
-    return compare.compare(cli, cli.model, chosen, victim_row, name, [args.seed], rows, configured.choice)
+    every = compare.detectors(data, args.seed, 2000, configured.detector)
+    chosen = every if args.compare == "all" else compare.pick(every, args.compare)
+    rows = compare.compare(cli, cli.model, chosen, victim_row, name, [args.seed], rows, configured.choice)
+    return rows, [title for title, _ in every]
 
 
 def audit(cli, configured, number: int, seed: int, tag: str) -> dict:

@@ -67,3 +67,18 @@ def test_the_readmes_detector_settings_are_the_detectors_defaults():
     for name, value in stated.items():
         default = getattr(defaults, name)
         assert default is None if value is None else str(default) == str(value), (name, default, value)
+
+
+def test_rows_run_again_take_their_places_and_new_ones_their_detectors_place():
+    """compare.py --only (and witches_brew.py --compare on more pairs) merge into the table they extend."""
+    import compare  # the benchmarks' folder; imports the project's detectors
+
+    titles = ["Δ-Influence", "SCAn", "oracle"]
+    earlier = [{"seed": seed, "detector": detector, "f1": 0.5} for seed in (100, 101)
+               for detector in ("none (victim)", "Δ-Influence", "oracle")]  # fmt: skip
+    rerun = [{"seed": 101, "detector": "SCAn", "f1": 0.9}, {"seed": 100, "detector": "oracle", "f1": 1.0}]
+    merged = compare.merge(earlier, rerun, titles)
+    assert [(row["seed"], row["detector"], row["f1"]) for row in merged] == [
+        (100, "none (victim)", 0.5), (100, "Δ-Influence", 0.5), (100, "oracle", 1.0),
+        (101, "none (victim)", 0.5), (101, "Δ-Influence", 0.5), (101, "SCAn", 0.9), (101, "oracle", 0.5),
+    ]  # fmt: skip
