@@ -33,7 +33,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from common import RESULTS, load_victim, parse_args, run_tag
+from common import RESULTS, load_victim, parse_args, print_table, run_tag
 from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
@@ -256,20 +256,9 @@ def _scores(flagged: Tensor, data) -> dict:
 
 
 def _print_table(title: str, rows: list[dict], hidden: tuple[str, ...] = ()) -> None:
-    """Prints ``rows`` under ``title``, a column per key but the ``hidden`` ones (a list as its values, one a label)."""
-    columns = [key for key in rows[0] if key not in hidden]
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    """Prints ``rows`` under ``title``, a column per key but the ``hidden`` ones."""
     print(f"\n{title}")
-    for line in [columns, ["-" * width for width in widths], *cells]:
-        print(" | ".join(text.ljust(width) for text, width in zip(line, widths)))
-
-
-def _cell(value) -> str:
-    """A value as the tables print it."""
-    if isinstance(value, list):
-        return " ".join(f"{item:.3g}" for item in value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    print_table(rows, [key for key in rows[0] if key not in hidden])
 
 
 if __name__ == "__main__":

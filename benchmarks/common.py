@@ -222,18 +222,25 @@ def victim_path(args: argparse.Namespace) -> Path:
 
 def report(name: str, rows: list[dict], columns: list[str]) -> None:
     """Prints ``rows`` as a table and writes them to ``results/<name>.json``."""
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print(" | ".join(c.ljust(widths[c]) for c in columns))
-    print("-|-".join("-" * widths[c] for c in columns))
-    for row in rows:
-        print(" | ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+    print_table(rows, columns)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     print(f"\nwritten to {path}")
 
 
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Prints ``rows`` as a plain-text table of ``columns`` (a list value as its items)."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+
+
 def _fmt(value) -> str:
+    if isinstance(value, list):
+        return " ".join(f"{item:.3g}" for item in value)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

@@ -100,9 +100,7 @@ COMPARE = [
     *VICTIM[:2],  # attack, seed
     ("detector", "detector", text),
     ("clean images", "clean_used", count),
-    ("flagged", "flagged", count),
-    ("precision", "precision", pct),
-    ("recall", "recall", pct),
+    *OUTCOME[:3],  # flagged, precision, recall
     ("F1", "f1", pct),
     ("detection", "detect_s", seconds),
     ("retrain acc", "clean_acc", pct),
@@ -114,8 +112,18 @@ TODAY = ("none", "Δ-Influence (verified", "the Δ-Influence paper", "SCAn", "AG
          "activation clustering", "oracle")  # fmt: skip
 
 
+def _compared(row: dict) -> bool:
+    """A row of the BadNets or Smooth Trigger comparison (Witches' Brew's, one victim per target, has its own)."""
+    return row["attack"] != "witches_brew"
+
+
 def _victims(row: dict) -> tuple:
     return (row["attack"], row["num_train"], row["seed"])
+
+
+def _by_victim(row: dict) -> tuple:
+    """A comparison's rows by attack and seed, each victim's in the order its benchmark wrote them (a stable sort)."""
+    return (row["attack"], row["seed"])
 
 
 def _by_rule(row: dict) -> tuple:
@@ -132,17 +140,9 @@ TABLES = {
         keep=lambda row: row["num_train"] <= 10_000,
         order=_by_rule,
     ),
-    "compare": Table(  # BadNets and the Smooth Trigger (Witches' Brew's, one victim per target: its own markdown)
-        "compare_*",
-        COMPARE,
-        keep=lambda row: row["attack"] != "witches_brew",
-        order=lambda row: (row["attack"], row["seed"]),  # each file's rows as its benchmark wrote them
-    ),
+    "compare": Table("compare_*", COMPARE, keep=_compared, order=_by_victim),  # each file's rows as written
     "compare-today": Table(  # the README's: the victim, Δ-Influence, today's detectors, the best 2018 one, the oracle
-        "compare_*",
-        COMPARE,
-        keep=lambda row: row["attack"] != "witches_brew" and row["detector"].startswith(TODAY),
-        order=lambda row: (row["attack"], row["seed"]),
+        "compare_*", COMPARE, keep=lambda row: _compared(row) and row["detector"].startswith(TODAY), order=_by_victim
     ),
     "results": Table(
         "detection_*",

@@ -85,7 +85,7 @@ class SCAn(Detector):
         classes = labels.unique()
         means = torch.stack([features[labels == label].mean(dim=0) for label in classes])
         position = torch.searchsorted(classes, labels)
-        identity, variation = _covariance(means[position]), _covariance(features - means[position])
+        identity, variation = torch.cov(means[position].T), torch.cov((features - means[position]).T)
         for _ in range(self.iterations):
             precision = torch.linalg.pinv(variation)
             for k, label in enumerate(classes):
@@ -94,7 +94,7 @@ class SCAn(Detector):
                 means[k] = (
                     variation @ torch.linalg.pinv(len(rows) * identity + variation) @ identity @ precision @ rows.sum(0)
                 )
-            new_identity, new_variation = _covariance(means[position]), _covariance(features - means[position])
+            new_identity, new_variation = torch.cov(means[position].T), torch.cov((features - means[position]).T)
             change = (new_identity - identity).norm() + (new_variation - variation).norm()
             identity, variation = new_identity, new_variation
             if change <= self.em_tolerance:
@@ -114,12 +114,6 @@ def anomaly_index(scores: Tensor) -> Tensor:
     middle = scaled.quantile(0.5)  # of an even count: the mean of the two middle values, as numpy's median
     spread = 1.4826 * (scaled - middle).abs().quantile(0.5)
     return ((scaled - middle) / spread.clamp_min(1e-12)).clamp_min(0)
-
-
-def _covariance(rows: Tensor) -> Tensor:
-    """The sample covariance (n - 1) of ``rows`` ``[n, d]``."""
-    centred = rows - rows.mean(dim=0)
-    return centred.T @ centred / max(len(rows) - 1, 1)
 
 
 def _two_means(rows: Tensor, metric: Tensor, generator: torch.Generator, iterations: int) -> Tensor:
