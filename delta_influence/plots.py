@@ -80,7 +80,7 @@ def plot_collapse_counts(
     axis.set_xlabel("transformed queries that lowered the sample's influence")
     axis.set_ylabel("training samples")
     scope = "" if bool(scored.all()) else f", the {len(counts)} samples of the query's label"
-    axis.set_title(f"Influence collapse (flagged right of the line: >= {num_transforms - tolerance}{scope})")
+    axis.set_title(f"Influence collapse: flagged right of the line (>= {num_transforms - tolerance}){scope}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -158,9 +158,9 @@ def plot_verification(result, path: Path, poisons: Optional[Tensor] = None) -> N
         if known is not None:
             is_poison = torch.tensor([index in known for index in first["indices"]])
             right.hist([support[~is_poison].numpy(), support[is_poison].numpy()], bins=50, stacked=True,
-                       label=["clean", "poison"], color=["tab:blue", "tab:red"])  # fmt: skip
+                       histtype="stepfilled", label=["clean", "poison"], color=["tab:blue", "tab:red"])  # fmt: skip
         else:
-            right.hist(support.numpy(), bins=50)
+            right.hist(support.numpy(), bins=50, histtype="stepfilled")
         right.set_yscale("symlog")
         right.axvline(first["threshold"], color="black", linestyle="--", linewidth=1, label="threshold")
         right.legend(fontsize=7)
