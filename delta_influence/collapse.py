@@ -24,7 +24,8 @@ class CollapseResult:
     collapsed: Tensor  # [C] int64, sorted indices the collapse rule alone flags (the paper's rule's answer among
     # the scored samples)
     contrast: Optional[Tensor] = None  # [N] mean score on the contrast queries; None without contrast
-    contrast_ratio: Optional[float] = None
+    contrast_ratio: Optional[float] = None  # the ratio the contrast applied (raised to the split, with adaptive_ratio)
+    split: Optional[float] = None  # with adaptive_ratio: the boundary between the label's two clusters of ratios
     same_label: Optional[Tensor] = None  # [N] bool: the samples the contrast may keep; None: any label
     support_floor: Optional[float] = None
     floor: Optional[float] = None  # support_floor times the median contrast score of the attacker's label
@@ -41,6 +42,7 @@ def flag_collapsed(
     same_label: Optional[Tensor] = None,
     support_floor: Optional[float] = None,
     scored: Optional[Tensor] = None,
+    adaptive_ratio: bool = False,
 ) -> CollapseResult:
     """The Δ-Influence rule, and the clean-class contrast that keeps the attacker's whole label from being flagged.
 
@@ -54,7 +56,9 @@ def flag_collapsed(
     images. A clean member of the label supports ordinary members about as much as the query (C comparable to S);
     a sample that resembles the query without being a poison moves the label on clean images too (|C| large, of
     either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the paper's rule,
-    bit for bit.
+    bit for bit. With ``adaptive_ratio`` the ratio is the larger of ``contrast_ratio`` and the boundary between the
+    label's two clusters of ratios (its clean members near 1, the poisons far above), so that a label whose clean
+    members spread further (a larger training set) does not let more of them through.
 
     Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
     the clean images far less than its label does, ``C[i] < floor``, with ``floor = support_floor * median`` of the
@@ -80,6 +84,8 @@ def flag_collapsed(
             ratio alone.
         scored: ``[N]`` bool, the samples whose scores were computed (the others' columns may hold anything, e.g.
             NaN, and are never flagged); it must cover ``same_label``. ``None``: every sample was scored.
+        adaptive_ratio: Raise ``contrast_ratio`` to where the collapsed samples of the attacker's label split into two
+            clusters of ratios ``S[0, i] / |C[i]|`` (``ratio_split``), when that lies above it; needs ``same_label``.
 
     Returns:
         The flagged indices, the per-sample collapse counts, the score differences, the collapse rule's own answer
@@ -149,6 +155,13 @@ def flag_collapsed(
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged, scored=scored)
     rows = scores[1 + num_transforms :]
     contrast = rows.mean(dim=0)
+    ratios = scores[0] / contrast.abs().clamp_min(torch.finfo(scores.dtype).tiny)
+    split = None
+    if adaptive_ratio:
+        if same_label is None:
+            raise ConfigError("adaptive_ratio splits the ratios of the attacker's label; pass same_label with it.")
+        split = ratio_split(ratios[collapsed & same_label])
+        contrast_ratio = max(contrast_ratio, split) if split is not None else contrast_ratio
     specific = scores[0] > contrast_ratio * contrast.abs()
     floor, unsupportive = None, None
     if support_floor is not None and same_label.any():
@@ -168,12 +181,35 @@ def flag_collapsed(
         collapsed=torch.nonzero(collapsed).flatten(),
         contrast=contrast,
         contrast_ratio=contrast_ratio,
+        split=split,
         same_label=same_label,
         support_floor=support_floor,
         floor=floor,
         unsupportive=unsupportive,
         scored=scored,
     )
+
+
+def ratio_split(ratios: Tensor, minimum: int = 20) -> Optional[float]:
+    """Where the larger of two clusters of ``ratios`` (a two-component Gaussian mixture on their logarithms, the
+    positive ones) begins: the smallest ratio above the lower cluster's centre that the upper cluster claims. None
+    when fewer than ``minimum`` ratios are positive or the mixture finds no such boundary.
+
+    Example:
+        >>> clean, poisons = torch.linspace(0.3, 1.5, 200), torch.linspace(12.0, 40.0, 40)
+        >>> 1.5 < ratio_split(torch.cat([clean, poisons])) < 12.0
+        True
+    """
+    from sklearn.mixture import GaussianMixture  # the core's other paths do without scikit-learn's import time
+
+    logs = ratios[(ratios > 0) & ratios.isfinite()].double().log()
+    if len(logs) < minimum:
+        return None
+    mixture = GaussianMixture(2, random_state=0).fit(logs[:, None].numpy())
+    low, high = mixture.means_[:, 0].argsort()
+    grid = torch.linspace(float(mixture.means_[low, 0]), float(logs.max()), 4000, dtype=torch.float64)
+    claimed = mixture.predict_proba(grid[:, None].numpy())[:, high] > 0.5
+    return float(grid[torch.from_numpy(claimed)][0].exp()) if claimed.any() else None
 
 
 def support_floor_of(contrast: Tensor, share: float) -> float:

@@ -80,7 +80,8 @@ def plot_collapse_counts(
     axis.set_xlabel("transformed queries that lowered the sample's influence")
     axis.set_ylabel("training samples")
     scope = "" if bool(scored.all()) else f", the {len(counts)} samples of the query's label"
-    axis.set_title(f"Influence collapse: flagged right of the line (>= {num_transforms - tolerance}){scope}", fontsize=9)
+    title = f"Influence collapse: flagged right of the line (>= {num_transforms - tolerance}){scope}"
+    axis.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

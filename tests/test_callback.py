@@ -128,6 +128,18 @@ def test_verification_is_switchable_and_off_leaves_the_rules_answer(tmp_path, tr
         DeltaInfluence(num_contrast=0)  # the stage measures the query against the contrast: it must be turned off
 
 
+def test_the_adaptive_ratio_reaches_the_rule_and_the_summary(tmp_path, trained_digits, shared_factors):
+    settings = {"num_transforms": 4, "tolerance": 1, "strategy": "diagonal", "verification": None}
+    fixed = _audit(tmp_path, trained_digits, shared_factors, **settings).result
+    adaptive = _audit(tmp_path, trained_digits, shared_factors, **settings, adaptive_ratio=True).result
+    decision = adaptive.evidence.decision
+    assert decision.split is not None and decision.contrast_ratio == max(2.0, decision.split)
+    assert adaptive.summary["split"] == decision.split and "split" not in fixed.summary
+    assert set(adaptive.flagged.tolist()) <= set(fixed.flagged.tolist())  # a ratio never below the fixed one
+    if decision.contrast_ratio == 2.0:  # the label's split lies below it here: the same answer
+        assert torch.equal(adaptive.flagged, fixed.flagged)
+
+
 def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(
     tmp_path, trained_digits, shared_factors
 ):

@@ -63,7 +63,7 @@ def test_the_readmes_detector_settings_are_the_detectors_defaults():
         if len(names) == len(values) and all(isinstance(getattr(defaults, n, ()), scalar) for n in names):
             for name, value in zip(names, values):
                 stated[name] = words[value] if value in words else value.strip("`")
-    assert len(stated) == 14  # every setting of the table but the verification
+    assert len(stated) == 15  # every setting of the table but the verification
     for name, value in stated.items():
         default = getattr(defaults, name)
         assert default is None if value is None else str(default) == str(value), (name, default, value)

@@ -63,6 +63,11 @@ class DeltaInfluence(Detector):
     contrast_ratio: float = field(
         default=2.0, metadata={"help": "a flagged sample supports the query this many times more than the class"}
     )
+    adaptive_ratio: bool = field(
+        default=False,
+        metadata={"help": "with same_label, raise contrast_ratio to where the label's ratios split into two clusters "
+                          "(its clean members, the poisons) when that lies above it"},
+    )  # fmt: skip
     same_label: bool = field(
         default=True, metadata={"help": "the contrast keeps only samples of the query's label; False: any label"}
     )
@@ -139,6 +144,7 @@ class DeltaInfluence(Detector):
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label,
             self.support_floor if same_label is not None else None, scored,
+            self.adaptive_ratio and same_label is not None,
         )  # fmt: skip
         timings = dict(influence.timings)
         verified = None
@@ -245,7 +251,8 @@ class DeltaInfluenceEvidence(Evidence):
         if decision.contrast is not None:
             torch.save(
                 {"collapsed": decision.collapsed, "contrast": decision.contrast, "ratio": decision.contrast_ratio,
-                 "same_label": decision.same_label, "floor": decision.floor, "unsupportive": decision.unsupportive},
+                 "split": decision.split, "same_label": decision.same_label, "floor": decision.floor,
+                 "unsupportive": decision.unsupportive},
                 folder / "contrast.pt",
             )  # fmt: skip
             plots.plot_contrast(self.scores[0], decision, folder / "contrast.png", view.poison_indices)
@@ -272,6 +279,11 @@ class DeltaInfluenceEvidence(Evidence):
                 "transformed": [1, self.decision.num_transforms],
                 "contrast": [first, first + len(self.contrast) - 1] if len(self.contrast) else [],
             },
+            **(
+                {"contrast_ratio_applied": self.decision.contrast_ratio, "split": self.decision.split}
+                if self.decision.split is not None
+                else {}
+            ),
             **(
                 {"floor": self.decision.floor, "unsupportive": len(self.decision.unsupportive)}
                 if self.decision.unsupportive is not None
