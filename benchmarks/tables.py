@@ -108,15 +108,6 @@ COMPARE = [
 ]
 
 
-WITCHES_BREW = [  # one victim per (target, intended class) pair; its ASR: whether the target is classified as intended
-    ("victim seed", "seed", text),
-    ("target", "target", text),
-    ("intended", "intended", text),
-    *COMPARE[2:-1],  # detector ... retrain acc
-    ("retrain: target flipped", "asr", pct),
-]
-
-
 TODAY = ("none", "Δ-Influence (verified", "the Δ-Influence paper", "SCAn", "AGPD", "ASSET", "Cognitive",
          "activation clustering", "oracle")  # fmt: skip
 
@@ -153,7 +144,6 @@ TABLES = {
     "compare-today": Table(  # the README's: the victim, Δ-Influence, today's detectors, the best 2018 one, the oracle
         "compare_*", COMPARE, keep=lambda row: _compared(row) and row["detector"].startswith(TODAY), order=_by_victim
     ),
-    "compare-witches-brew": Table("compare_witches_brew", WITCHES_BREW, order=_by_victim),  # pairs as written
     "results": Table(
         "detection_*",
         [*VICTIM, *OUTCOME, ("audit epochs", "audit_epochs", epochs)],
