@@ -57,7 +57,7 @@ def flag_collapsed(
     a sample that resembles the query without being a poison moves the label on clean images too (|C| large, of
     either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the paper's rule,
     bit for bit. With ``adaptive_ratio`` the ratio is the larger of ``contrast_ratio`` and the boundary between the
-    label's two clusters of ratios (its clean members near 1, the poisons far above), so that a label whose clean
+    label's two clusters of ratios (its clean members around 1 and below, the poisons far above), so that a label whose clean
     members spread further (a larger training set) does not let more of them through.
 
     Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
@@ -155,11 +155,11 @@ def flag_collapsed(
         return CollapseResult(flagged, counts, deltas, num_transforms, threshold, tolerance, flagged, scored=scored)
     rows = scores[1 + num_transforms :]
     contrast = rows.mean(dim=0)
-    ratios = scores[0] / contrast.abs().clamp_min(torch.finfo(scores.dtype).tiny)
     split = None
     if adaptive_ratio:
         if same_label is None:
             raise ConfigError("adaptive_ratio splits the ratios of the attacker's label; pass same_label with it.")
+        ratios = scores[0] / contrast.abs().clamp_min(torch.finfo(scores.dtype).tiny)
         split = ratio_split(ratios[collapsed & same_label])
         contrast_ratio = max(contrast_ratio, split) if split is not None else contrast_ratio
     specific = scores[0] > contrast_ratio * contrast.abs()
@@ -191,7 +191,7 @@ def flag_collapsed(
 
 
 def ratio_split(ratios: Tensor, minimum: int = 20) -> Optional[float]:
-    """Where the larger of two clusters of ``ratios`` (a two-component Gaussian mixture on their logarithms, the
+    """Where the upper of two clusters of ``ratios`` (a two-component Gaussian mixture on the logarithms of the
     positive ones) begins: the smallest ratio above the lower cluster's centre that the upper cluster claims. None
     when fewer than ``minimum`` ratios are positive or the mixture finds no such boundary.
 
