@@ -57,8 +57,8 @@ def flag_collapsed(
     a sample that resembles the query without being a poison moves the label on clean images too (|C| large, of
     either sign); a poison's effect is concentrated on the triggered query. ``num_contrast=0`` is the paper's rule,
     bit for bit. With ``adaptive_ratio`` the ratio is the larger of ``contrast_ratio`` and the boundary between the
-    label's two clusters of ratios (its clean members around 1 and below, the poisons far above), so that a label whose clean
-    members spread further (a larger training set) does not let more of them through.
+    label's two clusters of ratios (its clean members around 1 and below, the poisons far above), so that a label
+    whose clean members spread further (a larger training set) does not let more of them through.
 
     Support floor (with ``same_label``): a collapsed sample of the attacker's label is also flagged when it supports
     the clean images far less than its label does, ``C[i] < floor``, with ``floor = support_floor * median`` of the
