@@ -1,9 +1,12 @@
 """The Δ-Influence decision rule: flag training samples whose influence collapses under transformations."""
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
 from torch import Tensor
 
 from delta_influence.errors import ConfigError
@@ -190,26 +193,29 @@ def flag_collapsed(
     )
 
 
-def ratio_split(ratios: Tensor, minimum: int = 20) -> Optional[float]:
+def ratio_split(ratios: Tensor, minimum: int = 20, upper: int = 5) -> Optional[float]:
     """Where the upper of two clusters of ``ratios`` (a two-component Gaussian mixture on the logarithms of the
     positive ones) begins: the smallest ratio above the lower cluster's centre that the upper cluster claims. None
-    when fewer than ``minimum`` ratios are positive or the mixture finds no such boundary.
+    when fewer than ``minimum`` ratios are positive, when the mixture finds no such boundary, or when fewer than
+    ``upper`` ratios lie above it (a few outliers are not a cluster of poisons).
 
     Example:
         >>> clean, poisons = torch.linspace(0.3, 1.5, 200), torch.linspace(12.0, 40.0, 40)
         >>> 1.5 < ratio_split(torch.cat([clean, poisons])) < 12.0
         True
     """
-    from sklearn.mixture import GaussianMixture  # the core's other paths do without scikit-learn's import time
-
     logs = ratios[(ratios > 0) & ratios.isfinite()].double().log()
     if len(logs) < minimum:
         return None
-    mixture = GaussianMixture(2, random_state=0).fit(logs[:, None].numpy())
+    with warnings.catch_warnings():  # identical ratios: one cluster, which the checks below turn into None
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture = GaussianMixture(2, random_state=0).fit(logs[:, None].numpy())
     low, high = mixture.means_[:, 0].argsort()
     grid = torch.linspace(float(mixture.means_[low, 0]), float(logs.max()), 4000, dtype=torch.float64)
-    claimed = mixture.predict_proba(grid[:, None].numpy())[:, high] > 0.5
-    return float(grid[torch.from_numpy(claimed)][0].exp()) if claimed.any() else None
+    claimed = torch.from_numpy(mixture.predict_proba(grid[:, None].numpy())[:, high] > 0.5)
+    if not claimed.any() or int((logs >= grid[claimed][0]).sum()) < upper:
+        return None
+    return float(grid[claimed][0].exp())
 
 
 def support_floor_of(contrast: Tensor, share: float) -> float:

@@ -135,9 +135,13 @@ def test_the_adaptive_ratio_reaches_the_rule_and_the_summary(tmp_path, trained_d
     decision = adaptive.evidence.decision
     assert decision.split is not None and decision.contrast_ratio == max(2.0, decision.split)
     assert adaptive.summary["split"] == decision.split and "split" not in fixed.summary
-    assert set(adaptive.flagged.tolist()) <= set(fixed.flagged.tolist())  # a ratio never below the fixed one
-    if decision.contrast_ratio == 2.0:  # the label's split lies below it here: the same answer
-        assert torch.equal(adaptive.flagged, fixed.flagged)
+    assert adaptive.summary["contrast_ratio_applied"] == decision.contrast_ratio
+    rule = fixed.evidence.decision  # the same scores, decided with the applied ratio as a fixed one
+    again = flag_collapsed(adaptive.evidence.scores, 0.0, 1, len(adaptive.summary["contrast"]), decision.contrast_ratio,
+                           rule.same_label, rule.support_floor, rule.scored)  # fmt: skip
+    assert torch.equal(adaptive.flagged, again.flagged)
+    with pytest.raises(ConfigError, match="adaptive_ratio splits the contrast ratios of the query's label"):
+        DeltaInfluence(adaptive_ratio=True, same_label=False)
 
 
 def test_audits_with_another_fisher_seed_fit_their_own_factors_in_a_shared_folder(

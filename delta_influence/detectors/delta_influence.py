@@ -104,6 +104,12 @@ class DeltaInfluence(Detector):
                 "num_contrast=0 (the paper's rule) leaves the verification stage no clean contrast to measure the "
                 "query against; set verification=None with it (--detector.verification null), or num_contrast above 0."
             )
+        if self.adaptive_ratio and not (self.same_label and self.num_contrast):
+            raise ConfigError(
+                "adaptive_ratio splits the contrast ratios of the query's label: it needs same_label=True and "
+                f"num_contrast above 0 (got same_label={self.same_label}, num_contrast={self.num_contrast}); set "
+                "adaptive_ratio=False otherwise."
+            )
         check_strategy(self.strategy)
         if self.space not in ("normalized", "pixel"):
             raise ConfigError(f"space={self.space!r} is not known; use 'normalized' or 'pixel'.")
@@ -144,7 +150,7 @@ class DeltaInfluence(Detector):
         decision = flag_collapsed(
             influence.scores, self.threshold, self.tolerance, len(contrast), self.contrast_ratio, same_label,
             self.support_floor if same_label is not None else None, scored,
-            self.adaptive_ratio and same_label is not None,
+            self.adaptive_ratio,
         )  # fmt: skip
         timings = dict(influence.timings)
         verified = None
