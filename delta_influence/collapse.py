@@ -164,7 +164,8 @@ def flag_collapsed(
             raise ConfigError("adaptive_ratio splits the ratios of the attacker's label; pass same_label with it.")
         ratios = scores[0] / contrast.abs().clamp_min(torch.finfo(scores.dtype).tiny)
         split = ratio_split(ratios[collapsed & same_label])
-        contrast_ratio = max(contrast_ratio, split) if split is not None else contrast_ratio
+        if split is not None:
+            contrast_ratio = max(contrast_ratio, split)
     specific = scores[0] > contrast_ratio * contrast.abs()
     floor, unsupportive = None, None
     if support_floor is not None and same_label.any():
@@ -212,10 +213,10 @@ def ratio_split(ratios: Tensor, minimum: int = 20, upper: int = 5) -> Optional[f
         mixture = GaussianMixture(2, random_state=0).fit(logs[:, None].numpy())
     low, high = mixture.means_[:, 0].argsort()
     grid = torch.linspace(float(mixture.means_[low, 0]), float(logs.max()), 4000, dtype=torch.float64)
-    claimed = torch.from_numpy(mixture.predict_proba(grid[:, None].numpy())[:, high] > 0.5)
-    if not claimed.any() or int((logs >= grid[claimed][0]).sum()) < upper:
+    claimed = grid[torch.from_numpy(mixture.predict_proba(grid[:, None].numpy())[:, high] > 0.5)]
+    if len(claimed) == 0 or int((logs >= claimed[0]).sum()) < upper:
         return None
-    return float(grid[claimed][0].exp())
+    return float(claimed[0].exp())
 
 
 def support_floor_of(contrast: Tensor, share: float) -> float:
